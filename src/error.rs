@@ -1,0 +1,17 @@
+//! The library's error type: one enum per stage, wrapped here so callers can match on the stage.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Asset(#[from] crate::assets::AssetError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Sae(#[from] crate::sae::SaeError),
+    #[error(transparent)]
+    Theory(#[from] crate::theory::TheoryError),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

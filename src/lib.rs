@@ -1,0 +1,20 @@
+//! SAILS — interpretable safety alignment of language models.
+//!
+//! The pipeline, one module per stage, each speaking in typed artifacts:
+//!
+//! ```text
+//! assets ─► model (runtime: load, tokenize, chat, forward, capture, generate)
+//!        ─► sae (activations, SAE formats, training, evaluation)
+//!        ─► features ─► subspace ─► lora ─► train ─► eval ─► report
+//! ```
+//!
+//! `theory` is the controlled recovery-error experiment behind the method's claim.
+//! The `sails` binary is a thin CLI over this library.
+
+pub mod assets;
+pub mod error;
+pub mod model;
+pub mod sae;
+pub mod theory;
+
+pub use error::{Error, Result};
