@@ -1,0 +1,31 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The golden reference folder: `$SAILS_GOLDEN`, else `../shared/golden` beside the checkout.
+pub fn golden_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SAILS_GOLDEN") {
+        return PathBuf::from(dir);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden")
+}
+
+/// `|got − want| ≤ atol + rtol·|want|` elementwise; on failure names the worst index.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    let mut worst = (0usize, 0f32);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        if !(excess <= worst.1) && (excess > 0.0 || excess.is_nan()) {
+            worst = (i, if excess.is_nan() { f32::INFINITY } else { excess });
+        }
+    }
+    assert!(
+        worst.1 <= 0.0,
+        "{what}: index {} got {} want {} (tolerance {atol} + {rtol}·|want|)",
+        worst.0,
+        got[worst.0],
+        want[worst.0]
+    );
+}
