@@ -3,8 +3,13 @@
 //! run a differentiable forward pass with residual-stream capture and LoRA slots, generate.
 
 pub mod chat;
+pub mod config;
+pub mod decoder;
 pub mod gguf;
+pub mod layers;
+pub mod lora;
 pub mod tokenizer;
+pub mod weights;
 
 use std::path::PathBuf;
 use thiserror::Error;
@@ -22,15 +27,55 @@ pub enum ModelError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{path}: missing {what}")]
+    MissingFile { path: PathBuf, what: &'static str },
+    #[error("{path}: corrupt or truncated file: {message}")]
+    CorruptFile { path: PathBuf, message: String },
+    #[error("{path}: tensor {name} is missing")]
+    MissingTensor { name: String, path: PathBuf },
+    #[error("{path}: tensor {name} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        path: PathBuf,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("{path}: tensors the model does not use: {names:?}")]
+    UnexpectedTensors { path: PathBuf, names: Vec<String> },
+    #[error("adapter {path}: {message}")]
+    Adapter { path: PathBuf, message: String },
+    #[error("the input needs {tokens} positions but the model supports at most {max}")]
+    ContextTooLong { tokens: usize, max: usize },
+    #[error("bad input: {0}")]
+    Input(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+}
+
+/// Writes a file atomically: a temp file in the same directory, then a rename.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), ModelError> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    tmp.write_all(bytes).map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
 }
 
 /// Which residual-stream position a capture or an SAE refers to. Never a bare `usize` whose
 /// meaning shifts by one: `In(l)` is the input of block `l` (Hugging Face `hidden_states[l]`),
 /// `Out(l)` its raw output (before any final norm; SAELens' `blocks.l.hook_resid_post`).
 /// `Out(l)` and `In(l + 1)` are the same tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Resid {
     In(usize),
     Out(usize),

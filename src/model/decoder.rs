@@ -1,0 +1,557 @@
+//! The decoder-only transformer shared by Llama, Qwen2 and Gemma-2, read top to bottom:
+//! embed → blocks (norm, attention, add; norm, MLP, add) → final norm → logits.
+//!
+//! Architecture differences are data in [`DecoderConfig`], not separate code paths: Qwen2 adds q/k/v
+//! biases; Gemma-2 scales the embeddings, wraps attention and MLP in extra norms, soft-caps scores
+//! and logits, and alternates sliding-window layers.
+//!
+//! Residual positions: `Resid::In(l)` is the input of block `l` (HF `hidden_states[l]`),
+//! `Resid::Out(l)` its raw output. Capture and edit hooks act on those positions.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use super::config::{Activation, DecoderConfig};
+use super::layers::{apply_rope, repeat_kv, soft_cap, Linear, RmsNorm, Rope};
+use super::weights::WeightMap;
+use super::{ModelError, Resid};
+
+/// Large finite negative for masked scores: `-inf` would turn a pad row into NaN, and NaN keys
+/// poison every query that multiplies them, even masked ones.
+const MASKED: f32 = -1.0e30;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    pub activation: Activation,
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?;
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    /// Llama/Qwen2: the norm before the MLP. Gemma-2: the norm after attention.
+    pub post_attention_layernorm: RmsNorm,
+    /// Gemma-2 only.
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    pub post_feedforward_layernorm: Option<RmsNorm>,
+    pub mlp: Mlp,
+    /// `Some(w)`: a query sees the `w` most recent keys, itself included.
+    pub sliding_window: Option<usize>,
+}
+
+/// A decoder-only causal language model.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub config: DecoderConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+/// Which logits a forward pass computes (the vocabulary projection dominates short prompts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+    /// None: the pass stops after the last block a capture needs.
+    None,
+}
+
+/// Replaces the residual stream at one position, e.g. with an SAE reconstruction.
+pub struct ResidEdit<'a> {
+    pub at: Resid,
+    pub edit: &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+}
+
+pub struct Forward<'a> {
+    /// `(b, t)` u32 token ids of the new tokens (left-padded batches: pads first).
+    pub input_ids: &'a Tensor,
+    /// `(b, t)` 1 for real tokens, 0 for pads; `None` means all real.
+    pub attention_mask: Option<&'a Tensor>,
+    pub logits: Logits,
+    pub capture: &'a [Resid],
+    pub edit: Option<ResidEdit<'a>>,
+}
+
+impl<'a> Forward<'a> {
+    pub fn logits(input_ids: &'a Tensor, attention_mask: Option<&'a Tensor>) -> Self {
+        Self {
+            input_ids,
+            attention_mask,
+            logits: Logits::All,
+            capture: &[],
+            edit: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// `(b, t, vocab)`, or `(b, 1, vocab)` for [`Logits::Last`].
+    pub logits: Option<Tensor>,
+    /// `(b, t, d_model)` per requested position.
+    pub captured: BTreeMap<Resid, Tensor>,
+}
+
+/// Keys, values and mask of the tokens seen so far, per sequence of a batch.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Per layer `(k, v)`, each `(b, kv_heads, s, head_dim)`.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per sequence: 1 for real keys, 0 for pads, over all `s` cached positions.
+    key_mask: Vec<Vec<u8>>,
+    /// Per sequence: the position id the next real token gets.
+    next_position: Vec<u32>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.key_mask.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Decoder {
+    pub fn load(
+        config: DecoderConfig,
+        weights: &mut WeightMap,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let cfg = &config;
+        let d = cfg.hidden_size;
+        let (q_out, kv_out) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        let gemma = cfg.gemma.is_some();
+        let norm = |w: &mut WeightMap, name: &str| -> Result<RmsNorm, ModelError> {
+            let mut weight = w.take(name, &[d])?;
+            if gemma {
+                // Gemma stores w for x·(1 + w); fold the offset in once.
+                weight = (weight + 1.0)?;
+            }
+            Ok(RmsNorm {
+                weight: weight.to_dtype(dtype)?,
+                eps: cfg.rms_norm_eps,
+            })
+        };
+        let linear = |w: &mut WeightMap,
+                      name: &str,
+                      out: usize,
+                      inp: usize,
+                      bias: bool|
+         -> Result<Linear, ModelError> {
+            let weight = w
+                .take(&format!("{name}.weight"), &[out, inp])?
+                .to_dtype(dtype)?;
+            let bias = if bias {
+                Some(w.take(&format!("{name}.bias"), &[out])?.to_dtype(dtype)?)
+            } else {
+                None
+            };
+            Ok(Linear::new(weight, bias))
+        };
+        let embed_tokens = weights
+            .take("model.embed_tokens.weight", &[cfg.vocab_size, d])?
+            .to_dtype(dtype)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let bias = cfg.attention_bias;
+            let self_attn = Attention {
+                q_proj: linear(weights, &format!("{p}.self_attn.q_proj"), q_out, d, bias)?,
+                k_proj: linear(weights, &format!("{p}.self_attn.k_proj"), kv_out, d, bias)?,
+                v_proj: linear(weights, &format!("{p}.self_attn.v_proj"), kv_out, d, bias)?,
+                o_proj: linear(weights, &format!("{p}.self_attn.o_proj"), d, q_out, false)?,
+            };
+            let i = cfg.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: linear(weights, &format!("{p}.mlp.gate_proj"), i, d, false)?,
+                up_proj: linear(weights, &format!("{p}.mlp.up_proj"), i, d, false)?,
+                down_proj: linear(weights, &format!("{p}.mlp.down_proj"), d, i, false)?,
+                activation: cfg.activation,
+            };
+            let (pre_ff, post_ff) = if gemma {
+                (
+                    Some(norm(
+                        weights,
+                        &format!("{p}.pre_feedforward_layernorm.weight"),
+                    )?),
+                    Some(norm(
+                        weights,
+                        &format!("{p}.post_feedforward_layernorm.weight"),
+                    )?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Block {
+                input_layernorm: norm(weights, &format!("{p}.input_layernorm.weight"))?,
+                self_attn,
+                post_attention_layernorm: norm(
+                    weights,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                )?,
+                pre_feedforward_layernorm: pre_ff,
+                post_feedforward_layernorm: post_ff,
+                mlp,
+                sliding_window: cfg.gemma.as_ref().and_then(|g| g.sliding_window[l]),
+            });
+        }
+        let norm_out = norm(weights, "model.norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(
+                weights
+                    .take("lm_head.weight", &[cfg.vocab_size, d])?
+                    .to_dtype(dtype)?,
+            )
+        };
+        weights.finish()?;
+        let rope = Rope::new(
+            cfg.rope_theta,
+            cfg.head_dim,
+            cfg.max_position_embeddings,
+            dtype,
+            device,
+        )?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm: norm_out,
+            lm_head,
+            rope,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The forward pass. With a cache, the new tokens attend to everything cached and are appended.
+    pub fn forward(
+        &self,
+        req: Forward<'_>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<ForwardOutput, ModelError> {
+        let cfg = &self.config;
+        let (b, t) = req.input_ids.dims2()?;
+        let new_mask: Vec<Vec<u8>> = match req.attention_mask {
+            Some(m) => m.to_dtype(DType::U8)?.to_vec2::<u8>()?,
+            None => vec![vec![1u8; t]; b],
+        };
+        if new_mask.len() != b || new_mask.iter().any(|r| r.len() != t) {
+            return Err(ModelError::Input(format!(
+                "attention_mask shape does not match input_ids ({b}, {t})"
+            )));
+        }
+        let mut scratch = KvCache::new();
+        let cache = cache.unwrap_or(&mut scratch);
+        if cache.layers.is_empty() {
+            cache.layers = vec![None; cfg.num_layers];
+            cache.key_mask = vec![Vec::new(); b];
+            cache.next_position = vec![0; b];
+        } else if cache.key_mask.len() != b {
+            return Err(ModelError::Input(format!(
+                "batch of {b} sequences does not match the cache's {}",
+                cache.key_mask.len()
+            )));
+        }
+        let past = cache.len();
+
+        // Position ids follow `generate()`: real tokens count from 0, pads get 1.
+        let mut positions = Vec::with_capacity(b * t);
+        for (row, mask) in new_mask.iter().enumerate() {
+            for &m in mask {
+                if m != 0 {
+                    positions.push(cache.next_position[row]);
+                    cache.next_position[row] += 1;
+                } else {
+                    positions.push(1);
+                }
+            }
+            cache.key_mask[row].extend_from_slice(mask);
+        }
+        let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
+        if max_pos >= self.rope.max_positions() {
+            return Err(ModelError::ContextTooLong {
+                tokens: max_pos + 1,
+                max: self.rope.max_positions(),
+            });
+        }
+        let positions = Tensor::from_vec(positions, (b, t), &self.device)?;
+        let (cos, sin) = self.rope.tables(&positions)?;
+        let global_mask = self.attention_bias(&cache.key_mask, past, t, None)?;
+        let window_mask = match cfg
+            .gemma
+            .as_ref()
+            .and_then(|g| g.sliding_window.iter().flatten().next())
+        {
+            Some(&w) => Some(self.attention_bias(&cache.key_mask, past, t, Some(w))?),
+            None => None,
+        };
+
+        // Stop after the deepest block a capture or edit needs when no logits are wanted.
+        let wanted_inputs: Vec<usize> = req.capture.iter().map(|r| r.block_input_index()).collect();
+        if let Some(&bad) = wanted_inputs.iter().find(|&&i| i > cfg.num_layers) {
+            return Err(ModelError::Input(format!(
+                "residual position {bad} is past the model's {} layers",
+                cfg.num_layers
+            )));
+        }
+        let last_block = match req.logits {
+            Logits::None => wanted_inputs.iter().copied().max().unwrap_or(0),
+            _ => cfg.num_layers,
+        };
+        let edit_at = req.edit.as_ref().map(|e| e.at.block_input_index());
+
+        let mut captured = BTreeMap::new();
+        let mut h = self
+            .embed_tokens
+            .index_select(&req.input_ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        if cfg.gemma.is_some() {
+            // HF rounds the normaliser to the activation dtype.
+            let scale =
+                Tensor::new((cfg.hidden_size as f32).sqrt(), &self.device)?.to_dtype(self.dtype)?;
+            h = h.broadcast_mul(&scale)?;
+        }
+        for index in 0..=last_block {
+            if edit_at == Some(index) {
+                if let Some(edit) = &req.edit {
+                    h = (edit.edit)(&h)?;
+                }
+            }
+            for &r in req.capture {
+                if r.block_input_index() == index {
+                    captured.insert(r, h.clone());
+                }
+            }
+            if index == cfg.num_layers || (req.logits == Logits::None && index == last_block) {
+                break;
+            }
+            let block = &self.layers[index];
+            let mask = match (block.sliding_window, &window_mask) {
+                (Some(_), Some(m)) => m,
+                _ => &global_mask,
+            };
+            h = self.block_forward(block, index, &h, &cos, &sin, mask, &mut cache.layers[index])?;
+        }
+
+        let logits = match req.logits {
+            Logits::None => None,
+            wanted => {
+                let h = if wanted == Logits::Last {
+                    h.narrow(1, t - 1, 1)?
+                } else {
+                    h
+                };
+                let h = self.norm.forward(&h)?;
+                let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+                let mut logits = Linear::new(head.clone(), None).forward(&h)?;
+                if let Some(cap) = cfg.gemma.as_ref().and_then(|g| g.final_logit_softcapping) {
+                    logits = soft_cap(&logits, cap)?;
+                }
+                Some(logits)
+            }
+        };
+        Ok(ForwardOutput { logits, captured })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        block: &Block,
+        index: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor, ModelError> {
+        let _span = tracing::trace_span!("block", index).entered();
+        let attn_in = block.input_layernorm.forward(x)?;
+        let mut attn = self.attention(&block.self_attn, &attn_in, cos, sin, mask, cache)?;
+        let h = match &block.pre_feedforward_layernorm {
+            // Gemma-2: norm the attention output, add, then norm before the MLP.
+            Some(pre_ff) => {
+                attn = block.post_attention_layernorm.forward(&attn)?;
+                let h = (x + attn)?;
+                let mut mlp = block.mlp.forward(&pre_ff.forward(&h)?)?;
+                if let Some(post_ff) = &block.post_feedforward_layernorm {
+                    mlp = post_ff.forward(&mlp)?;
+                }
+                (h + mlp)?
+            }
+            None => {
+                let h = (x + attn)?;
+                let mlp = block
+                    .mlp
+                    .forward(&block.post_attention_layernorm.forward(&h)?)?;
+                (h + mlp)?
+            }
+        };
+        Ok(h)
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        // (b, t, h·hd) → (b, h, t, hd)
+        let q = attn
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?;
+        let k = attn
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kv, hd))?
+            .transpose(1, 2)?;
+        let v = attn
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kv, hd))?
+            .transpose(1, 2)?;
+        let q = apply_rope(&q.contiguous()?, cos, sin)?;
+        let k = apply_rope(&k.contiguous()?, cos, sin)?;
+        let (k, v) = match cache.take() {
+            Some((k_past, v_past)) => (
+                Tensor::cat(&[&k_past, &k], 2)?,
+                Tensor::cat(&[&v_past, &v.contiguous()?], 2)?,
+            ),
+            None => (k, v.contiguous()?),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        // (b, h, s, hd): query head i reads KV head i / groups.
+        let k = repeat_kv(&k, cfg.num_kv_groups())?;
+        let v = repeat_kv(&v, cfg.num_kv_groups())?;
+        let mut scores = (q.matmul(&k.t()?)? * cfg.query_scale)?; // (b, h, t, s)
+        if let Some(cap) = cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping) {
+            scores = soft_cap(&scores, cap)?;
+        }
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v)?; // (b, h, t, hd)
+        let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        Ok(attn.o_proj.forward(&out)?)
+    }
+
+    /// `(b, 1, t, s)` additive mask: 0 where query `i` (at cache index `past + i`) may read key `j`.
+    fn attention_bias(
+        &self,
+        key_mask: &[Vec<u8>],
+        past: usize,
+        t: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor, ModelError> {
+        let b = key_mask.len();
+        let s = past + t;
+        let mut bias = vec![MASKED; b * t * s];
+        for (row, keys) in key_mask.iter().enumerate() {
+            for i in 0..t {
+                let q = past + i;
+                let first = window.map_or(0, |w| (q + 1).saturating_sub(w));
+                for (j, &real) in keys.iter().enumerate().take(q + 1).skip(first) {
+                    if real != 0 {
+                        bias[(row * t + i) * s + j] = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(bias, (b, 1, t, s), &self.device)?)
+    }
+
+    /// Every linear layer under its Hugging Face module name, for LoRA injection and export.
+    pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (l, block) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            let a = &mut block.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut block.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+
+    /// Read-only view of [`Self::linear_layers_mut`].
+    pub fn linear_layers(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (l, block) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let a = &block.self_attn;
+            let m = &block.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("{p}.{name}"), lin));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,173 @@
+//! The building blocks of the decoder, written with differentiable candle ops only (candle's
+//! fused `rms_norm`, `rope` and `softmax_last_dim` record no backward; see DESIGN.md §3).
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+/// A LoRA pair on a linear layer: `Δy = scale · (x Aᵀ) Bᵀ`, `A: (r, in)`, `B: (out, r)`.
+/// `A` and `B` may be the tensors of training `Var`s, so gradients reach them.
+#[derive(Debug, Clone)]
+pub struct LoraSlot {
+    pub a: Tensor,
+    pub b: Tensor,
+    /// `alpha / r` (or `alpha / √r` with rsLoRA), fixed when the slot is made.
+    pub scale: f64,
+}
+
+impl LoraSlot {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// `ΔW = scale · B A`, shape `(out, in)`.
+    pub fn delta_weight(&self) -> candle_core::Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scale
+    }
+}
+
+/// `y = x Wᵀ + b (+ LoRA)`. `weight: (out, in)` as in PyTorch.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraSlot>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}
+
+/// `(.., in) @ (out, in)ᵀ` without copying the transposed weight.
+fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    match x.dims() {
+        [b, t, k] => x
+            .reshape((b * t, *k))?
+            .matmul(&w.t()?)?
+            .reshape((*b, *t, ())),
+        _ => x.matmul(&w.t()?),
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = matmul_t(x, &self.weight)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(lora) = &self.lora {
+            let low = matmul_t(x, &lora.a)?;
+            y = (y + (matmul_t(&low, &lora.b)? * lora.scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// RMSNorm `x / √(mean(x²) + eps) · w`, or Gemma's `· (1 + w)` (the offset is folded into the
+/// stored weight at load, so both are the same op here). Computed in f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        x.broadcast_mul(&inv_rms)?
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)
+    }
+}
+
+/// Rotary position embedding in Hugging Face's rotate-half layout.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `(max_pos, head_dim)`: `[θ_pos, θ_pos]` concatenated, as HF builds it.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(
+        theta: f64,
+        head_dim: usize,
+        max_pos: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let half = head_dim / 2;
+        // Computed in f64 and rounded once, so long positions keep their precision.
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| theta.powf(-(2.0 * i as f64) / head_dim as f64))
+            .collect();
+        let mut cos = Vec::with_capacity(max_pos * head_dim);
+        let mut sin = Vec::with_capacity(max_pos * head_dim);
+        for pos in 0..max_pos {
+            for _ in 0..2 {
+                for f in &inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_pos, head_dim), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_pos, head_dim), device)?.to_dtype(dtype)?;
+        Ok(Self { cos, sin })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// The `(b, 1, t, head_dim)` cos and sin tables for `positions: (b, t)` (u32).
+    pub fn tables(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, t) = positions.dims2()?;
+        let flat = positions.flatten_all()?;
+        let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, t, ()))?;
+        let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, t, ()))?;
+        Ok((cos, sin))
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` on `x: (b, h, t, d)`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// `(b, kv, t, d)` → `(b, kv·groups, t, d)`: query head `h` reads KV head `h / groups`.
+pub fn repeat_kv(x: &Tensor, groups: usize) -> candle_core::Result<Tensor> {
+    if groups == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, groups, t, d))?
+        .reshape((b, kv * groups, t, d))
+}
+
+/// `tanh(x / cap) · cap`.
+pub fn soft_cap(x: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
+    (x / cap)?.tanh()? * cap
+}

@@ -1,0 +1,150 @@
+//! Forward-pass parity with the float64 PyTorch/transformers references in `golden/tiny-*`:
+//! logits, every hidden state and every raw layer output, on a left-padded batch.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, golden_dir};
+use sails::model::config::DecoderConfig;
+use sails::model::decoder::{Decoder, Forward, Logits};
+use sails::model::weights::{load_safetensors_file, WeightMap};
+use sails::model::Resid;
+
+fn load_tiny(name: &str, config_file: &str) -> Decoder {
+    let dir = golden_dir().join(name);
+    let cfg = DecoderConfig::from_hf_file(&dir.join(config_file)).expect("config parses");
+    let mut weights = WeightMap::from_safetensors_dir(&dir, &Device::Cpu).expect("weights load");
+    Decoder::load(cfg, &mut weights, &Device::Cpu, DType::F32).expect("model builds")
+}
+
+struct Inputs {
+    ids: Tensor,
+    mask: Tensor,
+    mask_rows: Vec<Vec<i64>>,
+}
+
+fn inputs(dir: &Path) -> Inputs {
+    let t = load_safetensors_file(&dir.join("inputs.safetensors"), &Device::Cpu).unwrap();
+    let ids = t["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = t["attention_mask"].to_dtype(DType::U32).unwrap();
+    let mask_rows = t["attention_mask"].to_vec2::<i64>().unwrap();
+    Inputs {
+        ids,
+        mask,
+        mask_rows,
+    }
+}
+
+/// Values of `x: (b, t, d)` at real-token positions only (pad positions are unspecified).
+fn real_positions(x: &Tensor, mask: &[Vec<i64>]) -> Vec<f32> {
+    let rows = x.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap();
+    let mut out = Vec::new();
+    for (b, row) in rows.iter().enumerate() {
+        for (t, v) in row.iter().enumerate() {
+            if mask[b][t] == 1 {
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    out
+}
+
+fn check_model(name: &str, config_file: &str) {
+    let dir = golden_dir().join(name);
+    let model = load_tiny(name, config_file);
+    let reference =
+        load_safetensors_file(&dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let inp = inputs(&dir);
+    let n = model.config.num_layers;
+    let mut capture: Vec<Resid> = (0..n).map(Resid::In).collect();
+    capture.push(Resid::Out(n - 1));
+    let out = model
+        .forward(
+            Forward {
+                input_ids: &inp.ids,
+                attention_mask: Some(&inp.mask),
+                logits: Logits::All,
+                capture: &capture,
+                edit: None,
+            },
+            None,
+        )
+        .unwrap();
+    // Tolerance from the golden README: |got − ref| ≤ 1e-4 + 1e-4·|ref|.
+    let (atol, rtol) = (1e-4, 1e-4);
+    let logits = out.logits.unwrap();
+    assert_close(
+        &format!("{name} logits"),
+        &real_positions(&logits, &inp.mask_rows),
+        &real_positions(&reference["logits"], &inp.mask_rows),
+        atol,
+        rtol,
+    );
+    let hidden = &reference["hidden_states"];
+    for l in 0..n {
+        assert_close(
+            &format!("{name} hidden_states[{l}]"),
+            &real_positions(&out.captured[&Resid::In(l)], &inp.mask_rows),
+            &real_positions(&hidden.get(l).unwrap(), &inp.mask_rows),
+            atol,
+            rtol,
+        );
+    }
+    let layer_out = &reference["layer_outputs"];
+    for l in 0..n {
+        let resid = if l + 1 < n {
+            Resid::In(l + 1)
+        } else {
+            Resid::Out(n - 1)
+        };
+        assert_close(
+            &format!("{name} layer_outputs[{l}]"),
+            &real_positions(&out.captured[&resid], &inp.mask_rows),
+            &real_positions(&layer_out.get(l).unwrap(), &inp.mask_rows),
+            atol,
+            rtol,
+        );
+    }
+    // The last hidden_states entry is the final norm of the last raw output.
+    let final_norm =
+        candle_core::Module::forward(&model.norm, &out.captured[&Resid::Out(n - 1)]).unwrap();
+    assert_close(
+        &format!("{name} hidden_states[{n}] (final norm)"),
+        &real_positions(&final_norm, &inp.mask_rows),
+        &real_positions(&hidden.get(n).unwrap(), &inp.mask_rows),
+        atol,
+        rtol,
+    );
+}
+
+#[test]
+fn tiny_llama_matches_reference() {
+    check_model("tiny-llama", "config.json");
+}
+
+#[test]
+fn tiny_llama_v4_config_layout_matches_reference() {
+    check_model("tiny-llama", "config.v4.json");
+}
+
+#[test]
+fn tiny_qwen2_matches_reference() {
+    check_model("tiny-qwen2", "config.json");
+}
+
+#[test]
+fn tiny_qwen2_v4_config_layout_matches_reference() {
+    check_model("tiny-qwen2", "config.v4.json");
+}
+
+#[test]
+fn tiny_gemma2_matches_reference() {
+    check_model("tiny-gemma2", "config.json");
+}
+
+#[test]
+fn tiny_gemma2_v4_config_layout_matches_reference() {
+    check_model("tiny-gemma2", "config.v4.json");
+}
