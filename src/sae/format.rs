@@ -1,0 +1,370 @@
+//! SAE file formats: one loader per format, dimensions read from the tensors and checked
+//! against the config, unknown keys rejected.
+//!
+//! * Gemma Scope `params.npz` (JumpReLU; `W_enc`, `W_dec`, `b_enc`, `b_dec`, `threshold`). The
+//!   file says nothing about its hook, so the caller names it.
+//! * SAELens directory: `cfg.json` + `sae_weights.safetensors` — read and written, so SAEs
+//!   trained here load in SAELens (`SAE.load_from_disk`).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{hook_name, parse_hook, Architecture, Normalization, Result, Sae, SaeConfig, SaeError};
+use crate::model::Resid;
+
+pub const SAELENS_CFG: &str = "cfg.json";
+pub const SAELENS_WEIGHTS: &str = "sae_weights.safetensors";
+
+/// Keys of cfg.json that belong to the architecture (read through [`Architecture`]'s serde).
+const ARCH_KEYS: &[&str] = &["architecture", "k", "rescale_acts_by_decoder_norm"];
+
+/// The architecture-independent part of a SAELens cfg.json; any other key is an error.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommon {
+    d_in: usize,
+    d_sae: usize,
+    /// Storage dtype of the weights; they are converted to f32 on load whatever it says.
+    dtype: String,
+    /// Where SAELens put the SAE; the runtime device is the caller's choice.
+    #[allow(dead_code)]
+    device: String,
+    apply_b_dec_to_input: bool,
+    normalize_activations: String,
+    reshape_activations: String,
+    metadata: Map<String, Value>,
+}
+
+fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(SaeError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let tensors = if ext == "npz" {
+        Tensor::read_npz(path).map(|v| v.into_iter().collect::<HashMap<_, _>>())
+    } else {
+        candle_core::safetensors::load(path, &Device::Cpu)
+    }
+    .map_err(|e| SaeError::TensorFile {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(device)?)))
+        .collect()
+}
+
+/// Take exactly the `expected` keys (and the `optional` ones if present); anything else is an error.
+fn take_exact(
+    path: &Path,
+    mut tensors: HashMap<String, Tensor>,
+    expected: &[&str],
+) -> Result<HashMap<String, Tensor>> {
+    let mut found: Vec<String> = tensors.keys().cloned().collect();
+    found.sort();
+    let mut out = HashMap::new();
+    for &name in expected {
+        let t = tensors.remove(name).ok_or_else(|| SaeError::MissingTensor {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            found: found.clone(),
+        })?;
+        out.insert(name.to_string(), t);
+    }
+    if let Some(name) = tensors.keys().min() {
+        return Err(SaeError::UnexpectedTensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            expected: expected.iter().map(|s| s.to_string()).collect(),
+        });
+    }
+    Ok(out)
+}
+
+fn dims2(name: &str, t: &Tensor) -> Result<(usize, usize)> {
+    match t.dims() {
+        [a, b] => Ok((*a, *b)),
+        got => Err(SaeError::ShapeMismatch {
+            name: name.into(),
+            expected: vec![0, 0],
+            got: got.to_vec(),
+        }),
+    }
+}
+
+/// Load a Gemma Scope `params.npz` JumpReLU SAE reading residual position `hook`.
+/// Gemma Scope does not subtract `b_dec` from the input.
+pub fn load_gemma_scope(path: &Path, hook: Resid, device: &Device) -> Result<Sae> {
+    let tensors = read_tensors(path, device)?;
+    let mut t = take_exact(path, tensors, &["W_enc", "W_dec", "b_enc", "b_dec", "threshold"])?;
+    let mut take = |n: &str| t.remove(n).expect("take_exact returned every expected key");
+    let (w_enc, w_dec, b_enc, b_dec, threshold) =
+        (take("W_enc"), take("W_dec"), take("b_enc"), take("b_dec"), take("threshold"));
+    let (d_in, d_sae) = dims2("W_enc", &w_enc)?;
+    let cfg = SaeConfig {
+        architecture: Architecture::JumpRelu,
+        d_in,
+        d_sae,
+        hook,
+        apply_b_dec_to_input: false,
+        normalize_activations: Normalization::None,
+        metadata: Map::new(),
+    };
+    Sae::new(cfg, w_enc, b_enc, w_dec, b_dec, Some(threshold))
+}
+
+/// Parse a SAELens cfg.json text. `path` only names the file in errors.
+pub fn parse_saelens_cfg(path: &Path, text: &str) -> Result<SaeConfig> {
+    let bad = |key: &str, message: String| SaeError::BadConfig {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        message,
+    };
+    let value: Value = serde_json::from_str(text).map_err(|e| SaeError::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let Value::Object(mut map) = value else {
+        return Err(bad("", "cfg.json is not a JSON object".into()));
+    };
+    let arch_name = match map.get("architecture") {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => return Err(bad("architecture", format!("expected a string, got {other}"))),
+        None => return Err(bad("architecture", "missing".into())),
+    };
+    if !Architecture::SUPPORTED.contains(&arch_name.as_str()) {
+        return Err(SaeError::UnknownArchitecture {
+            path: path.to_path_buf(),
+            got: arch_name,
+            supported: Architecture::SUPPORTED,
+        });
+    }
+    let mut arch_map = Map::new();
+    for key in ARCH_KEYS {
+        if let Some(v) = map.remove(*key) {
+            arch_map.insert(key.to_string(), v);
+        }
+    }
+    let architecture: Architecture = serde_json::from_value(Value::Object(arch_map.clone()))
+        .map_err(|e| bad("architecture", format!("{arch_name}: {e}")))?;
+    // serde ignores extra keys beside a unit variant's tag: check none was left unread
+    if let Ok(Value::Object(read)) = serde_json::to_value(&architecture) {
+        if let Some(key) = arch_map.keys().find(|k| !read.contains_key(*k)) {
+            return Err(bad(key, format!("not a key of the `{arch_name}` architecture")));
+        }
+    }
+    let common: RawCommon = serde_json::from_value(Value::Object(map)).map_err(|e| SaeError::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    if !matches!(common.dtype.as_str(), "float32" | "float16" | "bfloat16" | "float64") {
+        return Err(bad("dtype", format!("unknown dtype `{}`", common.dtype)));
+    }
+    if common.reshape_activations != "none" {
+        return Err(bad(
+            "reshape_activations",
+            format!("`{}` is not supported (only \"none\")", common.reshape_activations),
+        ));
+    }
+    let normalize_activations = Normalization::parse(&common.normalize_activations)?;
+    let mut metadata = common.metadata;
+    let hook = match metadata.remove("hook_name") {
+        Some(Value::String(s)) => parse_hook(&s)?,
+        _ => return Err(bad("metadata.hook_name", "missing or not a string".into())),
+    };
+    match metadata.remove("hook_head_index") {
+        None | Some(Value::Null) => {}
+        Some(v) => {
+            return Err(bad(
+                "metadata.hook_head_index",
+                format!("{v}: per-head SAEs are not residual-stream SAEs"),
+            ))
+        }
+    }
+    Ok(SaeConfig {
+        architecture,
+        d_in: common.d_in,
+        d_sae: common.d_sae,
+        hook,
+        apply_b_dec_to_input: common.apply_b_dec_to_input,
+        normalize_activations,
+        metadata,
+    })
+}
+
+/// Load a SAELens SAE directory (`cfg.json` + `sae_weights.safetensors`).
+pub fn load_saelens(dir: &Path, device: &Device) -> Result<Sae> {
+    let cfg_path = dir.join(SAELENS_CFG);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| SaeError::Io {
+        path: cfg_path.clone(),
+        source: e,
+    })?;
+    let cfg = parse_saelens_cfg(&cfg_path, &text)?;
+    let wpath = dir.join(SAELENS_WEIGHTS);
+    let tensors = read_tensors(&wpath, device)?;
+    let expected: &[&str] = match cfg.architecture {
+        Architecture::JumpRelu => &["W_enc", "W_dec", "b_enc", "b_dec", "threshold"],
+        _ => &["W_enc", "W_dec", "b_enc", "b_dec"],
+    };
+    let mut t = take_exact(&wpath, tensors, expected)?;
+    let mut take = |n: &str| t.remove(n).expect("take_exact returned every expected key");
+    let (w_enc, w_dec, b_enc, b_dec) = (take("W_enc"), take("W_dec"), take("b_enc"), take("b_dec"));
+    let threshold = matches!(cfg.architecture, Architecture::JumpRelu).then(|| take("threshold"));
+    Sae::new(cfg, w_enc, b_enc, w_dec, b_dec, threshold)
+}
+
+/// The cfg.json SAELens reads for `cfg`.
+pub fn saelens_cfg_json(cfg: &SaeConfig) -> Value {
+    let mut map = Map::new();
+    map.insert("d_in".into(), cfg.d_in.into());
+    map.insert("d_sae".into(), cfg.d_sae.into());
+    map.insert("dtype".into(), "float32".into());
+    map.insert("device".into(), "cpu".into());
+    map.insert("apply_b_dec_to_input".into(), cfg.apply_b_dec_to_input.into());
+    map.insert("normalize_activations".into(), cfg.normalize_activations.as_str().into());
+    map.insert("reshape_activations".into(), "none".into());
+    let mut metadata = cfg.metadata.clone();
+    metadata.insert("hook_name".into(), hook_name(cfg.hook).into());
+    metadata.insert("hook_head_index".into(), Value::Null);
+    map.insert("metadata".into(), Value::Object(metadata));
+    if let Ok(Value::Object(arch)) = serde_json::to_value(&cfg.architecture) {
+        map.extend(arch);
+    }
+    Value::Object(map)
+}
+
+impl Sae {
+    /// Load a Gemma Scope `params.npz`; see [`load_gemma_scope`].
+    pub fn load_gemma_scope(path: &Path, hook: Resid, device: &Device) -> Result<Sae> {
+        load_gemma_scope(path, hook, device)
+    }
+
+    /// Load a SAELens directory; see [`load_saelens`].
+    pub fn load_saelens(dir: &Path, device: &Device) -> Result<Sae> {
+        load_saelens(dir, device)
+    }
+
+    /// Write this SAE in SAELens' layout into `dir` (created if absent). Each file is written
+    /// to a temporary file beside it and renamed into place.
+    pub fn save_saelens(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| SaeError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        tensors.insert("W_enc".into(), self.w_enc.clone());
+        tensors.insert("W_dec".into(), self.w_dec.clone());
+        tensors.insert("b_enc".into(), self.b_enc.clone());
+        tensors.insert("b_dec".into(), self.b_dec.clone());
+        if let Some(t) = &self.threshold {
+            tensors.insert("threshold".into(), t.clone());
+        }
+        write_safetensors_atomic(&tensors, &dir.join(SAELENS_WEIGHTS))?;
+        let cfg_path = dir.join(SAELENS_CFG);
+        let json = serde_json::to_vec_pretty(&saelens_cfg_json(&self.cfg)).map_err(|e| SaeError::Json {
+            path: cfg_path.clone(),
+            source: e,
+        })?;
+        write_bytes_atomic(&json, &cfg_path)
+    }
+}
+
+fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| SaeError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })
+}
+
+fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    tmp.persist(path).map_err(|e| SaeError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+/// Write `bytes` to `path` atomically (temporary file in the same directory, then rename).
+pub(crate) fn write_bytes_atomic(bytes: &[u8], path: &Path) -> Result<()> {
+    let mut tmp = temp_beside(path)?;
+    let io = |e| SaeError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    tmp.write_all(bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    persist(tmp, path)
+}
+
+/// Write `tensors` as safetensors to `path` atomically.
+pub(crate) fn write_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = temp_beside(path)?;
+    let cpu: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&cpu, tmp.path()).map_err(|e| SaeError::TensorFile {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    persist(tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPK_CFG: &str = r#"{"d_in": 64, "d_sae": 256, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": true, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {"model_name": "m", "hook_name": "blocks.3.hook_resid_pre", "hook_head_index": null,
+        "prepend_bos": true}, "k": 4, "rescale_acts_by_decoder_norm": false, "architecture": "topk"}"#;
+
+    #[test]
+    fn saelens_cfg_round_trips_through_json() {
+        let p = Path::new("cfg.json");
+        let cfg = parse_saelens_cfg(p, TOPK_CFG).unwrap();
+        assert_eq!(cfg.hook, Resid::In(3));
+        assert_eq!(
+            cfg.architecture,
+            Architecture::TopK {
+                k: 4,
+                rescale_acts_by_decoder_norm: false
+            }
+        );
+        let again = parse_saelens_cfg(p, &saelens_cfg_json(&cfg).to_string()).unwrap();
+        assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn saelens_cfg_rejects_unknown_and_misplaced_keys() {
+        let p = Path::new("cfg.json");
+        let extra = TOPK_CFG.replace("\"k\": 4", "\"k\": 4, \"l1_coefficient\": 5");
+        assert!(matches!(parse_saelens_cfg(p, &extra), Err(SaeError::Json { .. })));
+        // `k` on a JumpReLU config is not silently ignored
+        let jr = TOPK_CFG
+            .replace("\"rescale_acts_by_decoder_norm\": false, ", "")
+            .replace("\"topk\"", "\"jumprelu\"");
+        let err = parse_saelens_cfg(p, &jr).unwrap_err();
+        assert!(matches!(err, SaeError::BadConfig { ref key, .. } if key == "k"), "{err}");
+        let norm = TOPK_CFG.replace("\"normalize_activations\": \"none\"", "\"normalize_activations\": \"layer_norm\"");
+        assert!(matches!(
+            parse_saelens_cfg(p, &norm),
+            Err(SaeError::UnsupportedNormalization { .. })
+        ));
+        let head = TOPK_CFG.replace("\"hook_head_index\": null", "\"hook_head_index\": 2");
+        assert!(parse_saelens_cfg(p, &head).is_err());
+    }
+}
