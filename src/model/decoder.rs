@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::{Activation, DecoderConfig};
-use super::layers::{apply_rope, repeat_kv, soft_cap, Linear, RmsNorm, Rope};
+use super::layers::{apply_rope, compute_dtype, repeat_kv, soft_cap, Linear, RmsNorm, Rope};
 use super::weights::WeightMap;
 use super::{ModelError, Resid};
 
@@ -483,7 +483,10 @@ impl Decoder {
         if let Some(cap) = cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping) {
             scores = soft_cap(&scores, cap)?;
         }
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let compute = compute_dtype(self.dtype);
+        let scores = scores
+            .to_dtype(compute)?
+            .broadcast_add(&mask.to_dtype(compute)?)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v)?; // (b, h, t, hd)
         let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?;

@@ -76,7 +76,7 @@ impl Module for Linear {
 }
 
 /// RMSNorm `x / √(mean(x²) + eps) · w`, or Gemma's `· (1 + w)` (the offset is folded into the
-/// stored weight at load, so both are the same op here). Computed in f32.
+/// stored weight at load, so both are the same op here). Computed in at least f32.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub weight: Tensor,
@@ -86,13 +86,22 @@ pub struct RmsNorm {
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
+        let x = x.to_dtype(compute_dtype(dtype))?;
         let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
             .recip()?;
         x.broadcast_mul(&inv_rms)?
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_mul(&self.weight.to_dtype(x.dtype())?)?
             .to_dtype(dtype)
+    }
+}
+
+/// Norms and softmax run in f32 for half-precision activations (as transformers does) and in the
+/// activations' own precision otherwise, so f64 checks stay f64.
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
     }
 }
 
