@@ -1,0 +1,265 @@
+//! Text generation with a KV cache: left-padded batches of different lengths, greedy or seeded
+//! temperature / top-p sampling, stopping at EOS, stop strings or a token budget.
+
+use candle_core::{DType, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::decoder::{Decoder, Forward, KvCache, Logits};
+use super::tokenizer::Tokenizer;
+use super::ModelError;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Sampling {
+    Greedy,
+    /// Softmax at `temperature`, keep the smallest set of tokens whose mass reaches `top_p`,
+    /// draw from it with a `StdRng` seeded by `seed` (the same seed gives the same text).
+    TopP {
+        temperature: f64,
+        top_p: f64,
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation of a sequence ends when its decoded text contains one of these; the text is
+    /// cut before it.
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            sampling: Sampling::Greedy,
+            stop_strings: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Eos,
+    StopString,
+    MaxNewTokens,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    /// New token ids, the EOS token included when it was produced.
+    pub ids: Vec<u32>,
+    /// Decoded text, special tokens skipped, cut at a stop string.
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+/// Generates continuations of `prompts` (token ids) in one batch. `on_token(row, id)` is called
+/// for every new token, e.g. to stream text.
+pub fn generate(
+    model: &Decoder,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Generation>, ModelError> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(ModelError::Input(format!("prompt {i} has no tokens")));
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let limit = model.config.max_position_embeddings;
+    if longest + cfg.max_new_tokens > limit {
+        return Err(ModelError::ContextTooLong {
+            tokens: longest + cfg.max_new_tokens,
+            max: limit,
+        });
+    }
+    let eos: Vec<u32> = if tokenizer.eos_ids().is_empty() {
+        model.config.eos_token_ids.clone()
+    } else {
+        tokenizer.eos_ids().to_vec()
+    };
+    let pad = tokenizer.pad_id().or(eos.first().copied()).unwrap_or(0);
+    let b = prompts.len();
+    let device = model.device();
+
+    // Left-pad so every sequence's last prompt token sits in the last column.
+    let mut ids = Vec::with_capacity(b * longest);
+    let mut mask = Vec::with_capacity(b * longest);
+    for p in prompts {
+        let pads = longest - p.len();
+        ids.extend(std::iter::repeat_n(pad, pads).chain(p.iter().copied()));
+        mask.extend(std::iter::repeat_n(0u32, pads).chain(std::iter::repeat_n(1u32, p.len())));
+    }
+    let ids = Tensor::from_vec(ids, (b, longest), device)?;
+    let mask = Tensor::from_vec(mask, (b, longest), device)?;
+    let mut cache = KvCache::new();
+    let mut logits = last_logits(model, &ids, &mask, &mut cache)?;
+
+    let mut rng = match cfg.sampling {
+        Sampling::TopP { seed, .. } => Some(StdRng::seed_from_u64(seed)),
+        Sampling::Greedy => None,
+    };
+    let mut out: Vec<Generation> = prompts
+        .iter()
+        .map(|p| Generation {
+            prompt_tokens: p.len(),
+            ids: Vec::new(),
+            text: String::new(),
+            finish: FinishReason::MaxNewTokens,
+        })
+        .collect();
+    let mut done = vec![false; b];
+    for _ in 0..cfg.max_new_tokens {
+        let mut next = Vec::with_capacity(b);
+        for (row, row_logits) in logits.iter().enumerate() {
+            if done[row] {
+                next.push(pad);
+                continue;
+            }
+            let token = match (&cfg.sampling, rng.as_mut()) {
+                (
+                    Sampling::TopP {
+                        temperature, top_p, ..
+                    },
+                    Some(rng),
+                ) => sample_top_p(row_logits, *temperature, *top_p, rng),
+                _ => argmax(row_logits),
+            };
+            next.push(token);
+            on_token(row, token);
+            let g = &mut out[row];
+            g.ids.push(token);
+            if eos.contains(&token) {
+                g.finish = FinishReason::Eos;
+                done[row] = true;
+            } else if !cfg.stop_strings.is_empty() {
+                let text = tokenizer.decode(&g.ids, true)?;
+                if cfg.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                    g.finish = FinishReason::StopString;
+                    done[row] = true;
+                }
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        let step_mask: Vec<u32> = done.iter().map(|&d| u32::from(!d)).collect();
+        let ids = Tensor::from_vec(next, (b, 1), device)?;
+        let mask = Tensor::from_vec(step_mask, (b, 1), device)?;
+        logits = last_logits(model, &ids, &mask, &mut cache)?;
+    }
+    for g in &mut out {
+        let mut text = tokenizer.decode(&g.ids, true)?;
+        if let Some(cut) = cfg
+            .stop_strings
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(cut);
+        }
+        g.text = text;
+    }
+    Ok(out)
+}
+
+/// Last-position logits of each sequence, as f32 rows.
+fn last_logits(
+    model: &Decoder,
+    ids: &Tensor,
+    mask: &Tensor,
+    cache: &mut KvCache,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let req = Forward {
+        input_ids: ids,
+        attention_mask: Some(mask),
+        logits: Logits::Last,
+        capture: &[],
+        edit: None,
+    };
+    let logits = model
+        .forward(req, Some(cache))?
+        .logits
+        .ok_or_else(|| ModelError::Input("no logits".into()))?;
+    Ok(logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+/// Index of the largest logit; the first one on ties, as PyTorch's argmax.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn sample_top_p(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> u32 {
+    if temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) / temperature).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut kept = 0.0;
+    let mut cut = probs.len();
+    for (i, p) in probs.iter().enumerate() {
+        kept += p.1 / total;
+        if kept >= top_p {
+            cut = i + 1;
+            break;
+        }
+    }
+    probs.truncate(cut);
+    let mass: f64 = probs.iter().map(|p| p.1).sum();
+    let mut draw = rng.random::<f64>() * mass;
+    for (id, p) in &probs {
+        draw -= p;
+        if draw <= 0.0 {
+            return *id;
+        }
+    }
+    probs.last().map_or(0, |p| p.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_of_ties() {
+        assert_eq!(argmax(&[0.1, 0.7, 0.7, -1.0]), 1);
+    }
+
+    #[test]
+    fn top_p_sampling_is_seeded_and_stays_in_the_nucleus() {
+        // Probabilities ∝ exp(l): 0.64, 0.24, 0.09, 0.03 → top_p 0.8 keeps ids 0 and 1 only.
+        let logits = [2.0f32, 1.0, 0.0, -1.2];
+        let draw = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..200)
+                .map(|_| sample_top_p(&logits, 1.0, 0.8, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        let a = draw(3);
+        assert_eq!(a, draw(3));
+        assert!(a.iter().all(|&t| t <= 1));
+        assert!(a.contains(&0) && a.contains(&1));
+    }
+}
