@@ -49,6 +49,14 @@ pub enum ModelError {
     Adapter { path: PathBuf, message: String },
     #[error("the input needs {tokens} positions but the model supports at most {max}")]
     ContextTooLong { tokens: usize, max: usize },
+    #[error("model {repo_id} is not in the local Hugging Face cache {cache} ({detail}); nothing can be downloaded here: copy the model into that cache or pass a directory or GGUF file")]
+    NotCached {
+        repo_id: String,
+        cache: PathBuf,
+        detail: String,
+    },
+    #[error(transparent)]
+    Asset(Box<crate::assets::AssetError>),
     #[error("bad input: {0}")]
     Input(String),
     #[error(transparent)]
