@@ -96,13 +96,44 @@ pub enum TokenizerError {
 pub type Result<T> = std::result::Result<T, TokenizerError>;
 
 /// GGUF `tokenizer.ggml.pre` names this module understands, for byte-level BPE vocabularies.
+/// Names on one line share one split in llama.cpp.
 ///
-/// * `smollm`: every `\p{N}` character alone, then the GPT-2 regex (llama.cpp's SMOLLM type).
-/// * `gpt2`, `default`: the GPT-2 regex. (`default` is what a GGUF without a `pre` key gets.)
-/// * `llama-bpe`, `llama3`: the Llama 3 regex (digits in groups of up to three).
-/// * `qwen2`: the Qwen2 regex (every digit alone).
-pub const PRE_TOKENIZERS: &[&str] = &["smollm", "gpt2", "default", "llama-bpe", "llama3", "qwen2"];
+/// * `smollm`, `starcoder`, `refact`, `command-r`, `codeshell`, `exaone`, `minerva`: every
+///   `\p{N}` character alone, then the GPT-2 regex (HF: `Digits(individual_digits)` + `ByteLevel`).
+/// * `gpt2`, `mpt`, `olmo`, `jais`: the GPT-2 regex.
+/// * `default` (also a GGUF without a `pre` key): llama.cpp's fallback, four regex splits one
+///   after the other: punctuation runs, the GPT-2 regex, `\p{N}+`, then groups of three ASCII
+///   digits.
+/// * `llama-bpe`, `llama3`, `smaug-bpe`, `dbrx`: the Llama 3 regex (digits in groups of up to three).
+/// * `qwen2`, `qwen2.5`, `qwen-2.5`, `deepseek-r1-qwen`, `stablelm2`: the Qwen2 regex (every digit
+///   alone).
+pub const PRE_TOKENIZERS: &[&str] = &[
+    "smollm",
+    "starcoder",
+    "refact",
+    "command-r",
+    "codeshell",
+    "exaone",
+    "minerva",
+    "gpt2",
+    "mpt",
+    "olmo",
+    "jais",
+    "default",
+    "llama-bpe",
+    "llama3",
+    "smaug-bpe",
+    "dbrx",
+    "qwen2",
+    "qwen2.5",
+    "qwen-2.5",
+    "deepseek-r1-qwen",
+    "stablelm2",
+];
 
+const GPT2_REGEX: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const DEFAULT_PUNCT_REGEX: &str = r"[\p{P}\$\+<=>\^~\|]+";
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -626,31 +657,43 @@ impl Tokenizer {
 
 /// The pre-tokenizer for a byte-level BPE vocabulary, by GGUF `tokenizer.ggml.pre` name.
 fn byte_level_pre_tokenizer(name: &str, path: &Path) -> Result<PreTokenizerWrapper> {
-    let regex_split = |re: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(
+    let split = |re: &str| -> Result<PreTokenizerWrapper> {
+        Split::new(
             SplitPattern::Regex(re.to_owned()),
             SplitDelimiterBehavior::Isolated,
             false,
         )
+        .map(Into::into)
         .map_err(|e| TokenizerError::Build {
             path: path.to_path_buf(),
             message: format!("pre-tokenizer regex for {name:?}: {e}"),
-        })?;
-        Ok(PreSequence::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, false).into(),
-        ])
-        .into())
+        })
+    };
+    // Regex splits one after the other, then the byte-to-character mapping alone.
+    let splits_then_bytes = |res: &[&str]| -> Result<PreTokenizerWrapper> {
+        let mut seq = res.iter().map(|r| split(r)).collect::<Result<Vec<_>>>()?;
+        seq.push(ByteLevel::new(false, true, false).into());
+        Ok(PreSequence::new(seq).into())
     };
     match name {
-        "smollm" => Ok(PreSequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into()),
-        "gpt2" | "default" => Ok(ByteLevel::new(false, true, true).into()),
-        "llama-bpe" | "llama3" => regex_split(LLAMA3_REGEX),
-        "qwen2" => regex_split(QWEN2_REGEX),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
+            Ok(PreSequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into())
+        }
+        "gpt2" | "mpt" | "olmo" | "jais" => Ok(ByteLevel::new(false, true, true).into()),
+        "default" => splits_then_bytes(&[
+            DEFAULT_PUNCT_REGEX,
+            GPT2_REGEX,
+            r"\p{N}+",
+            "[0-9][0-9][0-9]",
+        ]),
+        "llama-bpe" | "llama3" | "smaug-bpe" | "dbrx" => splits_then_bytes(&[LLAMA3_REGEX]),
+        "qwen2" | "qwen2.5" | "qwen-2.5" | "deepseek-r1-qwen" | "stablelm2" => {
+            splits_then_bytes(&[QWEN2_REGEX])
+        }
         other => Err(TokenizerError::UnknownPre {
             path: path.to_path_buf(),
             pre: other.to_owned(),
