@@ -13,6 +13,7 @@
 
 pub mod assets;
 pub mod error;
+pub mod linalg;
 pub mod model;
 pub mod sae;
 pub mod theory;

@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod theory;
+
 #[derive(Debug, Parser)]
 #[command(name = "sails", version, about = "Interpretable safety alignment: SAE features -> subspace -> LoRA", long_about = None)]
 pub struct Cli {
@@ -14,7 +16,9 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    Theory(theory::TheoryArgs),
+}
 
 pub fn init_logging(verbose: u8) {
     let level = match verbose {
@@ -31,7 +35,9 @@ pub fn init_logging(verbose: u8) {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {}
+    match cli.command {
+        Command::Theory(args) => theory::run(args),
+    }
 }
 
 #[cfg(test)]
