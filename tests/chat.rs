@@ -114,6 +114,21 @@ fn hf_jinja_conventions() {
         "<s>\n[BE BRIEF]\n2/3:hi\n3/3!:yo\n"
     );
 
+    // break/continue (Jinja's loopcontrols extension, which HF enables) and dict order as written.
+    let t = ChatTemplate::new(
+        "{% for m in messages %}{% if loop.first %}{% continue %}{% endif %}\
+         {% if m.role == 'assistant' %}{% break %}{% endif %}{{ m.content }}{% endfor %}|\
+         {% for k, v in messages[1].items() %}{{ k }}={{ v }};{% endfor %}",
+    )
+    .unwrap();
+    let msgs3 = [
+        Message::system("s"),
+        Message::user("u"),
+        Message::assistant("a"),
+        Message::user("v"),
+    ];
+    assert_eq!(t.render(&msgs3, false).unwrap(), "u|role=user;content=u;");
+
     // Without bos/eos set, the variables are undefined and render empty.
     let t = ChatTemplate::new("[{{ bos_token }}]{{ messages | length }}").unwrap();
     assert_eq!(t.render(&msgs, false).unwrap(), "[]3");
