@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod assets;
 mod theory;
 
 #[derive(Debug, Parser)]
@@ -17,6 +18,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    Assets(assets::AssetsArgs),
     Theory(theory::TheoryArgs),
 }
 
@@ -36,6 +38,7 @@ pub fn init_logging(verbose: u8) {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Assets(args) => assets::run(args),
         Command::Theory(args) => theory::run(args),
     }
 }
