@@ -1,10 +1,13 @@
 //! Chat templates: the model's own Jinja template rendered with minijinja.
 //!
 //! The environment mirrors Hugging Face's `apply_chat_template`: `trim_blocks` and
-//! `lstrip_blocks` on, Python string/dict/list methods (`.strip()`, `.startswith()`,
+//! `lstrip_blocks` on, `{% break %}` / `{% continue %}`, dicts in insertion order, Python
+//! string/dict/list methods (`.strip()`, `.startswith()`,
 //! `.items()`, ...) through minijinja-contrib's pycompat, a `raise_exception(msg)` function, the
 //! `messages`, `add_generation_prompt`, `bos_token` and `eos_token` variables, and a `tojson`
-//! filter that writes JSON as Python's `json.dumps` does (no HTML escaping).
+//! filter that writes JSON as Python's `json.dumps` does (no HTML escaping). Not provided:
+//! `tools`/`documents` variables and HF's `strftime_now` (templates that test
+//! `strftime_now is defined` take their fallback).
 
 use std::collections::BTreeMap;
 
