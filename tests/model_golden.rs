@@ -148,3 +148,88 @@ fn tiny_gemma2_matches_reference() {
 fn tiny_gemma2_v4_config_layout_matches_reference() {
     check_model("tiny-gemma2", "config.v4.json");
 }
+
+/// Decoding token by token through the KV cache gives the logits of one full forward pass,
+/// padded row included (positions continue per sequence).
+fn check_cache_matches_full_pass(name: &str) {
+    let dir = golden_dir().join(name);
+    let model = load_tiny(name, "config.json");
+    let inp = inputs(&dir);
+    let full = model
+        .forward(Forward::logits(&inp.ids, Some(&inp.mask)), None)
+        .unwrap()
+        .logits
+        .unwrap();
+    let (_, t) = inp.ids.dims2().unwrap();
+    let split = 7;
+    let mut cache = sails::model::decoder::KvCache::new();
+    let mut pieces = vec![model
+        .forward(
+            Forward::logits(
+                &inp.ids.narrow(1, 0, split).unwrap(),
+                Some(&inp.mask.narrow(1, 0, split).unwrap()),
+            ),
+            Some(&mut cache),
+        )
+        .unwrap()
+        .logits
+        .unwrap()];
+    for i in split..t {
+        let ids = inp.ids.narrow(1, i, 1).unwrap();
+        let mask = inp.mask.narrow(1, i, 1).unwrap();
+        pieces.push(
+            model
+                .forward(Forward::logits(&ids, Some(&mask)), Some(&mut cache))
+                .unwrap()
+                .logits
+                .unwrap(),
+        );
+    }
+    let stepped = Tensor::cat(&pieces, 1).unwrap();
+    assert_close(
+        &format!("{name} cached vs full"),
+        &real_positions(&stepped, &inp.mask_rows),
+        &real_positions(&full, &inp.mask_rows),
+        1e-5,
+        1e-5,
+    );
+}
+
+#[test]
+fn kv_cache_decoding_matches_full_pass_llama() {
+    check_cache_matches_full_pass("tiny-llama");
+}
+
+#[test]
+fn kv_cache_decoding_matches_full_pass_gemma2_sliding_window() {
+    check_cache_matches_full_pass("tiny-gemma2");
+}
+
+#[test]
+fn capture_only_pass_stops_early_and_matches_full_pass() {
+    let dir = golden_dir().join("tiny-llama");
+    let model = load_tiny("tiny-llama", "config.json");
+    let inp = inputs(&dir);
+    let reference =
+        load_safetensors_file(&dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let out = model
+        .forward(
+            Forward {
+                input_ids: &inp.ids,
+                attention_mask: Some(&inp.mask),
+                logits: Logits::None,
+                capture: &[Resid::In(1)],
+                edit: None,
+            },
+            None,
+        )
+        .unwrap();
+    assert!(out.logits.is_none());
+    assert_close(
+        "resid_in[1] without logits",
+        &real_positions(&out.captured[&Resid::In(1)], &inp.mask_rows),
+        &real_positions(&reference["hidden_states"].get(1).unwrap(), &inp.mask_rows),
+        1e-4,
+        1e-4,
+    );
+}
