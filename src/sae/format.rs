@@ -73,11 +73,13 @@ fn take_exact(
     found.sort();
     let mut out = HashMap::new();
     for &name in expected {
-        let t = tensors.remove(name).ok_or_else(|| SaeError::MissingTensor {
-            path: path.to_path_buf(),
-            name: name.to_string(),
-            found: found.clone(),
-        })?;
+        let t = tensors
+            .remove(name)
+            .ok_or_else(|| SaeError::MissingTensor {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                found: found.clone(),
+            })?;
         out.insert(name.to_string(), t);
     }
     if let Some(name) = tensors.keys().min() {
@@ -105,10 +107,19 @@ fn dims2(name: &str, t: &Tensor) -> Result<(usize, usize)> {
 /// Gemma Scope does not subtract `b_dec` from the input.
 pub fn load_gemma_scope(path: &Path, hook: Resid, device: &Device) -> Result<Sae> {
     let tensors = read_tensors(path, device)?;
-    let mut t = take_exact(path, tensors, &["W_enc", "W_dec", "b_enc", "b_dec", "threshold"])?;
+    let mut t = take_exact(
+        path,
+        tensors,
+        &["W_enc", "W_dec", "b_enc", "b_dec", "threshold"],
+    )?;
     let mut take = |n: &str| t.remove(n).expect("take_exact returned every expected key");
-    let (w_enc, w_dec, b_enc, b_dec, threshold) =
-        (take("W_enc"), take("W_dec"), take("b_enc"), take("b_dec"), take("threshold"));
+    let (w_enc, w_dec, b_enc, b_dec, threshold) = (
+        take("W_enc"),
+        take("W_dec"),
+        take("b_enc"),
+        take("b_dec"),
+        take("threshold"),
+    );
     let (d_in, d_sae) = dims2("W_enc", &w_enc)?;
     let cfg = SaeConfig {
         architecture: Architecture::JumpRelu,
@@ -138,7 +149,12 @@ pub fn parse_saelens_cfg(path: &Path, text: &str) -> Result<SaeConfig> {
     };
     let arch_name = match map.get("architecture") {
         Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(bad("architecture", format!("expected a string, got {other}"))),
+        Some(other) => {
+            return Err(bad(
+                "architecture",
+                format!("expected a string, got {other}"),
+            ))
+        }
         None => return Err(bad("architecture", "missing".into())),
     };
     if !Architecture::SUPPORTED.contains(&arch_name.as_str()) {
@@ -159,20 +175,30 @@ pub fn parse_saelens_cfg(path: &Path, text: &str) -> Result<SaeConfig> {
     // serde ignores extra keys beside a unit variant's tag: check none was left unread
     if let Ok(Value::Object(read)) = serde_json::to_value(&architecture) {
         if let Some(key) = arch_map.keys().find(|k| !read.contains_key(*k)) {
-            return Err(bad(key, format!("not a key of the `{arch_name}` architecture")));
+            return Err(bad(
+                key,
+                format!("not a key of the `{arch_name}` architecture"),
+            ));
         }
     }
-    let common: RawCommon = serde_json::from_value(Value::Object(map)).map_err(|e| SaeError::Json {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    if !matches!(common.dtype.as_str(), "float32" | "float16" | "bfloat16" | "float64") {
+    let common: RawCommon =
+        serde_json::from_value(Value::Object(map)).map_err(|e| SaeError::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+    if !matches!(
+        common.dtype.as_str(),
+        "float32" | "float16" | "bfloat16" | "float64"
+    ) {
         return Err(bad("dtype", format!("unknown dtype `{}`", common.dtype)));
     }
     if common.reshape_activations != "none" {
         return Err(bad(
             "reshape_activations",
-            format!("`{}` is not supported (only \"none\")", common.reshape_activations),
+            format!(
+                "`{}` is not supported (only \"none\")",
+                common.reshape_activations
+            ),
         ));
     }
     let normalize_activations = Normalization::parse(&common.normalize_activations)?;
@@ -229,8 +255,14 @@ pub fn saelens_cfg_json(cfg: &SaeConfig) -> Value {
     map.insert("d_sae".into(), cfg.d_sae.into());
     map.insert("dtype".into(), "float32".into());
     map.insert("device".into(), "cpu".into());
-    map.insert("apply_b_dec_to_input".into(), cfg.apply_b_dec_to_input.into());
-    map.insert("normalize_activations".into(), cfg.normalize_activations.as_str().into());
+    map.insert(
+        "apply_b_dec_to_input".into(),
+        cfg.apply_b_dec_to_input.into(),
+    );
+    map.insert(
+        "normalize_activations".into(),
+        cfg.normalize_activations.as_str().into(),
+    );
     map.insert("reshape_activations".into(), "none".into());
     let mut metadata = cfg.metadata.clone();
     metadata.insert("hook_name".into(), hook_name(cfg.hook).into());
@@ -270,16 +302,21 @@ impl Sae {
         }
         write_safetensors_atomic(&tensors, &dir.join(SAELENS_WEIGHTS))?;
         let cfg_path = dir.join(SAELENS_CFG);
-        let json = serde_json::to_vec_pretty(&saelens_cfg_json(&self.cfg)).map_err(|e| SaeError::Json {
-            path: cfg_path.clone(),
-            source: e,
+        let json = serde_json::to_vec_pretty(&saelens_cfg_json(&self.cfg)).map_err(|e| {
+            SaeError::Json {
+                path: cfg_path.clone(),
+                source: e,
+            }
         })?;
         write_bytes_atomic(&json, &cfg_path)
     }
 }
 
 fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     tempfile::Builder::new()
         .prefix(".tmp-")
         .tempfile_in(dir)
@@ -310,7 +347,10 @@ pub(crate) fn write_bytes_atomic(bytes: &[u8], path: &Path) -> Result<()> {
 }
 
 /// Write `tensors` as safetensors to `path` atomically.
-pub(crate) fn write_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+pub(crate) fn write_safetensors_atomic(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
     let tmp = temp_beside(path)?;
     let cpu: HashMap<String, Tensor> = tensors
         .iter()
@@ -352,14 +392,23 @@ mod tests {
     fn saelens_cfg_rejects_unknown_and_misplaced_keys() {
         let p = Path::new("cfg.json");
         let extra = TOPK_CFG.replace("\"k\": 4", "\"k\": 4, \"l1_coefficient\": 5");
-        assert!(matches!(parse_saelens_cfg(p, &extra), Err(SaeError::Json { .. })));
+        assert!(matches!(
+            parse_saelens_cfg(p, &extra),
+            Err(SaeError::Json { .. })
+        ));
         // `k` on a JumpReLU config is not silently ignored
         let jr = TOPK_CFG
             .replace("\"rescale_acts_by_decoder_norm\": false, ", "")
             .replace("\"topk\"", "\"jumprelu\"");
         let err = parse_saelens_cfg(p, &jr).unwrap_err();
-        assert!(matches!(err, SaeError::BadConfig { ref key, .. } if key == "k"), "{err}");
-        let norm = TOPK_CFG.replace("\"normalize_activations\": \"none\"", "\"normalize_activations\": \"layer_norm\"");
+        assert!(
+            matches!(err, SaeError::BadConfig { ref key, .. } if key == "k"),
+            "{err}"
+        );
+        let norm = TOPK_CFG.replace(
+            "\"normalize_activations\": \"none\"",
+            "\"normalize_activations\": \"layer_norm\"",
+        );
         assert!(matches!(
             parse_saelens_cfg(p, &norm),
             Err(SaeError::UnsupportedNormalization { .. })

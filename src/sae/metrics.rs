@@ -16,7 +16,11 @@ fn same_shape(metric: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.dims() != b.dims() || a.rank() != 2 {
         return Err(SaeError::Metric {
             metric,
-            message: format!("shapes {:?} and {:?} must be equal (n, d)", a.dims(), b.dims()),
+            message: format!(
+                "shapes {:?} and {:?} must be equal (n, d)",
+                a.dims(),
+                b.dims()
+            ),
         });
     }
     Ok(())
@@ -35,7 +39,11 @@ pub fn explained_variance(x: &Tensor, x_hat: &Tensor) -> Result<f64> {
     same_shape("explained_variance", x, x_hat)?;
     let (x, x_hat) = (to_f64(x)?, to_f64(x_hat)?);
     let err = (&x - &x_hat)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    let var = x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let var = x
+        .broadcast_sub(&x.mean_keepdim(0)?)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?;
     if var <= 0.0 {
         return Err(SaeError::Metric {
             metric: "explained_variance",

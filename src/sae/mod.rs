@@ -557,7 +557,10 @@ mod tests {
 
     #[test]
     fn hook_names_map_to_resid_positions() {
-        assert_eq!(parse_hook("blocks.7.hook_resid_post").unwrap(), Resid::Out(7));
+        assert_eq!(
+            parse_hook("blocks.7.hook_resid_post").unwrap(),
+            Resid::Out(7)
+        );
         assert_eq!(parse_hook("blocks.0.hook_resid_pre").unwrap(), Resid::In(0));
         assert_eq!(hook_name(Resid::Out(3)), "blocks.3.hook_resid_post");
         assert!(matches!(
@@ -569,7 +572,11 @@ mod tests {
 
     #[test]
     fn topk_mask_keeps_k_largest_per_row_and_respects_allowed() {
-        let pre = Tensor::new(&[[0.5f32, 3.0, -1.0, 2.0], [4.0, 1.0, 1.5, 0.0]], &Device::Cpu).unwrap();
+        let pre = Tensor::new(
+            &[[0.5f32, 3.0, -1.0, 2.0], [4.0, 1.0, 1.5, 0.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let m: Vec<Vec<f32>> = topk_mask(&pre, 2, None).unwrap().to_vec2().unwrap();
         assert_eq!(m, vec![vec![0., 1., 0., 1.], vec![1., 0., 1., 0.]]);
         // only latents 0 and 2 allowed; k = 3 is capped at 2 candidates

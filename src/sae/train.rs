@@ -105,7 +105,10 @@ impl SaeTrainConfig {
     fn validate(&self, d_in: usize) -> Result<()> {
         let bad = |m: String| Err(SaeError::TrainConfig(m));
         if self.k == 0 || self.k > self.d_sae {
-            return bad(format!("k = {} must be in 1..=d_sae ({})", self.k, self.d_sae));
+            return bad(format!(
+                "k = {} must be in 1..=d_sae ({})",
+                self.k, self.d_sae
+            ));
         }
         if self.batch_size == 0 || self.total_tokens == 0 {
             return bad("batch_size and total_tokens must be positive".into());
@@ -114,7 +117,10 @@ impl SaeTrainConfig {
             return bad(format!("lr = {} must be positive", self.lr));
         }
         if !(0.0..=1.0).contains(&self.lr_decay_frac) {
-            return bad(format!("lr_decay_frac = {} must be in [0, 1]", self.lr_decay_frac));
+            return bad(format!(
+                "lr_decay_frac = {} must be in [0, 1]",
+                self.lr_decay_frac
+            ));
         }
         if self.init_sample_tokens < 2 {
             return bad("init_sample_tokens must be at least 2".into());
@@ -223,7 +229,8 @@ impl InMemoryActivations {
         let n = self.data.dims()[0];
         let mut order: Vec<u32> = (0..n as u32).collect();
         // one RNG per epoch, derived from (seed, epoch): the order is a pure function of both
-        let mut rng = StdRng::seed_from_u64(self.seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            StdRng::seed_from_u64(self.seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         order.shuffle(&mut rng);
         self.order = order;
     }
@@ -383,7 +390,9 @@ pub fn train_topk_until(
     let end = stop_at_step.map_or(n_steps, |s| s.min(n_steps));
 
     let resumed = match checkpoint_dir {
-        Some(dir) if dir.join(STATE_FILE).exists() => Some(Trainer::load(cfg, d_in, dir, device, source)?),
+        Some(dir) if dir.join(STATE_FILE).exists() => {
+            Some(Trainer::load(cfg, d_in, dir, device, source)?)
+        }
         _ => None,
     };
     let resumed_from_step = resumed.as_ref().map(|t| t.step);
@@ -396,7 +405,10 @@ pub fn train_topk_until(
     let started = Instant::now();
     let start_tokens = trainer.tokens_seen;
     while trainer.step < end {
-        let x = source.next_batch(cfg.batch_size)?.to_device(device)?.to_dtype(DType::F32)?;
+        let x = source
+            .next_batch(cfg.batch_size)?
+            .to_device(device)?
+            .to_dtype(DType::F32)?;
         let log = trainer.step(&x)?;
         bar.set_position(trainer.step as u64);
         if let Some(log) = log {
@@ -411,7 +423,10 @@ pub fn train_topk_until(
             ));
         }
         if let Some(dir) = checkpoint_dir {
-            if cfg.checkpoint_every > 0 && trainer.step % cfg.checkpoint_every == 0 && trainer.step < end {
+            if cfg.checkpoint_every > 0
+                && trainer.step.is_multiple_of(cfg.checkpoint_every)
+                && trainer.step < end
+            {
                 trainer.save(dir, source)?;
             }
         }
@@ -439,9 +454,9 @@ fn progress_bar(len: u64, pos: u64) -> indicatif::ProgressBar {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("sae {bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta}]")
-    {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "sae {bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta}]",
+    ) {
         bar.set_style(style);
     }
     bar.set_position(pos);
@@ -499,7 +514,12 @@ fn total_variance(x: &Tensor) -> Result<Tensor> {
 }
 
 impl<'a> Trainer<'a> {
-    fn init(cfg: &'a SaeTrainConfig, d_in: usize, source: &mut dyn ActivationSource, device: &Device) -> Result<Self> {
+    fn init(
+        cfg: &'a SaeTrainConfig,
+        d_in: usize,
+        source: &mut dyn ActivationSource,
+        device: &Device,
+    ) -> Result<Self> {
         let d_sae = cfg.d_sae;
         // Input scale and b_dec from a sample: s² = d_in / E‖x‖², b_dec = geometric median of s·x.
         let sample = source
@@ -559,14 +579,26 @@ impl<'a> Trainer<'a> {
                 v: p.as_tensor().zeros_like()?,
             })
         };
-        Ok([slot(&params[0])?, slot(&params[1])?, slot(&params[2])?, slot(&params[3])?])
+        Ok([
+            slot(&params[0])?,
+            slot(&params[1])?,
+            slot(&params[2])?,
+            slot(&params[3])?,
+        ])
     }
 
     /// The loss of one batch `x` (already scaled), as a differentiable scalar, plus the pieces
     /// the step logs: (loss, main, aux, fired mask (n, d_sae)).
-    fn losses(&self, x: &Tensor, dead: Option<&[bool]>) -> Result<(Tensor, Tensor, Option<Tensor>, Tensor)> {
+    fn losses(
+        &self,
+        x: &Tensor,
+        dead: Option<&[bool]>,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>, Tensor)> {
         let [w_enc, b_enc, w_dec, b_dec] = &self.params;
-        let pre = x.broadcast_sub(b_dec)?.matmul(w_enc)?.broadcast_add(b_enc)?; // (n, d_sae)
+        let pre = x
+            .broadcast_sub(b_dec)?
+            .matmul(w_enc)?
+            .broadcast_add(b_enc)?; // (n, d_sae)
         let mask = topk_mask(&pre, self.cfg.k, None)?; // (n, d_sae), no grad
         let f = (pre.relu()? * &mask)?;
         let x_hat = f.matmul(w_dec)?.broadcast_add(b_dec)?; // (n, d_in)
@@ -633,8 +665,17 @@ impl<'a> Trainer<'a> {
         self.params[2].set(&w_dec.broadcast_div(&norms)?)?;
 
         // latent statistics
-        let fires: Vec<f32> = fired.to_dtype(DType::F32)?.sum(0)?.to_device(&Device::Cpu)?.to_vec1()?;
-        for ((since, window), &c) in self.since_fired.iter_mut().zip(&mut self.window_fires).zip(&fires) {
+        let fires: Vec<f32> = fired
+            .to_dtype(DType::F32)?
+            .sum(0)?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?;
+        for ((since, window), &c) in self
+            .since_fired
+            .iter_mut()
+            .zip(&mut self.window_fires)
+            .zip(&fires)
+        {
             if c > 0.0 {
                 *since = 0;
             } else {
@@ -646,7 +687,7 @@ impl<'a> Trainer<'a> {
         self.tokens_seen += n as u64;
         self.step += 1;
 
-        if self.step % self.cfg.log_every == 0 || self.step == self.cfg.n_steps() {
+        if self.step.is_multiple_of(self.cfg.log_every) || self.step == self.cfg.n_steps() {
             let main = main.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let aux = match aux {
                 Some(a) => a.to_dtype(DType::F64)?.to_scalar::<f64>()?,
@@ -741,7 +782,10 @@ impl<'a> Trainer<'a> {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
-                if name.starts_with("params-") && name.ends_with(".safetensors") && name != params_file {
+                if name.starts_with("params-")
+                    && name.ends_with(".safetensors")
+                    && name != params_file
+                {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -770,7 +814,10 @@ impl<'a> Trainer<'a> {
             source: e,
         })?;
         if st.format_version != FORMAT_VERSION {
-            return Err(bad(format!("format_version {} (expected {FORMAT_VERSION})", st.format_version)));
+            return Err(bad(format!(
+                "format_version {} (expected {FORMAT_VERSION})",
+                st.format_version
+            )));
         }
         if &st.config != cfg {
             return Err(bad(format!(
@@ -785,10 +832,11 @@ impl<'a> Trainer<'a> {
             return Err(bad("latent statistics have the wrong length".into()));
         }
         let ppath = dir.join(&st.params_file);
-        let tensors = candle_core::safetensors::load(&ppath, device).map_err(|e| SaeError::TensorFile {
-            path: ppath.clone(),
-            source: e,
-        })?;
+        let tensors =
+            candle_core::safetensors::load(&ppath, device).map_err(|e| SaeError::TensorFile {
+                path: ppath.clone(),
+                source: e,
+            })?;
         let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let t = tensors.get(name).ok_or_else(|| SaeError::MissingTensor {
                 path: ppath.clone(),
@@ -798,7 +846,12 @@ impl<'a> Trainer<'a> {
             super::check_shape(name, t, shape)?;
             Ok(t.to_dtype(DType::F32)?)
         };
-        let shapes: [Vec<usize>; 4] = [vec![d_in, cfg.d_sae], vec![cfg.d_sae], vec![cfg.d_sae, d_in], vec![d_in]];
+        let shapes: [Vec<usize>; 4] = [
+            vec![d_in, cfg.d_sae],
+            vec![cfg.d_sae],
+            vec![cfg.d_sae, d_in],
+            vec![d_in],
+        ];
         let mut params = Vec::new();
         let mut adam = Vec::new();
         for (name, shape) in PARAM_NAMES.iter().zip(&shapes) {
@@ -809,7 +862,9 @@ impl<'a> Trainer<'a> {
             });
         }
         source.restore(&st.source)?;
-        let params: [Var; 4] = params.try_into().map_err(|_| bad("parameter count".into()))?;
+        let params: [Var; 4] = params
+            .try_into()
+            .map_err(|_| bad("parameter count".into()))?;
         let adam: [AdamSlot; 4] = adam.try_into().map_err(|_| bad("moment count".into()))?;
         Ok(Trainer {
             cfg,
@@ -886,7 +941,9 @@ mod tests {
     #[test]
     fn config_rejects_unknown_keys() {
         let mut v = serde_json::to_value(SaeTrainConfig::default()).unwrap();
-        v.as_object_mut().unwrap().insert("l1_coef".into(), 1.into());
+        v.as_object_mut()
+            .unwrap()
+            .insert("l1_coef".into(), 1.into());
         assert!(serde_json::from_value::<SaeTrainConfig>(v).is_err());
     }
 
@@ -900,17 +957,38 @@ mod tests {
 
     #[test]
     fn in_memory_source_covers_every_row_once_per_epoch_and_restores() {
-        let data = Tensor::arange(0f32, 10.0, &Device::Cpu).unwrap().reshape((10, 1)).unwrap();
+        let data = Tensor::arange(0f32, 10.0, &Device::Cpu)
+            .unwrap()
+            .reshape((10, 1))
+            .unwrap();
         let mut s = InMemoryActivations::new(data.clone(), Resid::In(0), 7).unwrap();
-        let mut a: Vec<f32> = s.next_batch(10).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let mut a: Vec<f32> = s
+            .next_batch(10)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         a.sort_by(f32::total_cmp);
         assert_eq!(a, (0..10).map(|v| v as f32).collect::<Vec<_>>());
         let _ = s.next_batch(3).unwrap();
         let state = s.state();
-        let want: Vec<f32> = s.next_batch(12).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = s
+            .next_batch(12)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let mut t = InMemoryActivations::new(data, Resid::In(0), 7).unwrap();
         t.restore(&state).unwrap();
-        let got: Vec<f32> = t.next_batch(12).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = t
+            .next_batch(12)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(got, want);
         assert_eq!(t.epoch(), 2);
     }
