@@ -357,3 +357,36 @@ fn cli_json_summary_deserialises_strictly() {
     );
     assert!(out.join("results.json").exists() && out.join("results.md").exists());
 }
+
+#[test]
+fn sae_route_recovers_the_subspace_without_entanglement() {
+    // Orthogonal concepts, no entanglement, an SAE twice as wide as the concept count: the
+    // project's TopK trainer should find a latent per safety concept, and Δ-selection picks them.
+    let g = GeneratorConfig {
+        d: 16,
+        n: 16,
+        r: 2,
+        geometry: ConceptGeometry::Orthogonal,
+        background_active: 2.0,
+        entanglement: 0.0,
+        ..GeneratorConfig::default()
+    };
+    let model = ConceptModel::draw(&g, 5).unwrap();
+    let s = model.sample(4000, 6);
+    let settings = SaeSettings {
+        width_per_concept: 2.0,
+        k: 4,
+        steps: 400,
+        batch_size: 256,
+        lr: 3e-3,
+        enabled: true,
+    };
+    let out = sails::theory::sae_method::sae_basis(&settings, &model, &s, &MethodConfig::default(), 9)
+        .unwrap();
+    let err = projector_distance(&out.basis, &model.safety_basis).unwrap();
+    let d = &out.diagnostics;
+    assert_eq!(d.d_sae, 32);
+    assert!(d.fvu < 0.2, "FVU {}", d.fvu);
+    assert!(err < 0.3, "SAE route error {err}, diagnostics {d:?}");
+    assert!(d.kept_best_cos.iter().all(|c| *c > 0.95), "{d:?}");
+}
