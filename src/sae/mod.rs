@@ -10,6 +10,7 @@
 
 pub mod format;
 pub mod metrics;
+mod sparse;
 pub mod train;
 
 use std::path::PathBuf;
@@ -585,6 +586,117 @@ mod tests {
             .to_vec2()
             .unwrap();
         assert_eq!(m, vec![vec![1., 0., 1., 0.], vec![1., 0., 1., 0.]]);
+    }
+
+    fn tiny(arch: Architecture, w_dec: &[[f32; 2]; 2]) -> Sae {
+        let dev = &Device::Cpu;
+        let cfg = SaeConfig {
+            architecture: arch,
+            d_in: 2,
+            d_sae: 2,
+            hook: Resid::In(0),
+            apply_b_dec_to_input: false,
+            normalize_activations: Normalization::None,
+            metadata: Default::default(),
+        };
+        let eye = Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], dev).unwrap();
+        let zeros = Tensor::zeros(2, DType::F32, dev).unwrap();
+        let w_dec = Tensor::new(w_dec, dev).unwrap();
+        Sae::new(cfg, eye, zeros.clone(), w_dec, zeros, None).unwrap()
+    }
+
+    #[test]
+    fn topk_decoder_norm_rescaling_changes_selection_and_decode() {
+        // W_enc = I, W_dec rows (2,0) and (0,1): norms 2 and 1. x = (1, 1.5) → pre = (1, 1.5).
+        let x = Tensor::new(&[[1f32, 1.5]], &Device::Cpu).unwrap();
+        let w_dec = [[2f32, 0.0], [0.0, 1.0]];
+        // plain top-1 keeps latent 1 (1.5): x̂ = 1.5·(0,1) = (0, 1.5)
+        let plain = tiny(
+            Architecture::TopK {
+                k: 1,
+                rescale_acts_by_decoder_norm: false,
+            },
+            &w_dec,
+        );
+        assert_eq!(
+            plain.encode(&x).unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, 1.5]]
+        );
+        assert_eq!(
+            plain.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, 1.5]]
+        );
+        // rescaled pre = (1·2, 1.5·1) = (2, 1.5): keeps latent 0 with f = 2;
+        // decode divides by the norm: (2/2)·(2,0) = (2, 0)
+        let rescaled = tiny(
+            Architecture::TopK {
+                k: 1,
+                rescale_acts_by_decoder_norm: true,
+            },
+            &w_dec,
+        );
+        assert_eq!(
+            rescaled.encode(&x).unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![2.0, 0.0]]
+        );
+        assert_eq!(
+            rescaled.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![2.0, 0.0]]
+        );
+        // ReLU: f = relu(pre); x = (1, −1.5) → f = (1, 0) → x̂ = (2, 0)
+        let relu = tiny(Architecture::Relu, &w_dec);
+        let x = Tensor::new(&[[1f32, -1.5]], &Device::Cpu).unwrap();
+        assert_eq!(
+            relu.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![2.0, 0.0]]
+        );
+    }
+
+    #[test]
+    fn new_rejects_a_threshold_on_topk_and_bad_k() {
+        let dev = &Device::Cpu;
+        let cfg = |arch| SaeConfig {
+            architecture: arch,
+            d_in: 2,
+            d_sae: 3,
+            hook: Resid::In(0),
+            apply_b_dec_to_input: true,
+            normalize_activations: Normalization::None,
+            metadata: Default::default(),
+        };
+        let z = |s: &[usize]| Tensor::zeros(s, DType::F32, dev).unwrap();
+        let make = |arch, th: Option<Tensor>| {
+            Sae::new(cfg(arch), z(&[2, 3]), z(&[3]), z(&[3, 2]), z(&[2]), th)
+        };
+        let topk = Architecture::TopK {
+            k: 2,
+            rescale_acts_by_decoder_norm: false,
+        };
+        assert!(matches!(
+            make(topk, Some(z(&[3]))),
+            Err(SaeError::Threshold { .. })
+        ));
+        assert!(matches!(
+            make(Architecture::JumpRelu, None),
+            Err(SaeError::Threshold { .. })
+        ));
+        assert!(matches!(
+            make(Architecture::BatchTopK { k: 4 }, None),
+            Err(SaeError::BadK { k: 4, .. })
+        ));
+        let err = Sae::new(
+            cfg(Architecture::Relu),
+            z(&[2, 3]),
+            z(&[3]),
+            z(&[3, 3]),
+            z(&[2]),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, SaeError::ShapeMismatch { ref name, .. } if name == "W_dec"),
+            "{err}"
+        );
     }
 
     #[test]

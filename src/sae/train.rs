@@ -4,7 +4,14 @@
 //! removed, a constant input scale folded back into the weights at the end, and checkpoints that
 //! resume to the bit-identical result.
 //!
-//! The step, on one screen, is [`Trainer::step`].
+//! The step, on one screen, is `Trainer::step`.
+//!
+//! A checkpoint directory holds `state.json` (config, step, tokens seen, input scale, per-latent
+//! firing statistics, the activation source's position, the log) and the `params-<step>.safetensors`
+//! it names (weights and both Adam moments). Randomness is drawn only at initialisation (seeded
+//! `StdRng`); after that a step is a pure function of the parameters, the moments, the latent
+//! statistics and the batch, so these files are the whole state and a resumed run is bit-identical
+//! (on the same device and thread count: matmul reduction order depends on both).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -17,7 +24,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::{metrics, topk_mask, Architecture, Normalization, Result, Sae, SaeConfig, SaeError};
+use super::{
+    metrics, sparse, topk_mask, Architecture, Normalization, Result, Sae, SaeConfig, SaeError,
+};
 use crate::model::Resid;
 
 /// Size of the auxiliary-k selection among dead latents.
@@ -212,12 +221,14 @@ impl InMemoryActivations {
         Ok(s)
     }
 
+    /// Number of rows.
     pub fn len(&self) -> usize {
-        self.order.len().max(self.data.dims()[0])
+        self.data.dims()[0]
     }
 
+    /// Always false: construction refuses empty data.
     pub fn is_empty(&self) -> bool {
-        false
+        self.len() == 0
     }
 
     /// Full passes over the data completed so far.
@@ -595,13 +606,15 @@ impl<'a> Trainer<'a> {
         dead: Option<&[bool]>,
     ) -> Result<(Tensor, Tensor, Option<Tensor>, Tensor)> {
         let [w_enc, b_enc, w_dec, b_dec] = &self.params;
-        let pre = x
-            .broadcast_sub(b_dec)?
-            .matmul(w_enc)?
+        // (x − b_dec)·W_enc written as x·W_enc − b_dec·W_enc: the data term needs no input
+        // gradient, and b_dec's gradient then costs a (1, d_sae) product, not an (n, d_in) one
+        let b_dec_enc = b_dec.unsqueeze(0)?.matmul(w_enc)?; // (1, d_sae)
+        let pre = sparse::matmul_weight_grad(x, w_enc)?
+            .broadcast_sub(&b_dec_enc)?
             .broadcast_add(b_enc)?; // (n, d_sae)
         let mask = topk_mask(&pre, self.cfg.k, None)?; // (n, d_sae), no grad
         let f = (pre.relu()? * &mask)?;
-        let x_hat = f.matmul(w_dec)?.broadcast_add(b_dec)?; // (n, d_in)
+        let x_hat = sparse::sparse_decode(&f, w_dec)?.broadcast_add(b_dec)?; // (n, d_in)
         let main = ((x - &x_hat)?.sqr()?.sum_all()? / total_variance(x)?)?;
         let fired = f.detach().gt(0f64)?;
         // Auxiliary-k: the k_aux largest pre-activations among dead latents reconstruct the
@@ -610,7 +623,7 @@ impl<'a> Trainer<'a> {
             Some(dead) => {
                 let e = (x - &x_hat)?.detach();
                 let aux_mask = topk_mask(&pre, self.aux_k, Some(dead))?;
-                let e_hat = (pre.relu()? * aux_mask)?.matmul(w_dec)?;
+                let e_hat = sparse::sparse_decode(&(pre.relu()? * aux_mask)?, w_dec)?;
                 Some(((&e - e_hat)?.sqr()?.sum_all()? / total_variance(&e)?)?)
             }
             None => None,
