@@ -467,7 +467,7 @@ impl GgufFile {
         GgufError::Tensor {
             path: self.path.clone(),
             name: name.into(),
-            message: e.to_string(),
+            message: without_backtrace(e).to_string(),
         }
     }
 
@@ -690,6 +690,15 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(got)
 }
 
+/// candle attaches a backtrace to its errors when `RUST_BACKTRACE` is set; it has no place in a
+/// message about a file.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        other => other,
+    }
+}
+
 /// `Content::read` with its errors sorted into truncation, unsupported type and malformed header.
 fn read_content(file: &mut File, path: &Path, len: u64) -> Result<Content> {
     use std::io::Seek;
@@ -710,6 +719,7 @@ fn read_content(file: &mut File, path: &Path, len: u64) -> Result<Content> {
             })
         }
     };
+    let err = without_backtrace(err);
     let message = err.to_string();
     if let Some(id) = message
         .strip_prefix("unknown dtype for tensor ")
@@ -758,7 +768,7 @@ pub fn unpermute_rows(
         .and_then(|t| t.transpose(1, 2))
         .and_then(|t| t.contiguous())
         .and_then(|t| t.reshape(dims.as_slice()))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| without_backtrace(e).to_string())?;
     Ok(t)
 }
 
