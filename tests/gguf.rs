@@ -252,7 +252,7 @@ fn every_ggml_type_dequantises_like_the_reference_decoder() {
     let src = Tensor::from_vec(data.clone(), (rows, cols), &dev).expect("tensor");
     let rms = (data.iter().map(|x| x * x).sum::<f32>() / data.len() as f32).sqrt();
     // (type, decoder, bound on the RMS reconstruction error relative to the data's RMS). The
-    // bounds are ~2× what these quantisers reach; a wrongly ordered decode gives ≳ 1.
+    // bounds are 2–3× what these quantisers reach; a wrongly ordered decode gives ≳ 1.
     let cases: [(GgmlDType, Option<Decoder>, f32); 13] = [
         (GgmlDType::F32, Some(dequant_f32), 0.0),
         (GgmlDType::F16, Some(dequant_f16), 1e-3),
@@ -629,12 +629,10 @@ fn bad_magic_and_unsupported_version_are_named() {
     ));
 }
 
+type TinyModel = (Vec<(String, Value)>, Vec<(String, QTensor)>);
+
 /// A tiny llama-style model, F32 tensors whose rows hold their own index (row r = r + 1000·tensor).
-fn tiny_model(
-    arch: &str,
-    extra: &[(&str, Value)],
-    skip: &[&str],
-) -> (Vec<(String, Value)>, Vec<(String, QTensor)>) {
+fn tiny_model(arch: &str, extra: &[(&str, Value)], skip: &[&str]) -> TinyModel {
     let (hidden, heads, kv, hd, ffn, vocab) = (8usize, 2usize, 1usize, 4usize, 16usize, 32usize);
     let key = |k: &str| format!("{arch}.{k}");
     let mut md: Vec<(String, Value)> = vec![

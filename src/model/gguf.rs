@@ -238,7 +238,7 @@ impl GgufFile {
             let block = info.ggml_dtype.block_size();
             // ggml quantises along ne[0], the last dimension here.
             let row = dims.last().copied().unwrap_or(1);
-            if row % block != 0 {
+            if !row.is_multiple_of(block) {
                 return Err(bad(format!(
                     "row length {row} is not a multiple of the {:?} block size {block}",
                     info.ggml_dtype
@@ -541,11 +541,7 @@ impl GgufFile {
         let head_dim = match self.optional(self.get_usize(&key("attention.key_length")))? {
             Some(n) => n,
             None => {
-                let hd = if num_heads == 0 {
-                    0
-                } else {
-                    hidden_size / num_heads
-                };
+                let hd = hidden_size.checked_div(num_heads).unwrap_or(0);
                 defaults_applied.push(format!(
                     "{} = {hd} (embedding_length / head_count)",
                     key("attention.key_length")
@@ -756,7 +752,8 @@ pub fn unpermute_rows(
 ) -> std::result::Result<Tensor, String> {
     let dims = w.dims().to_vec();
     let rows = dims.first().copied().unwrap_or(0);
-    if head_dim % 2 != 0 || heads * head_dim != rows || dims.len() > 2 || dims.is_empty() {
+    if !head_dim.is_multiple_of(2) || heads * head_dim != rows || dims.len() > 2 || dims.is_empty()
+    {
         return Err(format!(
             "shape {dims:?} does not hold {heads} heads of even size {head_dim} for the q/k un-permutation"
         ));
