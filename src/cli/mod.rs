@@ -4,12 +4,15 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod assets;
+mod bench;
+mod generate;
+mod model_args;
 mod theory;
 
 #[derive(Debug, Parser)]
 #[command(name = "sails", version, about = "Interpretable safety alignment: SAE features -> subspace -> LoRA", long_about = None)]
 pub struct Cli {
-    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    /// More log output on stderr (-v debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     #[command(subcommand)]
@@ -18,14 +21,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Generate responses to prompts with the model's chat template.
+    Generate(generate::GenerateArgs),
+    /// Chat with a model in the terminal (streams tokens, shows tokens/s).
+    Chat(generate::ChatArgs),
+    /// Measure load time, prefill and generation speed, and peak memory.
+    Bench(bench::BenchArgs),
     Assets(assets::AssetsArgs),
     Theory(theory::TheoryArgs),
 }
 
 pub fn init_logging(verbose: u8) {
     let level = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -38,6 +46,9 @@ pub fn init_logging(verbose: u8) {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Generate(args) => generate::run_generate(args),
+        Command::Chat(args) => generate::run_chat(args),
+        Command::Bench(args) => bench::run(args),
         Command::Assets(args) => assets::run(args),
         Command::Theory(args) => theory::run(args),
     }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::{Activation, DecoderConfig};
-use super::layers::{apply_rope, compute_dtype, repeat_kv, soft_cap, Linear, RmsNorm, Rope};
+use super::layers::{apply_rope, compute_dtype, needs_no_grad, repeat_kv, soft_cap, Linear, RmsNorm, Rope};
 use super::weights::WeightMap;
 use super::{ModelError, Resid};
 
@@ -487,7 +487,12 @@ impl Decoder {
         let scores = scores
             .to_dtype(compute)?
             .broadcast_add(&mask.to_dtype(compute)?)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
+        let probs = if needs_no_grad(&[&scores]) {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
+        let probs = probs.to_dtype(self.dtype)?;
         let out = probs.matmul(&v)?; // (b, h, t, hd)
         let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
         Ok(attn.o_proj.forward(&out)?)

@@ -30,6 +30,8 @@ pub struct GenerationConfig {
     /// Generation of a sequence ends when its decoded text contains one of these; the text is
     /// cut before it.
     pub stop_strings: Vec<String>,
+    /// Keep going past EOS to exactly `max_new_tokens` (for benchmarks with a fixed length).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerationConfig {
@@ -38,6 +40,7 @@ impl Default for GenerationConfig {
             max_new_tokens: 64,
             sampling: Sampling::Greedy,
             stop_strings: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -139,7 +142,7 @@ pub fn generate(
             on_token(row, token);
             let g = &mut out[row];
             g.ids.push(token);
-            if eos.contains(&token) {
+            if eos.contains(&token) && !cfg.ignore_eos {
                 g.finish = FinishReason::Eos;
                 done[row] = true;
             } else if !cfg.stop_strings.is_empty() {

