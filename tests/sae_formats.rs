@@ -58,8 +58,14 @@ fn with_cfg(edit: impl Fn(&mut serde_json::Value)) -> Result<Sae, SaeError> {
 #[test]
 fn unknown_architecture_is_named() {
     let err = with_cfg(|c| c["architecture"] = "gated".into()).unwrap_err();
-    assert!(matches!(err, SaeError::UnknownArchitecture { ref got, .. } if got == "gated"), "{err}");
-    assert!(err.to_string().contains("gated") && err.to_string().contains("cfg.json"), "{err}");
+    assert!(
+        matches!(err, SaeError::UnknownArchitecture { ref got, .. } if got == "gated"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("gated") && err.to_string().contains("cfg.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -72,19 +78,39 @@ fn unknown_cfg_key_is_rejected() {
 fn width_mismatch_between_cfg_and_tensors_names_both() {
     let err = with_cfg(|c| c["d_sae"] = 512.into()).unwrap_err();
     assert!(
-        matches!(err, SaeError::WidthMismatch { what: "d_sae", config: 512, tensors: 256 }),
+        matches!(
+            err,
+            SaeError::WidthMismatch {
+                what: "d_sae",
+                config: 512,
+                tensors: 256
+            }
+        ),
         "{err}"
     );
     let msg = err.to_string();
     assert!(msg.contains("512") && msg.contains("256"), "{msg}");
     let err = with_cfg(|c| c["d_in"] = 65.into()).unwrap_err();
-    assert!(matches!(err, SaeError::WidthMismatch { what: "d_in", config: 65, tensors: 64 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            SaeError::WidthMismatch {
+                what: "d_in",
+                config: 65,
+                tensors: 64
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn unsupported_normalisation_and_hooks_are_rejected() {
     let err = with_cfg(|c| c["normalize_activations"] = "layer_norm".into()).unwrap_err();
-    assert!(matches!(err, SaeError::UnsupportedNormalization { .. }), "{err}");
+    assert!(
+        matches!(err, SaeError::UnsupportedNormalization { .. }),
+        "{err}"
+    );
     let err = with_cfg(|c| c["metadata"]["hook_name"] = "blocks.0.attn.hook_z".into()).unwrap_err();
     assert!(matches!(err, SaeError::UnsupportedHook { .. }), "{err}");
     // SAELens' own value whose inference-time meaning is the identity is accepted
@@ -97,7 +123,16 @@ fn check_against_model_reports_d_model_and_layer_range() {
     let sae = Sae::load_saelens(&golden_dir().join("sae-topk-saelens"), &Device::Cpu).unwrap();
     sae.check_against_model(64, 1).unwrap();
     let err = sae.check_against_model(576, 30).unwrap_err();
-    assert!(matches!(err, SaeError::DModelMismatch { sae: 64, model: 576 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            SaeError::DModelMismatch {
+                sae: 64,
+                model: 576
+            }
+        ),
+        "{err}"
+    );
     let sae = Sae::load_gemma_scope(
         &golden_dir().join("sae-jumprelu-gemmascope/params.npz"),
         Resid::In(12),
@@ -105,7 +140,10 @@ fn check_against_model_reports_d_model_and_layer_range() {
     )
     .unwrap();
     let err = sae.check_against_model(64, 12).unwrap_err();
-    assert!(matches!(err, SaeError::HookOutOfRange { n_layers: 12, .. }), "{err}");
+    assert!(
+        matches!(err, SaeError::HookOutOfRange { n_layers: 12, .. }),
+        "{err}"
+    );
     sae.check_against_model(64, 13).unwrap();
 }
 
@@ -136,14 +174,29 @@ fn npz_with_missing_or_extra_arrays_is_rejected() {
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("params.npz");
-    let without: Vec<_> = entries.iter().filter(|(n, _)| n != "threshold.npy").cloned().collect();
+    let without: Vec<_> = entries
+        .iter()
+        .filter(|(n, _)| n != "threshold.npy")
+        .cloned()
+        .collect();
     write(&path, &without);
     let err = Sae::load_gemma_scope(&path, Resid::Out(0), &Device::Cpu).unwrap_err();
-    assert!(matches!(err, SaeError::MissingTensor { ref name, .. } if name == "threshold"), "{err}");
+    assert!(
+        matches!(err, SaeError::MissingTensor { ref name, .. } if name == "threshold"),
+        "{err}"
+    );
     let mut extra = entries.clone();
-    let b_dec = entries.iter().find(|(n, _)| n == "b_dec.npy").unwrap().1.clone();
+    let b_dec = entries
+        .iter()
+        .find(|(n, _)| n == "b_dec.npy")
+        .unwrap()
+        .1
+        .clone();
     extra.push(("b_dec_scale.npy".into(), b_dec));
     write(&path, &extra);
     let err = Sae::load_gemma_scope(&path, Resid::Out(0), &Device::Cpu).unwrap_err();
-    assert!(matches!(err, SaeError::UnexpectedTensor { ref name, .. } if name == "b_dec_scale"), "{err}");
+    assert!(
+        matches!(err, SaeError::UnexpectedTensor { ref name, .. } if name == "b_dec_scale"),
+        "{err}"
+    );
 }

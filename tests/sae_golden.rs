@@ -14,7 +14,11 @@ const ATOL: f32 = 1e-5;
 const RTOL: f32 = 1e-5;
 
 fn reference(dir: &str) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(golden_dir().join(dir).join("reference.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        golden_dir().join(dir).join("reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
@@ -28,11 +32,33 @@ fn check(sae: &Sae, reference: &std::collections::HashMap<String, Tensor>) {
     let x_hat = sae.decode(&f).unwrap();
     let (got_f, want_f) = (flat(&f), flat(&reference["feature_acts"]));
     let active = |v: &[f32]| v.iter().map(|&a| a != 0.0).collect::<Vec<_>>();
-    assert_eq!(active(&got_f), active(&want_f), "active feature sets differ");
-    assert_close("pre_activations", &flat(&pre), &flat(&reference["pre_activations"]), ATOL, RTOL);
+    assert_eq!(
+        active(&got_f),
+        active(&want_f),
+        "active feature sets differ"
+    );
+    assert_close(
+        "pre_activations",
+        &flat(&pre),
+        &flat(&reference["pre_activations"]),
+        ATOL,
+        RTOL,
+    );
     assert_close("feature_acts", &got_f, &want_f, ATOL, RTOL);
-    assert_close("reconstruction", &flat(&x_hat), &flat(&reference["reconstruction"]), ATOL, RTOL);
-    assert_close("forward", &flat(&sae.forward(x).unwrap()), &flat(&reference["reconstruction"]), ATOL, RTOL);
+    assert_close(
+        "reconstruction",
+        &flat(&x_hat),
+        &flat(&reference["reconstruction"]),
+        ATOL,
+        RTOL,
+    );
+    assert_close(
+        "forward",
+        &flat(&sae.forward(x).unwrap()),
+        &flat(&reference["reconstruction"]),
+        ATOL,
+        RTOL,
+    );
 }
 
 #[test]
@@ -41,7 +67,10 @@ fn gemma_scope_jumprelu_matches_reference() {
     let sae = Sae::load_gemma_scope(&dir.join("params.npz"), Resid::Out(0), &Device::Cpu).unwrap();
     assert_eq!((sae.d_in(), sae.d_sae()), (64, 256));
     assert_eq!(sae.cfg.architecture, Architecture::JumpRelu);
-    assert!(!sae.cfg.apply_b_dec_to_input, "Gemma Scope does not subtract b_dec");
+    assert!(
+        !sae.cfg.apply_b_dec_to_input,
+        "Gemma Scope does not subtract b_dec"
+    );
     check(&sae, &reference("sae-jumprelu-gemmascope"));
 }
 
@@ -53,7 +82,10 @@ fn saelens_topk_matches_reference() {
     assert_eq!(sae.hook(), Resid::Out(0)); // blocks.0.hook_resid_post
     assert_eq!(
         sae.cfg.architecture,
-        Architecture::TopK { k: 4, rescale_acts_by_decoder_norm: false }
+        Architecture::TopK {
+            k: 4,
+            rescale_acts_by_decoder_norm: false
+        }
     );
     let reference = reference("sae-topk-saelens");
     // input 9 has only 2 positive pre-activations: ReLU after top-k leaves 2 features, not 4
@@ -76,12 +108,18 @@ fn saelens_save_then_load_is_identity_and_keeps_the_reference() {
     sae.save_saelens(out.path()).unwrap();
     let again = Sae::load_saelens(out.path(), &Device::Cpu).unwrap();
     assert_eq!(again.cfg, sae.cfg);
-    for (a, b) in [(&sae.w_enc, &again.w_enc), (&sae.w_dec, &again.w_dec), (&sae.b_enc, &again.b_enc), (&sae.b_dec, &again.b_dec)] {
+    for (a, b) in [
+        (&sae.w_enc, &again.w_enc),
+        (&sae.w_dec, &again.w_dec),
+        (&sae.b_enc, &again.b_enc),
+        (&sae.b_dec, &again.b_dec),
+    ] {
         assert_eq!(flat(a), flat(b));
     }
     // the written cfg.json carries SAELens' keys, with the architecture's own
     let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("cfg.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("cfg.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["architecture"], "topk");
     assert_eq!(cfg["k"], 4);
     assert_eq!(cfg["metadata"]["hook_name"], "blocks.0.hook_resid_post");
