@@ -25,7 +25,10 @@ fn gguf_path() -> std::path::PathBuf {
 
 fn model() -> &'static ChatModel {
     static MODEL: OnceLock<ChatModel> = OnceLock::new();
-    MODEL.get_or_init(|| ChatModel::load(&ModelSource::Gguf(gguf_path()), &Device::Cpu, DType::F32).expect("SmolLM2 loads"))
+    MODEL.get_or_init(|| {
+        ChatModel::load(&ModelSource::Gguf(gguf_path()), &Device::Cpu, DType::F32)
+            .expect("SmolLM2 loads")
+    })
 }
 
 fn golden(file: &str) -> Value {
@@ -34,60 +37,37 @@ fn golden(file: &str) -> Value {
 }
 
 fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-#[test]
-fn gguf_dequantisation_matches_gguf_py() {
-    let file = GgufFile::open(&gguf_path()).unwrap();
-    let reference = golden("gguf_dequant.json");
-    let rows = load_safetensors_file(&golden_dir().join("smollm2-135m/gguf_dequant.safetensors"), &Device::Cpu).unwrap();
-    // Keys starting with `_` are notes, not tensors.
-    for (name, want) in reference.as_object().unwrap().iter().filter(|(k, _)| !k.starts_with('_')) {
-        let t = file.tensor_f32(name, &Device::Cpu).unwrap();
-        let shape: Vec<usize> = want["dequantised_numpy_shape [rows, cols]"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-        assert_eq!(t.dims(), shape.as_slice(), "{name}");
-        let v: Vec<f64> = t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&x| x as f64).collect();
-        let sum: f64 = v.iter().sum();
-        let sumsq: f64 = v.iter().map(|x| x * x).sum();
-        let (ws, wq) = (want["sum_f64"].as_f64().unwrap(), want["sum_of_squares_f64"].as_f64().unwrap());
-        assert!((sum - ws).abs() <= 1e-6 * wq.sqrt().max(1.0) * 10.0, "{name}: sum {sum} vs {ws}");
-        assert!((sumsq - wq).abs() <= 1e-9 * wq, "{name}: sum of squares {sumsq} vs {wq}");
-        let first8: Vec<f32> = v.iter().take(8).map(|&x| x as f32).collect();
-        let want8: Vec<f32> = f64s(&want["row0_first8"]).iter().map(|&x| x as f32).collect();
-        assert_eq!(first8, want8, "{name}: first 8 values");
-        if let Some(r) = rows.get(name) {
-            let ours = if t.rank() == 2 { t.narrow(0, 0, 2).unwrap() } else { t.clone() };
-            assert_eq!(ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), r.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}: rows 0-1");
-        }
-    }
-}
-
-#[test]
-fn qk_rows_are_unpermuted_to_rotate_half_layout() {
-    let file = GgufFile::open(&gguf_path()).unwrap();
-    let hf = file.load_hf_tensors(&Device::Cpu).unwrap();
-    let gguf_q = file.tensor_f32("blk.0.attn_q.weight", &Device::Cpu).unwrap();
-    let q = &hf["model.layers.0.self_attn.q_proj.weight"];
-    // HF row h·64 + s·32 + i = GGUF row h·64 + 2i + s.
-    for (h, s, i) in [(0, 0, 0), (0, 1, 0), (3, 1, 17), (8, 0, 31)] {
-        let hf_row = q.get(h * 64 + s * 32 + i).unwrap().to_vec1::<f32>().unwrap();
-        let gguf_row = gguf_q.get(h * 64 + 2 * i + s).unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(hf_row, gguf_row, "head {h} half {s} index {i}");
-    }
-    let k = &hf["model.layers.0.self_attn.k_proj.weight"];
-    assert_eq!(k.dims(), &[192, 576]);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
 fn config_comes_from_gguf_metadata() {
     let cfg = &model().decoder.config;
-    assert_eq!((cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads), (30, 576, 9, 3));
-    assert_eq!((cfg.intermediate_size, cfg.vocab_size, cfg.head_dim), (1536, 49152, 64));
+    assert_eq!(
+        (
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads
+        ),
+        (30, 576, 9, 3)
+    );
+    assert_eq!(
+        (cfg.intermediate_size, cfg.vocab_size, cfg.head_dim),
+        (1536, 49152, 64)
+    );
     assert_eq!(cfg.rope_theta, 100000.0);
     assert!((cfg.rms_norm_eps - 1e-5).abs() < 1e-10);
     assert!(cfg.tie_word_embeddings);
@@ -97,41 +77,90 @@ fn config_comes_from_gguf_metadata() {
 fn chat_prompts_logits_norms_and_top20_match_reference() {
     let m = model();
     let prompts = golden("prompts.json");
-    let logits = load_safetensors_file(&golden_dir().join("smollm2-135m/logits.safetensors"), &Device::Cpu).unwrap();
+    let logits = load_safetensors_file(
+        &golden_dir().join("smollm2-135m/logits.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     for p in prompts["prompts"].as_array().unwrap() {
         let name = p["name"].as_str().unwrap();
         let messages: Vec<Message> = serde_json::from_value(p["messages"].clone()).unwrap();
         let ids = m.encode_chat(&messages).unwrap();
         assert_eq!(ids, u32s(&p["input_ids"]), "{name}: chat ids");
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let n = m.decoder.config.num_layers;
         let capture: Vec<Resid> = (0..n).map(Resid::In).chain([Resid::Out(n - 1)]).collect();
         let out = m
             .decoder
-            .forward(Forward { input_ids: &input, attention_mask: None, logits: Logits::All, capture: &capture, edit: None }, None)
+            .forward(
+                Forward {
+                    input_ids: &input,
+                    attention_mask: None,
+                    logits: Logits::All,
+                    capture: &capture,
+                    edit: None,
+                },
+                None,
+            )
             .unwrap();
         let all = out.logits.unwrap().squeeze(0).unwrap(); // (t, vocab)
         let t = ids.len();
         let last = all.get(t - 1).unwrap().to_vec1::<f32>().unwrap();
         // README tolerance for an f32 forward over dequantised weights: 1e-3 absolute.
-        let want_last = logits[&format!("{name}.logits_last")].to_vec1::<f32>().unwrap();
+        let want_last = logits[&format!("{name}.logits_last")]
+            .to_vec1::<f32>()
+            .unwrap();
         assert_close(&format!("{name} last logits"), &last, &want_last, 1e-3, 0.0);
-        assert_eq!(sails::model::generate::argmax(&last) as u64, p["argmax_last"].as_u64().unwrap(), "{name}: argmax");
+        assert_eq!(
+            sails::model::generate::argmax(&last) as u64,
+            p["argmax_last"].as_u64().unwrap(),
+            "{name}: argmax"
+        );
         // Top-20 at every position, looked up at the reference ids (lists hold exact ties).
-        let top_ids = logits[&format!("{name}.top20_ids")].to_vec2::<i64>().unwrap();
-        let top_logits = logits[&format!("{name}.top20_logits")].to_vec2::<f32>().unwrap();
+        let top_ids = logits[&format!("{name}.top20_ids")]
+            .to_vec2::<i64>()
+            .unwrap();
+        let top_logits = logits[&format!("{name}.top20_logits")]
+            .to_vec2::<f32>()
+            .unwrap();
         let rows = all.to_vec2::<f32>().unwrap();
         for pos in 0..t {
-            let got: Vec<f32> = top_ids[pos].iter().map(|&id| rows[pos][id as usize]).collect();
-            assert_close(&format!("{name} top20 at {pos}"), &got, &top_logits[pos], 1e-3, 0.0);
+            let got: Vec<f32> = top_ids[pos]
+                .iter()
+                .map(|&id| rows[pos][id as usize])
+                .collect();
+            assert_close(
+                &format!("{name} top20 at {pos}"),
+                &got,
+                &top_logits[pos],
+                1e-3,
+                0.0,
+            );
         }
         // Residual norms at the last position, relative 1e-4.
         let want_norms = f64s(&p["residual_l2_norm_last_position"]);
         for (l, want) in want_norms.iter().enumerate() {
-            let resid = if l < n { Resid::In(l) } else { Resid::Out(n - 1) };
+            let resid = if l < n {
+                Resid::In(l)
+            } else {
+                Resid::Out(n - 1)
+            };
             let h = out.captured[&resid].squeeze(0).unwrap().get(t - 1).unwrap();
-            let norm = h.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
-            assert!((norm - want).abs() <= 1e-4 * want, "{name}: residual norm {l}: {norm} vs {want}");
+            let norm = h
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt() as f64;
+            assert!(
+                (norm - want).abs() <= 1e-4 * want,
+                "{name}: residual norm {l}: {norm} vs {want}"
+            );
         }
     }
 }
@@ -139,12 +168,34 @@ fn chat_prompts_logits_norms_and_top20_match_reference() {
 #[test]
 fn raw_prompt_logits_at_every_position_match_reference() {
     let m = model();
-    let logits = load_safetensors_file(&golden_dir().join("smollm2-135m/logits.safetensors"), &Device::Cpu).unwrap();
+    let logits = load_safetensors_file(
+        &golden_dir().join("smollm2-135m/logits.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let ids = logits["short_raw.input_ids"].to_dtype(DType::U32).unwrap();
-    assert_eq!(m.tokenizer.encode("The capital of France is", false).unwrap(), ids.to_vec1::<u32>().unwrap());
-    let out = m.decoder.forward(Forward::logits(&ids.unsqueeze(0).unwrap(), None), None).unwrap();
-    let got = out.logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let want = logits["short_raw.logits_all"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        m.tokenizer
+            .encode("The capital of France is", false)
+            .unwrap(),
+        ids.to_vec1::<u32>().unwrap()
+    );
+    let out = m
+        .decoder
+        .forward(Forward::logits(&ids.unsqueeze(0).unwrap(), None), None)
+        .unwrap();
+    let got = out
+        .logits
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want = logits["short_raw.logits_all"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_close("short_raw logits", &got, &want, 1e-3, 0.0);
 }
 
@@ -155,7 +206,10 @@ fn batched_greedy_continuations_are_identical_to_reference() {
     let items = prompts["prompts"].as_array().unwrap();
     let ids: Vec<Vec<u32>> = items.iter().map(|p| u32s(&p["input_ids"])).collect();
     // All six at once: different lengths, so the batch is left-padded.
-    let cfg = GenerationConfig { max_new_tokens: 40, ..Default::default() };
+    let cfg = GenerationConfig {
+        max_new_tokens: 40,
+        ..Default::default()
+    };
     let out = generate(&m.decoder, &m.tokenizer, &ids, &cfg, |_, _| {}).unwrap();
     for (p, g) in items.iter().zip(&out) {
         let name = p["name"].as_str().unwrap();
@@ -172,15 +226,23 @@ fn corrupt_gguf_files_give_clear_errors() {
     let path = tmp.path().join("cut.gguf");
     for cut in [10, 5_000, bytes.len() / 2, bytes.len() - 10] {
         std::fs::write(&path, &bytes[..cut]).unwrap();
-        let err = match ChatModel::load(&ModelSource::Gguf(path.clone()), &Device::Cpu, DType::F32) {
+        let err = match ChatModel::load(&ModelSource::Gguf(path.clone()), &Device::Cpu, DType::F32)
+        {
             Ok(_) => panic!("cut at {cut} loaded"),
             Err(e) => e.to_string(),
         };
-        assert!(err.contains("cut.gguf") && (err.contains("truncated") || err.contains("not a readable GGUF")), "cut {cut}: {err}");
+        assert!(
+            err.contains("cut.gguf")
+                && (err.contains("truncated") || err.contains("not a readable GGUF")),
+            "cut {cut}: {err}"
+        );
     }
     let mut bad = bytes[..4096].to_vec();
     bad[..4].copy_from_slice(b"NOPE");
     std::fs::write(&path, &bad).unwrap();
     let err = GgufFile::open(&path).unwrap_err().to_string();
-    assert!(err.contains("cut.gguf") && err.contains("not a readable GGUF"), "{err}");
+    assert!(
+        err.contains("cut.gguf") && err.contains("not a readable GGUF"),
+        "{err}"
+    );
 }
