@@ -13,12 +13,22 @@ pub fn golden_dir() -> PathBuf {
 
 /// `|got − want| ≤ atol + rtol·|want|` elementwise; on failure names the worst index.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: length {} vs {}",
+        got.len(),
+        want.len()
+    );
     let mut worst = (0usize, 0f32);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let excess = (g - w).abs() - (atol + rtol * w.abs());
-        if !(excess <= worst.1) && (excess > 0.0 || excess.is_nan()) {
-            worst = (i, if excess.is_nan() { f32::INFINITY } else { excess });
+        // NaN counts as infinitely far off.
+        let excess = match (g - w).abs() - (atol + rtol * w.abs()) {
+            e if e.is_nan() => f32::INFINITY,
+            e => e,
+        };
+        if excess > worst.1 {
+            worst = (i, excess);
         }
     }
     assert!(
