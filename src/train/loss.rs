@@ -1,0 +1,90 @@
+//! The response-only causal-LM loss: `Σ −log softmax(logits[b, t])[ids[b, t+1]]` over the batch's
+//! target positions. The caller divides by the target count of the whole optimizer step (one mean
+//! over all targets, as transformers' `ForCausalLMLoss`; with accumulation, as HF Trainer does).
+//!
+//! Only the target rows go through the final norm and the vocabulary projection: the body runs
+//! once with the last block's output captured, and the head is applied to the gathered rows. This
+//! is the decoder's own head (final norm, tied or separate `lm_head`, Gemma's logit soft-cap).
+
+use candle_core::{DType, Module, Tensor, D};
+
+use super::data::Batch;
+use super::Result;
+use crate::model::decoder::{Decoder, Forward, Logits};
+use crate::model::Resid;
+
+/// The summed loss (differentiable) and each target's NLL.
+#[derive(Debug)]
+pub struct LossOutput {
+    /// Scalar: the sum of the targets' NLL (not yet divided).
+    pub sum: Tensor,
+    /// `(n_targets,)`, in the batch's target order.
+    pub token_nll: Tensor,
+    pub n_targets: usize,
+}
+
+/// `log softmax` over the last dimension; the max is detached (it cancels in the gradient).
+fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&log_sum)
+}
+
+/// Logits of the rows `h: (n, d_model)` (last block output, before the final norm).
+pub fn head_logits(decoder: &Decoder, h: &Tensor) -> candle_core::Result<Tensor> {
+    let h = decoder.norm.forward(h)?;
+    let head = decoder.lm_head.as_ref().unwrap_or(&decoder.embed_tokens); // (vocab, d)
+    let mut logits = h.matmul(&head.t()?)?; // (n, vocab)
+    if let Some(cap) = decoder
+        .config
+        .gemma
+        .as_ref()
+        .and_then(|g| g.final_logit_softcapping)
+    {
+        logits = ((logits / cap)?.tanh()? * cap)?;
+    }
+    Ok(logits)
+}
+
+/// Forward pass on `batch` and the summed NLL of its targets.
+pub fn response_token_loss(decoder: &Decoder, batch: &Batch) -> Result<LossOutput> {
+    let (b, t) = batch.input_ids.dims2()?;
+    let last = Resid::In(decoder.config.num_layers);
+    let out = decoder.forward(
+        Forward {
+            input_ids: &batch.input_ids,
+            attention_mask: Some(&batch.attention_mask),
+            logits: Logits::None,
+            capture: &[last],
+            edit: None,
+        },
+        None,
+    )?;
+    let hidden = out
+        .captured
+        .get(&last)
+        .ok_or(super::TrainError::NoCapture)?; // (b, t, d)
+    let d = hidden.dim(D::Minus1)?;
+    let device = hidden.device();
+    let rows: Vec<u32> = batch
+        .targets
+        .iter()
+        .map(|x| (x.row * t + x.pos) as u32)
+        .collect();
+    let tokens: Vec<u32> = batch.targets.iter().map(|x| x.token).collect();
+    let n = rows.len();
+    let rows = Tensor::from_vec(rows, n, device)?;
+    let tokens = Tensor::from_vec(tokens, (n, 1), device)?;
+    let picked = hidden.reshape((b * t, d))?.index_select(&rows, 0)?; // (n, d)
+    let logits = head_logits(decoder, &picked)?.to_dtype(DType::F32)?; // (n, vocab)
+    let token_nll = log_softmax(&logits)?
+        .gather(&tokens, 1)?
+        .squeeze(1)?
+        .neg()?; // (n,)
+    Ok(LossOutput {
+        sum: token_nll.sum_all()?,
+        token_nll,
+        n_targets: n,
+    })
+}

@@ -1,0 +1,521 @@
+//! train — supervised fine-tuning of the trainable tensors (`lora::Trainable`) on chat examples,
+//! loss on the response tokens only (DESIGN.md §1 step 6).
+//!
+//! In: a [`Decoder`] whose LoRA slots (or weights) hold the `Var`s of a [`Trainable`], tokenized
+//! examples, a [`TrainConfig`]. Out: the trained `Var`s (in place), checkpoints, and
+//! `loss_curve.jsonl` in the output directory.
+//!
+//! The whole step is in [`run`]'s loop: learning rate from [`lr_at`], micro-batches (forward,
+//! response-token loss divided by the step's target count, backward, gradients summed), global
+//! norm clipping, AdamW, logging, held-out loss, checkpoint. A resumed run equals an uninterrupted
+//! one bit for bit (same machine and thread count): the batch order is a pure function of
+//! `(seed, epoch)` and the checkpoint holds the f32 parameters and both moments exactly.
+
+pub mod checkpoint;
+pub mod data;
+pub mod loss;
+pub mod optim;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::lora::Trainable;
+use crate::model::decoder::Decoder;
+use crate::model::ModelError;
+
+pub use data::{tokenize_chat, Batch, BatchPlan, ChatExample, Target, TokenizedExample};
+pub use loss::{response_token_loss, LossOutput};
+pub use optim::{clip_grad_norm, lr_at, AdamW};
+
+/// Every setting of a training run. Saved into each checkpoint; a resume must match it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Peak learning rate (after warm-up). 2e-4 is the usual LoRA SFT value (PEFT/TRL examples);
+    /// full fine-tuning wants about ten times less.
+    pub lr_peak: f64,
+    /// Learning rate at the end of the cosine decay; a tenth of the peak, as nanoGPT.
+    pub lr_min: f64,
+    /// Optimizer steps of linear warm-up, so the first updates of the fresh moments stay small.
+    pub warmup_steps: usize,
+    /// Total optimizer steps; the cosine reaches `lr_min` here.
+    pub max_steps: usize,
+    /// Examples per micro-batch (left-padded to the longest; batches are length-bucketed).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step; the loss is one mean over all their response tokens.
+    pub grad_accum_steps: usize,
+    /// Clip the global gradient L2 norm to this (as `clip_grad_norm_`); `None` = no clipping.
+    /// 1.0 is HF Trainer's default.
+    pub max_grad_norm: Option<f64>,
+    /// Decoupled weight decay (AdamW), per step `p ← p·(1 − lr·wd)`. 0 is HF Trainer's default
+    /// (torch's own AdamW default is 0.01, so it is set here explicitly).
+    pub weight_decay: f64,
+    /// AdamW β1 (first-moment decay), torch default.
+    pub beta1: f64,
+    /// AdamW β2 (second-moment decay), torch default.
+    pub beta2: f64,
+    /// AdamW ε, added after the bias correction (torch), torch default.
+    pub eps: f64,
+    /// Seed of the data order (shuffles and bucket order).
+    pub seed: u64,
+    /// Longest example in tokens; a longer one is an error (nothing is truncated silently).
+    pub max_seq_len: usize,
+    /// Held-out loss every this many optimizer steps (and at the end); `None` = never.
+    pub eval_every: Option<usize>,
+    /// Checkpoint every this many optimizer steps; one is always written at the end and on
+    /// interruption. `None` = only those.
+    pub checkpoint_every: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            lr_peak: 2e-4,
+            lr_min: 2e-5,
+            warmup_steps: 10,
+            max_steps: 200,
+            batch_size: 4,
+            grad_accum_steps: 1,
+            max_grad_norm: Some(1.0),
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            seed: 0,
+            max_seq_len: 1024,
+            eval_every: Some(50),
+            checkpoint_every: Some(50),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum TrainError {
+    #[error("example {index}: {message}")]
+    Example { index: usize, message: String },
+    #[error("example {index} has {len} tokens, more than max_seq_len {max}")]
+    TooLong {
+        index: usize,
+        len: usize,
+        max: usize,
+    },
+    #[error("no training examples")]
+    NoData,
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("step {step}: the loss is {loss} (not finite); training stopped. Last good checkpoint: {}", last_checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string()))]
+    NonFiniteLoss {
+        step: usize,
+        loss: f64,
+        last_checkpoint: Option<PathBuf>,
+    },
+    #[error("step {step}: the gradient norm is {norm} (not finite); training stopped. Last good checkpoint: {}", last_checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string()))]
+    NonFiniteGradient {
+        step: usize,
+        norm: f64,
+        last_checkpoint: Option<PathBuf>,
+    },
+    #[error("parameter {name} is not finite after step {step}; no checkpoint written")]
+    NonFiniteParameter { name: String, step: usize },
+    #[error("{name} received no gradient: something on its path does not record a backward")]
+    NoGradient { name: String },
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error(
+        "resuming with a different config than the checkpoint's: {field} was {saved}, now {now}"
+    )]
+    ConfigChanged {
+        field: String,
+        saved: String,
+        now: String,
+    },
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("the last block's output was not captured")]
+    NoCapture,
+    #[error("internal: {0}")]
+    Internal(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// The examples of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainData<'a> {
+    pub train: &'a [TokenizedExample],
+    pub eval: &'a [TokenizedExample],
+    /// Id written at pad positions (masked, never scored).
+    pub pad_id: u32,
+}
+
+/// Where and how a run goes, apart from its config.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions<'a> {
+    /// Checkpoints and `loss_curve.jsonl` go here.
+    pub out_dir: &'a Path,
+    /// Continue from `out_dir`'s latest checkpoint.
+    pub resume: bool,
+    /// Set (e.g. by a Ctrl-C handler) to stop after the current step with a checkpoint.
+    pub stop: &'a AtomicBool,
+    /// Stop, with a checkpoint, once this many steps are done, as if interrupted there.
+    pub stop_after: Option<usize>,
+    /// Show a progress bar on stderr (drawn only when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// One line of `loss_curve.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CurveRecord {
+    Train {
+        /// Optimizer steps done, this one included.
+        step: usize,
+        loss: f64,
+        lr: f64,
+        /// Before clipping.
+        grad_norm: f64,
+        targets: usize,
+        tokens: usize,
+        tokens_per_s: f64,
+    },
+    Eval {
+        step: usize,
+        loss: f64,
+        targets: usize,
+    },
+}
+
+impl CurveRecord {
+    pub fn step(&self) -> usize {
+        match self {
+            CurveRecord::Train { step, .. } | CurveRecord::Eval { step, .. } => *step,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    /// Optimizer steps completed (in total, including those before a resume).
+    pub steps: usize,
+    pub resumed_from: Option<usize>,
+    /// Stopped early by the stop flag or `stop_after`.
+    pub interrupted: bool,
+    pub last_loss: Option<f64>,
+    pub last_eval_loss: Option<f64>,
+    pub checkpoint: PathBuf,
+    pub tokens_per_s: f64,
+}
+
+/// Sum of the gradients of `loss / n_total` over `batches`, for every `Var` in `params` order, and
+/// the mean loss over all their targets.
+pub fn loss_and_grads(
+    decoder: &Decoder,
+    params: &[(&String, &Var)],
+    batches: &[Batch],
+) -> Result<(f64, Vec<Tensor>)> {
+    let n_total: usize = batches.iter().map(|b| b.targets.len()).sum();
+    if n_total == 0 {
+        return Err(TrainError::Internal("a step with no target tokens".into()));
+    }
+    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut loss_sum = 0f64;
+    for batch in batches {
+        let out = response_token_loss(decoder, batch)?;
+        let scaled = (&out.sum / n_total as f64)?;
+        loss_sum += out
+            .sum
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        let store = scaled.backward()?;
+        for (slot, (name, var)) in grads.iter_mut().zip(params) {
+            let g = store
+                .get(var.as_tensor())
+                .ok_or_else(|| TrainError::NoGradient {
+                    name: (*name).clone(),
+                })?;
+            *slot = Some(match slot.take() {
+                Some(acc) => (acc + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    let grads = grads
+        .into_iter()
+        .map(|g| g.ok_or_else(|| TrainError::Internal("empty step".into())))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((loss_sum / n_total as f64, grads))
+}
+
+/// Mean response-token loss over `examples` (no gradient taken).
+pub fn eval_loss(
+    decoder: &Decoder,
+    examples: &[TokenizedExample],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<(f64, usize)> {
+    let mut order: Vec<&TokenizedExample> = examples.iter().collect();
+    order.sort_by_key(|e| e.ids.len());
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in order.chunks(batch_size.max(1)) {
+        let batch = Batch::left_padded(chunk, pad_id, decoder.device())?;
+        let out = response_token_loss(decoder, &batch)?;
+        sum += out
+            .sum
+            .detach()
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        n += out.n_targets;
+    }
+    Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, n))
+}
+
+fn validate(cfg: &TrainConfig, data: &TrainData<'_>) -> Result<()> {
+    let bad = |m: &str| Err(TrainError::Config(m.to_string()));
+    if cfg.batch_size == 0 || cfg.grad_accum_steps == 0 {
+        return bad("batch_size and grad_accum_steps must be positive");
+    }
+    if cfg.warmup_steps > cfg.max_steps {
+        return bad("warmup_steps exceeds max_steps");
+    }
+    if !(cfg.lr_peak >= 0.0 && cfg.lr_min >= 0.0) {
+        return bad("learning rates must be non-negative");
+    }
+    if cfg.eval_every == Some(0) || cfg.checkpoint_every == Some(0) {
+        return bad("eval_every / checkpoint_every must be positive (or absent)");
+    }
+    if data.train.is_empty() {
+        return Err(TrainError::NoData);
+    }
+    for (index, e) in data.train.iter().chain(data.eval).enumerate() {
+        if e.ids.len() > cfg.max_seq_len {
+            return Err(TrainError::TooLong {
+                index,
+                len: e.ids.len(),
+                max: cfg.max_seq_len,
+            });
+        }
+        if e.target_start == 0 || e.target_end <= e.target_start || e.target_end > e.ids.len() {
+            return Err(TrainError::Example {
+                index,
+                message: format!(
+                    "target span {}..{} does not fit {} tokens",
+                    e.target_start,
+                    e.target_end,
+                    e.ids.len()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Names the first field that differs between two configs.
+fn config_difference(saved: &TrainConfig, now: &TrainConfig) -> Option<TrainError> {
+    let a = serde_json::to_value(saved).ok()?;
+    let b = serde_json::to_value(now).ok()?;
+    let (a, b) = (a.as_object()?, b.as_object()?);
+    a.iter().find_map(|(k, v)| {
+        let w = b.get(k)?;
+        (v != w).then(|| TrainError::ConfigChanged {
+            field: k.clone(),
+            saved: v.to_string(),
+            now: w.to_string(),
+        })
+    })
+}
+
+/// Appends records to `loss_curve.jsonl`; on resume, drops the records after the checkpoint.
+struct Curve {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Curve {
+    fn open(out: &Path, keep_until: Option<usize>) -> Result<Self> {
+        let path = out.join("loss_curve.jsonl");
+        let io = |e: std::io::Error| TrainError::Io {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let kept: Vec<String> = match keep_until {
+            Some(step) if path.exists() => std::fs::read_to_string(&path)
+                .map_err(io)?
+                .lines()
+                .filter(|l| serde_json::from_str::<CurveRecord>(l).is_ok_and(|r| r.step() <= step))
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            _ => Vec::new(),
+        };
+        crate::model::write_atomic(&path, kept.concat().as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        Ok(Self { path, file })
+    }
+
+    fn push(&mut self, record: &CurveRecord) -> Result<()> {
+        let line =
+            serde_json::to_string(record).map_err(|e| TrainError::Internal(e.to_string()))?;
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| TrainError::Io {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
+    }
+}
+
+fn progress_bar(cfg: &TrainConfig, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(cfg.max_steps as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Trains `trainable` (whose `Var`s are in `decoder`'s slots) for `cfg.max_steps` steps.
+pub fn run(
+    cfg: &TrainConfig,
+    decoder: &Decoder,
+    trainable: &Trainable,
+    data: TrainData<'_>,
+    opts: RunOptions<'_>,
+) -> Result<TrainSummary> {
+    validate(cfg, &data)?;
+    let params: Vec<(&String, &Var)> = trainable.vars.iter().collect();
+    let mut opt = AdamW::from_config(cfg);
+    let mut done = 0usize;
+    let mut resumed_from = None;
+    let mut last_checkpoint = None;
+    if opts.resume {
+        if let Some(dir) = checkpoint::latest(opts.out_dir)? {
+            let state = checkpoint::read_state(&dir)?;
+            if let Some(diff) = config_difference(&state.config, cfg) {
+                return Err(diff);
+            }
+            checkpoint::restore(&dir, trainable, &mut opt, decoder.device())?;
+            done = state.step;
+            resumed_from = Some(done);
+            tracing::info!(step = done, checkpoint = %dir.display(), "resumed");
+            last_checkpoint = Some(dir);
+        }
+    }
+    let mut curve = Curve::open(opts.out_dir, resumed_from)?;
+    let mut plan = BatchPlan::new(
+        data.train.iter().map(|e| e.ids.len()).collect(),
+        cfg.batch_size,
+        cfg.seed,
+    );
+    let bar = progress_bar(cfg, opts.progress);
+    bar.set_position(done as u64);
+    let (mut last_loss, mut last_eval) = (None, None);
+    let (mut tokens_seen, started) = (0usize, Instant::now());
+    let mut interrupted = false;
+
+    while done < cfg.max_steps {
+        if opts.stop.load(Ordering::SeqCst) || opts.stop_after == Some(done) {
+            interrupted = true;
+            break;
+        }
+        let step_start = Instant::now();
+        let lr = lr_at(cfg, done);
+        let batches = (0..cfg.grad_accum_steps)
+            .map(|j| {
+                let picked: Vec<&TokenizedExample> = plan
+                    .micro_batch(done * cfg.grad_accum_steps + j)
+                    .into_iter()
+                    .map(|i| &data.train[i])
+                    .collect();
+                Batch::left_padded(&picked, data.pad_id, decoder.device())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (loss, mut grads) = loss_and_grads(decoder, &params, &batches)?;
+        if !loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                step: done + 1,
+                loss,
+                last_checkpoint,
+            });
+        }
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFiniteGradient {
+                step: done + 1,
+                norm: grad_norm,
+                last_checkpoint,
+            });
+        }
+        opt.step(&params, &grads, lr)?;
+        done += 1;
+
+        let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
+        let targets: usize = batches.iter().map(|b| b.targets.len()).sum();
+        tokens_seen += tokens;
+        let tokens_per_s = tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+        curve.push(&CurveRecord::Train {
+            step: done,
+            loss,
+            lr,
+            grad_norm,
+            targets,
+            tokens,
+            tokens_per_s,
+        })?;
+        last_loss = Some(loss);
+        bar.set_position(done as u64);
+        bar.set_message(format!(
+            "loss {loss:.4}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"
+        ));
+        tracing::debug!(step = done, loss, lr, grad_norm, tokens_per_s, "step");
+
+        let at_end = done == cfg.max_steps;
+        if !data.eval.is_empty() && cfg.eval_every.is_some_and(|n| done % n == 0 || at_end) {
+            let (loss, targets) = eval_loss(decoder, data.eval, cfg.batch_size, data.pad_id)?;
+            curve.push(&CurveRecord::Eval {
+                step: done,
+                loss,
+                targets,
+            })?;
+            tracing::info!(step = done, eval_loss = loss, "held-out loss");
+            last_eval = Some(loss);
+        }
+        if cfg.checkpoint_every.is_some_and(|n| done % n == 0) && !at_end {
+            last_checkpoint = Some(checkpoint::save(opts.out_dir, done, cfg, trainable, &opt)?);
+        }
+    }
+    bar.finish_and_clear();
+    let checkpoint = match (&last_checkpoint, resumed_from) {
+        // Nothing new since the checkpoint we resumed from or just wrote.
+        (Some(dir), _) if checkpoint::read_state(dir)?.step == done => dir.clone(),
+        _ => checkpoint::save(opts.out_dir, done, cfg, trainable, &opt)?,
+    };
+    Ok(TrainSummary {
+        steps: done,
+        resumed_from,
+        interrupted,
+        last_loss,
+        last_eval_loss: last_eval,
+        checkpoint,
+        tokens_per_s: tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+    })
+}
