@@ -14,8 +14,10 @@
 pub mod assets;
 pub mod error;
 pub mod linalg;
+pub mod lora;
 pub mod model;
 pub mod sae;
 pub mod theory;
+pub mod train;
 
 pub use error::{Error, Result};
