@@ -11,6 +11,7 @@ use super::{LoraConfig, LoraError, LoraInit, Provenance, Result, Trainable, PEFT
 use super::{READ_SIDE, WRITE_SIDE};
 use crate::model::decoder::Decoder;
 use crate::model::layers::LoraSlot;
+use crate::model::lora::Adapter;
 
 /// Which side of the residual stream a module touches, by its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +256,85 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, seed: u64) -> Result<Traina
             _ => Some(adapter_cfg),
         },
         provenance,
+    })
+}
+
+/// Puts an existing adapter's factors into the model as training `Var`s (to continue training an
+/// adapter, or to start from given values). Every module the adapter names must exist in the
+/// model with matching shapes.
+pub fn inject_adapter(model: &mut Decoder, adapter: &Adapter) -> Result<Trainable> {
+    if model.dtype() != DType::F32 {
+        return Err(LoraError::NotF32 {
+            dtype: model.dtype(),
+        });
+    }
+    let scale = adapter.config.scale();
+    let mut vars = BTreeMap::new();
+    let mut used = 0;
+    for (name, linear) in model.linear_layers_mut() {
+        let Some((a, b)) = adapter.weights.get(&name) else {
+            continue;
+        };
+        if linear.lora.is_some() {
+            return Err(LoraError::AlreadyAdapted { module: name });
+        }
+        let (r, inp, out) = (
+            adapter.config.r,
+            linear.in_features(),
+            linear.out_features(),
+        );
+        if a.dims() != [r, inp] || b.dims() != [out, r] {
+            return Err(LoraError::AdapterShape {
+                module: name,
+                a: a.dims().to_vec(),
+                b: b.dims().to_vec(),
+                expected_a: vec![r, inp],
+                expected_b: vec![out, r],
+            });
+        }
+        let a = Var::from_tensor(&a.to_dtype(DType::F32)?.copy()?)?;
+        let b = Var::from_tensor(&b.to_dtype(DType::F32)?.copy()?)?;
+        linear.lora = Some(LoraSlot {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale,
+        });
+        vars.insert(format!("{PEFT_PREFIX}{name}.lora_A.weight"), a);
+        vars.insert(format!("{PEFT_PREFIX}{name}.lora_B.weight"), b);
+        used += 1;
+    }
+    if used != adapter.weights.len() {
+        let names: Vec<String> = model.linear_layers().into_iter().map(|(n, _)| n).collect();
+        let missing = adapter
+            .weights
+            .keys()
+            .find(|k| !names.contains(k))
+            .cloned()
+            .unwrap_or_default();
+        return Err(LoraError::NoMatchingModule {
+            target: missing,
+            example: names.first().cloned().unwrap_or_default(),
+        });
+    }
+    let trainable_params = vars.values().map(|v: &Var| v.elem_count()).sum();
+    Ok(Trainable {
+        vars,
+        frozen: BTreeMap::new(),
+        provenance: Provenance {
+            format_version: 1,
+            init: "adapter",
+            rank: adapter.config.r,
+            alpha: adapter.config.lora_alpha,
+            rslora: adapter.config.use_rslora,
+            targets: adapter.config.target_modules.clone(),
+            seed: 0,
+            freeze_basis: None,
+            basis_for_block: BTreeMap::new(),
+            read_side_basis: None,
+            adapted_modules: used,
+            trainable_params,
+        },
+        adapter: Some(adapter.config.clone()),
     })
 }
 

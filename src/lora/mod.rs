@@ -28,7 +28,7 @@ use thiserror::Error;
 use crate::model::lora::{Adapter, AdapterConfig};
 use crate::model::ModelError;
 
-pub use init::inject;
+pub use init::{inject, inject_adapter};
 
 /// The modules that read the residual stream (their input is `d_model`).
 pub const READ_SIDE: &[&str] = &["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"];
@@ -157,6 +157,14 @@ pub enum LoraError {
         side: &'static str,
         got: usize,
         d_model: usize,
+    },
+    #[error("{module}: adapter factors A {a:?} / B {b:?} do not fit, expected {expected_a:?} / {expected_b:?}")]
+    AdapterShape {
+        module: String,
+        a: Vec<usize>,
+        b: Vec<usize>,
+        expected_a: Vec<usize>,
+        expected_b: Vec<usize>,
     },
     #[error("full fine-tuning exports weights, not a LoRA adapter")]
     NotAnAdapter,
