@@ -327,7 +327,10 @@ fn results_round_trip_through_the_written_files() {
     assert!(md.contains("| 2000 |") && md.contains("| 0.80 |"));
     // Same config, same seeds ⇒ same numbers.
     let again = sails::theory::run(&cfg).unwrap();
-    assert!(again.records == results.records, "a rerun with the same seeds differs");
+    assert!(
+        again.records == results.records,
+        "a rerun with the same seeds differs"
+    );
 }
 
 #[test]
@@ -381,8 +384,9 @@ fn sae_route_recovers_the_subspace_without_entanglement() {
         lr: 3e-3,
         enabled: true,
     };
-    let out = sails::theory::sae_method::sae_basis(&settings, &model, &s, &MethodConfig::default(), 9)
-        .unwrap();
+    let out =
+        sails::theory::sae_method::sae_basis(&settings, &model, &s, &MethodConfig::default(), 9)
+            .unwrap();
     let err = projector_distance(&out.basis, &model.safety_basis).unwrap();
     let d = &out.diagnostics;
     assert_eq!(d.d_sae, 32);

@@ -75,6 +75,14 @@ impl TheoryArgs {
 
 pub fn run(args: TheoryArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.resolve()?;
+    // candle splits every matmul over RAYON_NUM_THREADS threads (default: all cores). The SAEs
+    // here are small (batch 256 × a few hundred latents), where that splitting cost ~4× the CPU
+    // per SAE on a 2-core machine; the experiment runs its jobs in parallel instead. A value the
+    // user set is respected. Set before any thread exists, so no other thread reads the
+    // environment concurrently.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
     let out = args
         .out
         .clone()

@@ -429,19 +429,30 @@ pub fn run(cfg: &TheoryConfig) -> Result<TheoryResults, TheoryError> {
     let started = Instant::now();
     let jobs = jobs(cfg);
     tracing::info!(jobs = jobs.len(), "theory experiment");
-    let outputs: Vec<JobOutput> = jobs
-        .par_iter()
-        .map(|job| {
-            let out = run_job(job, cfg);
-            tracing::info!(
-                sweep = job.sweep.name(),
-                x = job.x,
-                seed = job.seed,
-                "point done"
-            );
-            out
-        })
-        .collect::<Result<_, _>>()?;
+    // One job per thread, one thread per core. The SAE's tensors are small, so `sails theory`
+    // turns candle's per-matmul threading off (it cost ~4× the CPU here) and parallelises across
+    // jobs instead.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| TheoryError::Threads {
+            message: e.to_string(),
+        })?;
+    let outputs: Vec<JobOutput> = pool.install(|| {
+        jobs.par_iter()
+            .map(|job| {
+                let out = run_job(job, cfg);
+                tracing::info!(
+                    sweep = job.sweep.name(),
+                    x = job.x,
+                    seed = job.seed,
+                    "point done"
+                );
+                out
+            })
+            .collect::<Result<_, _>>()
+    })?;
     let mut records = Vec::new();
     let mut failures = Vec::new();
     for (r, f) in outputs {

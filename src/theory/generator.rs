@@ -87,7 +87,7 @@ impl Default for GeneratorConfig {
             safety_rate_base: 0.02,
             background_active: 4.0,
             nuisance_per_safety: 2,
-            entanglement: 0.6,
+            entanglement: 0.2,
             magnitude_min: 0.5,
             magnitude_max: 1.5,
             noise_sd: 0.05,

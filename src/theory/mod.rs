@@ -58,6 +58,8 @@ pub enum TheoryError {
     /// The SAE route failed (training or encoding); carries the SAE stage's own message.
     #[error("SAE method: {message}")]
     Sae { message: String },
+    #[error("building the job thread pool: {message}")]
+    Threads { message: String },
     #[error(transparent)]
     Linalg(#[from] crate::linalg::LinalgError),
     #[error("{path}: {source}")]

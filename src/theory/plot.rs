@@ -52,7 +52,7 @@ fn escape(s: &str) -> String {
 
 /// "Nice" linear ticks (1, 2, 5 × 10^k steps) covering [lo, hi].
 pub fn linear_ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
-    if !(hi > lo) {
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         return vec![lo];
     }
     let raw = (hi - lo) / target.max(1) as f64;
@@ -84,7 +84,7 @@ pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
 }
 
 fn tick_label(v: f64) -> String {
-    if v != 0.0 && (v.abs() >= 1e4 || v.abs() < 1e-2) {
+    if v != 0.0 && (v.abs() >= 1e6 || v.abs() < 1e-2) {
         format!("{v:.0e}")
     } else if v.fract() == 0.0 {
         format!("{v:.0}")
@@ -190,10 +190,10 @@ impl Chart {
             let y = ty(l.y);
             let _ = writeln!(
                 s,
-                r#"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{}" stroke-dasharray="2,3"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="{}">{}</text>"#,
+                r#"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{}" stroke-dasharray="2,3"/><text x="{:.1}" y="{:.1}" text-anchor="start" fill="{}">{}</text>"#,
                 left + pw,
                 l.color,
-                left + pw - 4.0,
+                left + 4.0,
                 y - 4.0,
                 l.color,
                 escape(&l.label)

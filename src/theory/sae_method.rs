@@ -25,11 +25,12 @@ pub struct SaeSettings {
     pub width_per_concept: f64,
     /// Active latents per sample (TopK's k).
     pub k: usize,
-    /// Optimiser steps.
+    /// Optimiser steps (batch_size samples each).
     pub steps: usize,
     /// Samples per step (drawn with reshuffling from the training samples).
     pub batch_size: usize,
-    /// Adam learning rate.
+    /// Peak Adam learning rate. 3e-3 for 1000 steps reached the error of 1e-3 for 3000 steps on
+    /// the default problem (d = 64, n = 256, ρ = 0.2, N = 10000).
     pub lr: f64,
 }
 
@@ -39,9 +40,9 @@ impl Default for SaeSettings {
             enabled: true,
             width_per_concept: 1.0,
             k: 8,
-            steps: 1500,
+            steps: 1000,
             batch_size: 256,
-            lr: 1e-3,
+            lr: 3e-3,
         }
     }
 }
@@ -90,6 +91,7 @@ pub struct SaeVariant {
     pub width_per_concept: Option<f64>,
     pub k: Option<usize>,
     pub steps: Option<usize>,
+    pub lr: Option<f64>,
 }
 
 impl SaeVariant {
@@ -100,11 +102,12 @@ impl SaeVariant {
                 width_per_concept: width,
                 k,
                 steps,
+                lr: None,
             };
         vec![
             v("default", None, None, None),
             v("narrow (width n/4)", Some(0.25), None, None),
-            v("wide (width 4n)", Some(4.0), None, None),
+            v("wide (width 2n)", Some(2.0), None, None),
             v("undertrained (100 steps)", None, None, Some(100)),
             v("dense (k = 32)", None, Some(32), None),
         ]
@@ -116,6 +119,7 @@ impl SaeVariant {
             width_per_concept: self.width_per_concept.unwrap_or(base.width_per_concept),
             k: self.k.unwrap_or(base.k),
             steps: self.steps.unwrap_or(base.steps),
+            lr: self.lr.unwrap_or(base.lr),
             ..base.clone()
         }
     }
