@@ -58,21 +58,17 @@ pub fn save(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
 
+    if let Some(name) = super::first_non_finite(trainable)? {
+        return Err(TrainError::NonFiniteParameter {
+            name,
+            step,
+            last_checkpoint: latest(out)?,
+        });
+    }
     let mut params = HashMap::new();
     let mut moments = HashMap::new();
     for (key, var) in &trainable.vars {
         let value = var.as_tensor().detach();
-        let bad = value
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .any(|x| !x.is_finite());
-        if bad {
-            return Err(TrainError::NonFiniteParameter {
-                name: key.clone(),
-                step,
-            });
-        }
         params.insert(key.clone(), value.copy()?);
         if let (Some(m), Some(v)) = (opt.exp_avg.get(key), opt.exp_avg_sq.get(key)) {
             moments.insert(format!("{key}.exp_avg"), m.clone());

@@ -121,8 +121,12 @@ pub enum TrainError {
         norm: f64,
         last_checkpoint: Option<PathBuf>,
     },
-    #[error("parameter {name} is not finite after step {step}; no checkpoint written")]
-    NonFiniteParameter { name: String, step: usize },
+    #[error("step {step}: parameter {name} is not finite after the update; training stopped. Last good checkpoint: {}", last_checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string()))]
+    NonFiniteParameter {
+        name: String,
+        step: usize,
+        last_checkpoint: Option<PathBuf>,
+    },
     #[error("{name} received no gradient: something on its path does not record a backward")]
     NoGradient { name: String },
     #[error("checkpoint {path}: {message}")]
@@ -278,6 +282,17 @@ pub fn eval_loss(
         n += out.n_targets;
     }
     Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, n))
+}
+
+/// The first trainable tensor holding a NaN or an infinity.
+pub fn first_non_finite(trainable: &Trainable) -> Result<Option<String>> {
+    for (name, var) in &trainable.vars {
+        let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        if values.iter().any(|x| !x.is_finite()) {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
 }
 
 fn validate(cfg: &TrainConfig, data: &TrainData<'_>) -> Result<()> {
@@ -467,6 +482,13 @@ pub fn run(
         }
         opt.step(&params, &grads, lr)?;
         done += 1;
+        if let Some(name) = first_non_finite(trainable)? {
+            return Err(TrainError::NonFiniteParameter {
+                name,
+                step: done,
+                last_checkpoint,
+            });
+        }
 
         let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
         let targets: usize = batches.iter().map(|b| b.targets.len()).sum();
