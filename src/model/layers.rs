@@ -50,15 +50,26 @@ impl Linear {
     }
 }
 
-/// `(.., in) @ (out, in)ᵀ` without copying the transposed weight.
+/// `(.., in) @ (out, in)ᵀ` without copying the transposed weight. A decode step (few rows,
+/// nothing to differentiate) takes the memory-bound kernel in `gemv`.
 fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    match x.dims() {
-        [b, t, k] => x
-            .reshape((b * t, *k))?
-            .matmul(&w.t()?)?
-            .reshape((*b, *t, ())),
-        _ => x.matmul(&w.t()?),
+    let (lead, k) = match x.dims() {
+        [b, t, k] => (vec![*b, *t], *k),
+        [m, k] => (vec![*m], *k),
+        _ => return x.matmul(&w.t()?),
+    };
+    let x2 = x.reshape((lead.iter().product::<usize>(), k))?;
+    if needs_no_grad(&[x, w]) {
+        if let Some(y) = super::gemv::skinny_matmul_t(&x2, w)? {
+            let mut shape = lead;
+            shape.push(w.dim(0)?);
+            return y.reshape(shape);
+        }
     }
+    let y = x2.matmul(&w.t()?)?;
+    let mut shape = lead;
+    shape.push(w.dim(0)?);
+    y.reshape(shape)
 }
 
 impl Module for Linear {

@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod config;
 pub mod decoder;
+pub mod gemv;
 pub mod generate;
 pub mod gguf;
 pub mod layers;
