@@ -8,6 +8,7 @@ mod bench;
 mod generate;
 mod model_args;
 mod theory;
+mod train;
 
 #[derive(Debug, Parser)]
 #[command(name = "sails", version, about = "Interpretable safety alignment: SAE features -> subspace -> LoRA", long_about = None)]
@@ -29,6 +30,10 @@ pub enum Command {
     Bench(bench::BenchArgs),
     Assets(assets::AssetsArgs),
     Theory(theory::TheoryArgs),
+    /// Fine-tune a LoRA adapter (or the full weights) on chat examples, response tokens only.
+    Train(train::TrainArgs),
+    /// Measure LoRA training throughput (tokens/s) and peak memory.
+    BenchTrain(train::BenchTrainArgs),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -51,6 +56,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(args),
         Command::Assets(args) => assets::run(args),
         Command::Theory(args) => theory::run(args),
+        Command::Train(args) => train::run(args),
+        Command::BenchTrain(args) => train::run_bench(args),
     }
 }
 

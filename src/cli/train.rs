@@ -1,0 +1,431 @@
+//! `sails train` (LoRA / full SFT on chat examples) and `sails bench-train` (training throughput).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use sails::lora::{self, LoraConfig, LoraInit};
+use sails::model::load::{ChatModel, ModelSource};
+use sails::train::{
+    self, tokenize_chat, AdamW, Batch, ChatExample, RunOptions, Target, TrainConfig, TrainData,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InitArg {
+    /// PEFT default: A kaiming-uniform, B = 0.
+    Kaiming,
+    /// PEFT "gaussian": A ~ N(0, 1/r²), B = 0.
+    Gaussian,
+    /// SAILS: A = Uᵀ (q, k, v, gate, up) or B = U (o, down) from --basis; the other factor 0.
+    Subspace,
+    /// Full fine-tuning of the targeted weights (no adapter).
+    Full,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Model: `default` (SmolLM2-135M-Instruct), a GGUF file or a Hugging Face directory.
+    #[arg(long, short = 'm', default_value = "default", value_name = "MODEL")]
+    model: String,
+    /// Training examples, JSON lines `{"messages": [...]}`; the last message is the assistant
+    /// response the loss is taken on (its tokens and the end-of-turn token).
+    #[arg(long, value_name = "FILE.jsonl")]
+    data: PathBuf,
+    /// Held-out examples (same format) for the loss every `eval_every` steps.
+    #[arg(long, value_name = "FILE.jsonl")]
+    eval_data: Option<PathBuf>,
+    /// Output directory: adapter/ (PEFT layout), checkpoints/, loss_curve.jsonl.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Continue from the latest checkpoint in --out (same config and init required).
+    #[arg(long)]
+    resume: bool,
+    /// How the adapter starts.
+    #[arg(long, value_enum, default_value = "kaiming")]
+    init: InitArg,
+    /// Subspace bases for --init subspace: safetensors with one `(d_model, rank)` tensor per
+    /// layer, named `layers.<l>` (the residual stream entering block l). Blocks without one take
+    /// the nearest layer's.
+    #[arg(long, value_name = "FILE.safetensors")]
+    basis: Option<PathBuf>,
+    /// Keep the basis factor fixed (no gradient), so updates stay in the subspace.
+    #[arg(long)]
+    freeze_basis: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// LoRA alpha (scale alpha/rank).
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f64,
+    /// Comma-separated module suffixes to adapt.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj"
+    )]
+    targets: Vec<String>,
+    /// rsLoRA scaling alpha/√rank.
+    #[arg(long)]
+    rslora: bool,
+    /// Seed of the adapter's random init.
+    #[arg(long, default_value_t = 0)]
+    init_seed: u64,
+    /// Training config (TOML, TrainConfig fields); flags below override it.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Optimizer steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Warm-up steps.
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Data-order seed.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+    // A second Ctrl-C ends the process at once.
+    // SAFETY: `signal` is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
+}
+
+fn install_sigint() {
+    // SAFETY: installs a handler that only stores to an atomic and resets the disposition.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+}
+
+fn read_jsonl(path: &Path) -> anyhow::Result<Vec<ChatExample>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| {
+                format!(
+                    "{}:{}: not a {{\"messages\": [...]}} line",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}
+
+fn read_bases(path: &Path) -> anyhow::Result<BTreeMap<usize, Tensor>> {
+    let tensors = sails::model::weights::load_safetensors_file(path, &Device::Cpu)?;
+    let mut bases = BTreeMap::new();
+    for (name, t) in tensors {
+        let layer: usize = name
+            .strip_prefix("layers.")
+            .and_then(|l| l.parse().ok())
+            .with_context(|| {
+                format!(
+                    "{}: tensor {name:?} is not named layers.<l>",
+                    path.display()
+                )
+            })?;
+        bases.insert(layer, t.to_dtype(DType::F32)?);
+    }
+    Ok(bases)
+}
+
+impl TrainArgs {
+    fn train_config(&self) -> anyhow::Result<TrainConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => toml::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("{}: not a TrainConfig", p.display()))?,
+            None => TrainConfig::default(),
+        };
+        if let Some(v) = self.lr {
+            cfg.lr_peak = v;
+            cfg.lr_min = v / 10.0;
+        }
+        if let Some(v) = self.max_steps {
+            cfg.max_steps = v;
+            cfg.warmup_steps = cfg.warmup_steps.min(v);
+        }
+        if let Some(v) = self.batch_size {
+            cfg.batch_size = v;
+        }
+        if let Some(v) = self.grad_accum {
+            cfg.grad_accum_steps = v;
+        }
+        if let Some(v) = self.warmup_steps {
+            cfg.warmup_steps = v;
+        }
+        if let Some(v) = self.seed {
+            cfg.seed = v;
+        }
+        Ok(cfg)
+    }
+
+    fn lora_config(&self) -> anyhow::Result<LoraConfig> {
+        let init = match self.init {
+            InitArg::Kaiming => LoraInit::Kaiming,
+            InitArg::Gaussian => LoraInit::Gaussian,
+            InitArg::Full => LoraInit::Full,
+            InitArg::Subspace => {
+                let path = self
+                    .basis
+                    .as_ref()
+                    .context("--init subspace needs --basis")?;
+                LoraInit::Subspace {
+                    bases: read_bases(path)?,
+                    freeze_basis: self.freeze_basis,
+                }
+            }
+        };
+        if self.basis.is_some() && self.init != InitArg::Subspace {
+            bail!("--basis is only used with --init subspace");
+        }
+        Ok(LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            targets: self.targets.clone(),
+            rslora: self.rslora,
+            init,
+        })
+    }
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.train_config()?;
+    let lora_cfg = args.lora_config()?;
+    let source = ModelSource::resolve(&args.model)?;
+    let mut model = ChatModel::load(&source, &Device::Cpu, DType::F32)
+        .with_context(|| format!("loading {}", source.path().display()))?;
+    let trainable = lora::inject(&mut model.decoder, &lora_cfg, args.init_seed)
+        .context("initialising the adapter")?;
+    tracing::info!(
+        init = lora_cfg.init.name(),
+        params = trainable.num_params(),
+        "trainable tensors ready"
+    );
+    let tokenize = |path: &Path| -> anyhow::Result<Vec<train::TokenizedExample>> {
+        read_jsonl(path)?
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                tokenize_chat(&model.tokenizer, &model.template, e, i)
+                    .with_context(|| format!("{}", path.display()))
+            })
+            .collect()
+    };
+    let train_set = tokenize(&args.data)?;
+    let eval_set = match &args.eval_data {
+        Some(p) => tokenize(p)?,
+        None => Vec::new(),
+    };
+    let pad_id = model
+        .tokenizer
+        .pad_id()
+        .or(model.tokenizer.eos_ids().first().copied())
+        .unwrap_or(0);
+    std::fs::create_dir_all(&args.out)?;
+    install_sigint();
+    let summary = train::run(
+        &cfg,
+        &model.decoder,
+        &trainable,
+        TrainData {
+            train: &train_set,
+            eval: &eval_set,
+            pad_id,
+        },
+        RunOptions {
+            out_dir: &args.out,
+            resume: args.resume,
+            stop: &STOP,
+            stop_after: None,
+            progress: true,
+        },
+    )?;
+    let mut trainable = trainable;
+    trainable.adapter = trainable.adapter.map(|mut a| {
+        a.base_model_name_or_path = Some(source.path().display().to_string());
+        a
+    });
+    trainable.save(&args.out.join("adapter"))?;
+    let json = serde_json::to_string_pretty(&summary)?;
+    sails::model::write_atomic(&args.out.join("train_summary.json"), json.as_bytes())?;
+    println!("{json}");
+    if summary.interrupted {
+        tracing::info!(checkpoint = %summary.checkpoint.display(), "interrupted; continue with --resume");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// Model to train (default: SmolLM2-135M-Instruct).
+    #[arg(long, short = 'm', default_value = "default", value_name = "MODEL")]
+    model: String,
+    /// Timed steps per configuration (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// LoRA SFT throughput: forward, backward (loss on every next-token position, as a plain causal
+/// LM step), clipping and AdamW on a fixed random batch; median step time after warm-up.
+pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
+    let source = ModelSource::resolve(&args.model)?;
+    let mut model = ChatModel::load(&source, &Device::Cpu, DType::F32)?;
+    let device = Device::Cpu;
+    let (b, t) = (args.batch, args.seq_len);
+    let mut rng = StdRng::seed_from_u64(0);
+    let vocab = model.decoder.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(100..vocab)).collect();
+    let mut targets = Vec::new();
+    for row in 0..b {
+        for pos in 0..t - 1 {
+            targets.push(Target {
+                row,
+                pos,
+                token: ids[row * t + pos + 1],
+            });
+        }
+    }
+    let batch = Batch {
+        input_ids: Tensor::from_vec(ids, (b, t), &device)?,
+        attention_mask: Tensor::ones((b, t), DType::U32, &device)?,
+        targets,
+        real_tokens: b * t,
+    };
+    let all7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
+    let mut results = Vec::new();
+    for targets in [all7, "q_proj,k_proj,v_proj,o_proj"] {
+        sails::model::lora::clear(&mut model.decoder);
+        let cfg = LoraConfig {
+            rank: args.rank,
+            alpha: 2.0 * args.rank as f64,
+            targets: targets.split(',').map(String::from).collect(),
+            rslora: false,
+            init: LoraInit::Kaiming,
+        };
+        let trainable = lora::inject(&mut model.decoder, &cfg, 0)?;
+        let params: Vec<_> = trainable.vars.iter().collect();
+        let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
+        let mut secs = Vec::new();
+        for i in 0..args.warmup + args.steps {
+            let start = Instant::now();
+            let (_loss, mut grads) =
+                train::loss_and_grads(&model.decoder, &params, std::slice::from_ref(&batch))?;
+            train::clip_grad_norm(&mut grads, Some(1.0))?;
+            opt.step(&params, &grads, 1e-4)?;
+            if i >= args.warmup {
+                secs.push(start.elapsed().as_secs_f64());
+            }
+        }
+        secs.sort_by(f64::total_cmp);
+        let median = secs[secs.len() / 2];
+        results.push(serde_json::json!({
+            "targets": targets,
+            "rank": args.rank,
+            "trainable_params": trainable.num_params(),
+            "batch": b,
+            "seq_len": t,
+            "median_step_s": median,
+            "tokens_per_s": (b * t) as f64 / median,
+            "peak_rss_mib_so_far": peak_rss_mib(),
+        }));
+    }
+    let out = serde_json::json!({
+        "model": source.path().display().to_string(),
+        "threads": rayon::current_num_threads(),
+        "results": results,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    #[test]
+    fn train_flags_parse_with_defaults_and_overrides() {
+        let t = T::try_parse_from(["t", "--data", "d.jsonl", "--out", "o"]).unwrap();
+        assert_eq!(t.args.init, InitArg::Kaiming);
+        assert_eq!(t.args.targets, ["q_proj", "k_proj", "v_proj", "o_proj"]);
+        assert_eq!(t.args.train_config().unwrap(), TrainConfig::default());
+        let t = T::try_parse_from([
+            "t",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--init",
+            "subspace",
+            "--basis",
+            "b.safetensors",
+            "--targets",
+            "q_proj,down_proj",
+            "--lr",
+            "1e-3",
+            "--max-steps",
+            "5",
+        ])
+        .unwrap();
+        let cfg = t.args.train_config().unwrap();
+        assert_eq!((cfg.lr_peak, cfg.max_steps, cfg.warmup_steps), (1e-3, 5, 5));
+        assert_eq!(t.args.targets, ["q_proj", "down_proj"]);
+        assert!(T::try_parse_from(["t", "--out", "o"]).is_err());
+    }
+}
