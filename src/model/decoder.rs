@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::{Activation, DecoderConfig};
-use super::layers::{apply_rope, compute_dtype, needs_no_grad, repeat_kv, soft_cap, Linear, RmsNorm, Rope};
+use super::layers::{
+    apply_rope, compute_dtype, needs_no_grad, repeat_kv, soft_cap, Linear, RmsNorm, Rope,
+};
 use super::weights::WeightMap;
 use super::{ModelError, Resid};
 
@@ -71,9 +73,20 @@ pub struct Decoder {
     pub norm: RmsNorm,
     /// `None` when tied to `embed_tokens`.
     pub lm_head: Option<Tensor>,
+    /// Lower-precision copy of the output projection for decode steps.
+    head_decode_weight: Option<Tensor>,
     rope: Rope,
     dtype: DType,
     device: Device,
+}
+
+/// The precision of the weights a decode step streams (see [`Decoder::set_decode_weights`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeWeights {
+    #[default]
+    F32,
+    Bf16,
 }
 
 /// Which logits a forward pass computes (the vocabulary projection dominates short prompts).
@@ -258,6 +271,7 @@ impl Decoder {
             layers,
             norm: norm_out,
             lm_head,
+            head_decode_weight: None,
             rope,
             dtype,
             device: device.clone(),
@@ -392,7 +406,9 @@ impl Decoder {
                 };
                 let h = self.norm.forward(&h)?;
                 let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-                let mut logits = Linear::new(head.clone(), None).forward(&h)?;
+                let mut head = Linear::new(head.clone(), None);
+                head.decode_weight = self.head_decode_weight.clone();
+                let mut logits = head.forward(&h)?;
                 if let Some(cap) = cfg.gemma.as_ref().and_then(|g| g.final_logit_softcapping) {
                     logits = soft_cap(&logits, cap)?;
                 }
@@ -521,6 +537,24 @@ impl Decoder {
             }
         }
         Ok(Tensor::from_vec(bias, (b, 1, t, s), &self.device)?)
+    }
+
+    /// Chooses the weights decode steps read: `F32` (exact, the default) or `Bf16`, a bf16 copy of
+    /// every projection that halves the memory streamed per generated token. Training and any
+    /// pass that needs gradients always use the f32 weights.
+    pub fn set_decode_weights(&mut self, precision: DecodeWeights) -> Result<(), ModelError> {
+        let convert = |w: &Tensor| -> candle_core::Result<Option<Tensor>> {
+            match precision {
+                DecodeWeights::F32 => Ok(None),
+                DecodeWeights::Bf16 => w.to_dtype(DType::BF16).map(Some),
+            }
+        };
+        for (_, linear) in self.linear_layers_mut() {
+            linear.decode_weight = convert(&linear.weight)?;
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        self.head_decode_weight = convert(head)?;
+        Ok(())
     }
 
     /// Every linear layer under its Hugging Face module name, for LoRA injection and export.

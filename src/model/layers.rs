@@ -30,6 +30,9 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraSlot>,
+    /// A lower-precision copy of `weight` for decode steps that need no gradient (see
+    /// `Decoder::set_decode_weights`); `None` decodes from `weight` itself.
+    pub decode_weight: Option<Tensor>,
 }
 
 impl Linear {
@@ -38,6 +41,7 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            decode_weight: None,
         }
     }
 
@@ -51,36 +55,36 @@ impl Linear {
 }
 
 /// `(.., in) @ (out, in)ᵀ` without copying the transposed weight. A decode step (few rows,
-/// nothing to differentiate) takes the memory-bound kernel in `gemv`.
-fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+/// nothing to differentiate) takes the memory-bound kernel in `gemv`, from `decode_weight` when
+/// there is one.
+fn matmul_t(x: &Tensor, w: &Tensor, decode_weight: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let (lead, k) = match x.dims() {
         [b, t, k] => (vec![*b, *t], *k),
         [m, k] => (vec![*m], *k),
         _ => return x.matmul(&w.t()?),
     };
+    let mut shape = lead.clone();
+    shape.push(w.dim(0)?);
     let x2 = x.reshape((lead.iter().product::<usize>(), k))?;
     if needs_no_grad(&[x, w]) {
-        if let Some(y) = super::gemv::skinny_matmul_t(&x2, w)? {
-            let mut shape = lead;
-            shape.push(w.dim(0)?);
-            return y.reshape(shape);
+        for weight in decode_weight.into_iter().chain([w]) {
+            if let Some(y) = super::gemv::skinny_matmul_t(&x2, weight)? {
+                return y.reshape(shape);
+            }
         }
     }
-    let y = x2.matmul(&w.t()?)?;
-    let mut shape = lead;
-    shape.push(w.dim(0)?);
-    y.reshape(shape)
+    x2.matmul(&w.t()?)?.reshape(shape)
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = matmul_t(x, &self.weight)?;
+        let mut y = matmul_t(x, &self.weight, self.decode_weight.as_ref())?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
         if let Some(lora) = &self.lora {
-            let low = matmul_t(x, &lora.a)?;
-            y = (y + (matmul_t(&low, &lora.b)? * lora.scale)?)?;
+            let low = matmul_t(x, &lora.a, None)?;
+            y = (y + (matmul_t(&low, &lora.b, None)? * lora.scale)?)?;
         }
         Ok(y)
     }

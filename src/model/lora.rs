@@ -308,6 +308,10 @@ pub fn merge_into(model: &mut Decoder) -> Result<usize, ModelError> {
         if let Some(slot) = linear.lora.take() {
             let delta = slot.delta_weight()?.to_dtype(linear.weight.dtype())?;
             linear.weight = (&linear.weight + delta)?;
+            // A decode copy of the old weight would silently drop the merged update.
+            if let Some(copy) = &linear.decode_weight {
+                linear.decode_weight = Some(linear.weight.to_dtype(copy.dtype())?);
+            }
             merged += 1;
         }
     }
