@@ -234,7 +234,11 @@ fn non_finite_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint() {
     let latest = train::checkpoint::latest(out.path()).unwrap().unwrap();
     let state = train::checkpoint::read_state(&latest).unwrap();
     assert!(state.step < step);
-    assert_eq!(last.as_ref(), Some(&latest), "the error names the last good checkpoint");
+    assert_eq!(
+        last.as_ref(),
+        Some(&latest),
+        "the error names the last good checkpoint"
+    );
     // A poisoned weight (NaN) fails at once, before any checkpoint.
     let (model, tr) = tiny_with_lora();
     let key = tr

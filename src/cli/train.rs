@@ -79,7 +79,7 @@ pub struct TrainArgs {
     /// Training config (TOML, TrainConfig fields); flags below override it.
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
-    /// Peak learning rate.
+    /// Peak learning rate; the cosine floor becomes a tenth of it.
     #[arg(long)]
     lr: Option<f64>,
     /// Optimizer steps.

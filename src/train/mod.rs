@@ -511,7 +511,11 @@ pub fn run(
         tracing::debug!(step = done, loss, lr, grad_norm, tokens_per_s, "step");
 
         let at_end = done == cfg.max_steps;
-        if !data.eval.is_empty() && cfg.eval_every.is_some_and(|n| done % n == 0 || at_end) {
+        if !data.eval.is_empty()
+            && cfg
+                .eval_every
+                .is_some_and(|n| done.is_multiple_of(n) || at_end)
+        {
             let (loss, targets) = eval_loss(decoder, data.eval, cfg.batch_size, data.pad_id)?;
             curve.push(&CurveRecord::Eval {
                 step: done,
@@ -521,7 +525,7 @@ pub fn run(
             tracing::info!(step = done, eval_loss = loss, "held-out loss");
             last_eval = Some(loss);
         }
-        if cfg.checkpoint_every.is_some_and(|n| done % n == 0) && !at_end {
+        if cfg.checkpoint_every.is_some_and(|n| done.is_multiple_of(n)) && !at_end {
             last_checkpoint = Some(checkpoint::save(opts.out_dir, done, cfg, trainable, &opt)?);
         }
     }
