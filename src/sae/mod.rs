@@ -8,6 +8,7 @@
 //! * [`train`] — TopK training on activations (Adam, aux-k loss, checkpoint/resume).
 //! * [`metrics`] — L0, explained variance, cosine, dead/dense fractions, CE loss recovered.
 
+mod fast;
 pub mod format;
 pub mod metrics;
 mod sparse;

@@ -18,14 +18,14 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    metrics, sparse, topk_mask, Architecture, Normalization, Result, Sae, SaeConfig, SaeError,
+    fast, metrics, sparse, topk_mask, Architecture, Normalization, Result, Sae, SaeConfig, SaeError,
 };
 use crate::model::Resid;
 
@@ -645,51 +645,66 @@ impl<'a> Trainer<'a> {
             .map(|&t| t >= self.cfg.dead_tokens_threshold)
             .collect();
         let n_dead = dead.iter().filter(|&&d| d).count();
-        let (loss, main, aux, fired) = self.losses(&x, (n_dead > 0).then_some(&dead[..]))?;
-        let grads = loss.backward()?;
+        let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let mut p: Vec<Vec<f32>> = self
+            .params
+            .iter()
+            .map(|v| host(v.as_tensor()))
+            .collect::<Result<_>>()?;
+        let hg = fast::loss_and_grads(
+            &fast::HostParams {
+                w_enc: &p[0],
+                b_enc: &p[1],
+                w_dec: &p[2],
+                b_dec: &p[3],
+            },
+            &host(&x)?,
+            &fast::LossSpec {
+                d_in: self.d_in,
+                d_sae: self.cfg.d_sae,
+                k: self.cfg.k,
+                aux_k: self.aux_k,
+                aux_coef: self.cfg.aux_coef,
+                dead: (n_dead > 0).then_some(&dead[..]),
+            },
+        )?;
+        let (main, aux) = (hg.main, hg.aux);
+        let mut grads = [hg.w_enc, hg.b_enc, hg.w_dec, hg.b_dec];
+        // decoder rows: remove the gradient component parallel to each row
+        fast::project_out_parallel(&mut grads[2], &p[2], self.d_in);
 
         let lr = self.cfg.lr_at(self.step);
         let t = (self.step + 1) as i32;
-        let (b1, b2, eps) = (self.cfg.adam_beta1, self.cfg.adam_beta2, self.cfg.adam_eps);
-        for (i, p) in self.params.iter().enumerate() {
-            let mut g = grads
-                .get(p.as_tensor())
-                .ok_or_else(|| SaeError::NoGradient {
-                    name: PARAM_NAMES[i].into(),
-                })?
-                .clone();
-            if i == 2 {
-                // remove the component of each decoder row's gradient parallel to the row
-                let w = p.as_tensor();
-                let along = (&g * w)?.sum_keepdim(D::Minus1)?; // (d_sae, 1)
-                g = (g - w.broadcast_mul(&along)?)?;
-            }
+        let betas = (self.cfg.adam_beta1, self.cfg.adam_beta2, self.cfg.adam_eps);
+        for (i, g) in grads.iter().enumerate() {
             let slot = &mut self.adam[i];
-            slot.m = ((&slot.m * b1)? + (&g * (1.0 - b1))?)?;
-            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let m_hat = (&slot.m / (1.0 - b1.powi(t)))?;
-            let v_hat = (&slot.v / (1.0 - b2.powi(t)))?;
-            let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
-            p.set(&(p.as_tensor() - (update * lr)?)?)?;
+            let mut m = host(&slot.m)?;
+            let mut v = host(&slot.v)?;
+            fast::adam_update(&mut p[i], &mut m, &mut v, g, lr, betas, t);
+            if i == 2 {
+                // decoder rows back to unit norm
+                fast::normalise_rows(&mut p[i], self.d_in);
+            }
+            let shape = slot.m.shape().clone();
+            let device = slot.m.device().clone();
+            slot.m = Tensor::from_vec(m, shape.clone(), &device)?;
+            slot.v = Tensor::from_vec(v, shape.clone(), &device)?;
+            self.params[i].set(&Tensor::from_vec(
+                std::mem::take(&mut p[i]),
+                shape,
+                &device,
+            )?)?;
         }
-        // decoder rows back to unit norm
-        let w_dec = self.params[2].as_tensor();
-        let norms = w_dec.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?; // (d_sae, 1)
-        self.params[2].set(&w_dec.broadcast_div(&norms)?)?;
 
         // latent statistics
-        let fires: Vec<f32> = fired
-            .to_dtype(DType::F32)?
-            .sum(0)?
-            .to_device(&Device::Cpu)?
-            .to_vec1()?;
+        let fires = hg.fires;
         for ((since, window), &c) in self
             .since_fired
             .iter_mut()
             .zip(&mut self.window_fires)
             .zip(&fires)
         {
-            if c > 0.0 {
+            if c > 0 {
                 *since = 0;
             } else {
                 *since += n as u64;
@@ -701,11 +716,7 @@ impl<'a> Trainer<'a> {
         self.step += 1;
 
         if self.step.is_multiple_of(self.cfg.log_every) || self.step == self.cfg.n_steps() {
-            let main = main.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let aux = match aux {
-                Some(a) => a.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-                None => 0.0,
-            };
+            let aux = aux.unwrap_or(0.0);
             let l0 = fires.iter().map(|&c| c as f64).sum::<f64>() / n as f64;
             let dead_now = self
                 .since_fired
@@ -930,6 +941,94 @@ pub fn initial_gradients(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The host gradients equal candle's autodiff gradients of the same loss (with and without
+    /// the auxiliary loss), so the fast step optimises exactly the function `losses` defines.
+    #[test]
+    fn host_gradients_match_autodiff() {
+        let (n, d_in) = (64usize, 12usize);
+        let mut rng = StdRng::seed_from_u64(3);
+        let data = Tensor::from_vec(gaussian(&mut rng, n, d_in), (n, d_in), &Device::Cpu).unwrap();
+        let cfg = SaeTrainConfig {
+            d_sae: 40,
+            k: 4,
+            batch_size: n,
+            total_tokens: n as u64,
+            init_sample_tokens: n,
+            aux_k: AuxK::Fixed(6),
+            aux_coef: 0.5,
+            ..Default::default()
+        };
+        for all_dead in [false, true] {
+            let mut src = InMemoryActivations::new(data.clone(), Resid::In(0), 1).unwrap();
+            let trainer = Trainer::init(&cfg, d_in, &mut src, &Device::Cpu).unwrap();
+            // move b_enc off zero so both signs of pre occur at the selected latents
+            let b_enc = Tensor::from_vec(
+                (0..40)
+                    .map(|j| (j as f32 - 20.0) * 0.05)
+                    .collect::<Vec<_>>(),
+                40,
+                &Device::Cpu,
+            )
+            .unwrap();
+            trainer.params[1].set(&b_enc).unwrap();
+            let x = (src.next_batch(n).unwrap() * trainer.input_scale).unwrap();
+            let dead: Vec<bool> = (0..40).map(|j| all_dead && j % 3 != 0).collect();
+            let (loss, main, _, _) = trainer.losses(&x, all_dead.then_some(&dead[..])).unwrap();
+            let grads = loss.backward().unwrap();
+            let p: Vec<Vec<f32>> = trainer
+                .params
+                .iter()
+                .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            let hg = fast::loss_and_grads(
+                &fast::HostParams {
+                    w_enc: &p[0],
+                    b_enc: &p[1],
+                    w_dec: &p[2],
+                    b_dec: &p[3],
+                },
+                &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                &fast::LossSpec {
+                    d_in,
+                    d_sae: 40,
+                    k: 4,
+                    aux_k: 6,
+                    aux_coef: 0.5,
+                    dead: all_dead.then_some(&dead[..]),
+                },
+            )
+            .unwrap();
+            let main: f32 = main.to_scalar().unwrap();
+            assert!(
+                (hg.main - main as f64).abs() < 1e-5,
+                "{} vs {main}",
+                hg.main
+            );
+            assert_eq!(hg.aux.is_some(), all_dead);
+            for (i, host) in [&hg.w_enc, &hg.b_enc, &hg.w_dec, &hg.b_dec]
+                .iter()
+                .enumerate()
+            {
+                let want: Vec<f32> = grads
+                    .get(trainer.params[i].as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let scale = want.iter().fold(0f32, |a, &b| a.max(b.abs()));
+                assert!(scale > 0.0, "{} has a zero gradient", PARAM_NAMES[i]);
+                for (g, w) in host.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * scale,
+                        "{} (aux {all_dead}): host {g} vs autodiff {w}",
+                        PARAM_NAMES[i]
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn lr_schedule_warms_up_holds_and_decays_to_zero() {
