@@ -305,7 +305,10 @@ fn lora_gradient_matches_finite_differences_in_f64() {
     // Probe a few entries of an attention A and an MLP B with central differences.
     let eps = 1e-6;
     // Every module's A (through attention and MLP of both layers) and a B.
-    let probes = vars.iter().map(|v| (&v.0, &v.1)).chain(std::iter::once((&vars[6].0, &vars[6].2)));
+    let probes = vars
+        .iter()
+        .map(|v| (&v.0, &v.1))
+        .chain(std::iter::once((&vars[6].0, &vars[6].2)));
     for (module, var) in probes {
         let analytic = grads
             .get(var)
