@@ -8,10 +8,13 @@
 //! * [`train`] — TopK training on activations (Adam, aux-k loss, checkpoint/resume).
 //! * [`metrics`] — L0, explained variance, cosine, dead/dense fractions, CE loss recovered.
 
+pub mod corpus;
+pub mod eval;
 mod fast;
 pub mod format;
 pub mod metrics;
 mod sparse;
+pub mod store;
 pub mod train;
 
 use std::path::PathBuf;
