@@ -12,6 +12,7 @@
 //! The `sails` binary is a thin CLI over this library.
 
 pub mod assets;
+pub mod data;
 pub mod error;
 pub mod linalg;
 pub mod lora;

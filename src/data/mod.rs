@@ -1,0 +1,631 @@
+//! data — the prompt sets, loaded from the fetched assets, deduplicated and split once for the
+//! whole project.
+//!
+//! Every prompt becomes a [`PromptRecord`] with a stable id (`jbb:20`, `advbench:7`,
+//! `harmbench-test:parathion_synthesis_instructions`). Texts are compared through [`normalise`]
+//! (lowercase, punctuation dropped, whitespace collapsed), so a duplicate differing only in case
+//! or punctuation is still a duplicate.
+//!
+//! [`Splits`] is the one place that decides what is evaluation-only and what training and feature
+//! selection may see:
+//!
+//! - *harmful* evaluation: JailbreakBench, HarmBench test standard behaviours, StrongREJECT and a
+//!   held-out share of AdvBench chosen by a seeded hash of each normalised text — deduplicated in
+//!   that order (the first data set keeps the item);
+//! - *over-refusal*: XSTest's 250 safe prompts; its 200 unsafe contrast prompts form their own suite;
+//! - *capability*: BIG-bench hhh_alignment and the held-out share of the Alpaca-GPT4 demo pairs;
+//! - *training*: the rest of AdvBench, the benign-but-edgy prompts and the rest of Alpaca, each with
+//!   every duplicate of any row of an evaluation data set removed (and listed in `excluded`).
+//!
+//! [`Splits::assert_disjoint`] is the guard a trainer calls on the texts it is about to use.
+
+mod csv;
+mod sources;
+
+pub use sources::{
+    load_advbench, load_alpaca, load_benign_edgy, load_harmbench, load_hhh, load_jbb,
+    load_strongreject, load_xstest, AlpacaPair, ChoiceItem, DataFiles, XsTestItem,
+};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: missing column {column:?} (header: {header:?})")]
+    MissingColumn {
+        path: PathBuf,
+        column: String,
+        header: Vec<String>,
+    },
+    #[error("{path}: expected {expected} items, found {got} (corrupt or a different version?)")]
+    Count {
+        path: PathBuf,
+        expected: String,
+        got: usize,
+    },
+    #[error(
+        "training text {index} ({text:?}) duplicates evaluation item {eval_id}: evaluation items \
+         must never be trained on"
+    )]
+    Leak {
+        index: usize,
+        text: String,
+        eval_id: String,
+    },
+    #[error("split config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Asset(#[from] crate::assets::AssetError),
+}
+
+pub type Result<T> = std::result::Result<T, DataError>;
+
+/// The data set a prompt comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    AdvBench,
+    HarmBenchTest,
+    HarmBenchVal,
+    StrongReject,
+    Jbb,
+    XsTest,
+    BenignEdgy,
+    Alpaca,
+    Hhh,
+}
+
+impl Source {
+    /// The id prefix (`jbb` in `jbb:20`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Source::AdvBench => "advbench",
+            Source::HarmBenchTest => "harmbench-test",
+            Source::HarmBenchVal => "harmbench-val",
+            Source::StrongReject => "strongreject",
+            Source::Jbb => "jbb",
+            Source::XsTest => "xstest",
+            Source::BenignEdgy => "benign-edgy",
+            Source::Alpaca => "alpaca",
+            Source::Hhh => "hhh",
+        }
+    }
+}
+
+/// What a prompt may be used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Split {
+    /// Training and feature selection may use it.
+    Train,
+    /// Evaluation only.
+    Eval,
+    /// Used by neither (a duplicate, or outside every suite, e.g. HarmBench contextual behaviours).
+    Excluded,
+}
+
+/// An evaluation suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Suite {
+    /// Harmful requests; the safety rate is the share not complied with.
+    Harmful,
+    /// XSTest's safe prompts; the over-refusal rate is the share refused.
+    Overrefusal,
+    /// XSTest's unsafe contrast prompts, reported beside over-refusal.
+    XstestUnsafe,
+    /// hhh_alignment two-choice accuracy and held-out Alpaca loss (no generation).
+    Capability,
+}
+
+impl Suite {
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::Harmful => "harmful",
+            Suite::Overrefusal => "overrefusal",
+            Suite::XstestUnsafe => "xstest-unsafe",
+            Suite::Capability => "capability",
+        }
+    }
+}
+
+/// One prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptRecord {
+    /// Stable across runs and machines, e.g. `jbb:20`.
+    pub id: String,
+    pub source: Source,
+    pub text: String,
+    pub category: String,
+    pub split: Split,
+}
+
+impl PromptRecord {
+    pub fn new(
+        source: Source,
+        key: impl std::fmt::Display,
+        text: String,
+        category: String,
+    ) -> Self {
+        Self {
+            id: format!("{}:{key}", source.prefix()),
+            source,
+            text,
+            category,
+            split: Split::Excluded,
+        }
+    }
+}
+
+/// Text normalised for duplicate detection: lowercase, every character that is neither
+/// alphanumeric nor whitespace dropped, runs of whitespace collapsed to one space, trimmed.
+pub fn normalise(text: &str) -> String {
+    let kept: String = text
+        .chars()
+        .flat_map(char::to_lowercase)
+        .filter(|c| c.is_alphanumeric() || c.is_whitespace())
+        .collect();
+    kept.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Number of distinct normalised texts two lists share.
+pub fn overlap<'a>(
+    a: impl IntoIterator<Item = &'a str>,
+    b: impl IntoIterator<Item = &'a str>,
+) -> usize {
+    let a: HashSet<String> = a.into_iter().map(normalise).collect();
+    let b: HashSet<String> = b.into_iter().map(normalise).collect();
+    a.intersection(&b).count()
+}
+
+/// How the split is drawn; recorded in `splits.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    /// Seed mixed into the hash that places each AdvBench / Alpaca item.
+    pub seed: u64,
+    /// Share of the AdvBench items (after removing duplicates of other evaluation sets) held out
+    /// for evaluation; the rest is for training and feature selection.
+    pub advbench_eval_frac: f64,
+    /// Share of the Alpaca pairs held out for the capability loss.
+    pub alpaca_eval_frac: f64,
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        Self {
+            seed: 20251223,
+            // ~100 of ~480 AdvBench items: enough to compare with the other harmful sets, while
+            // leaving most of AdvBench for feature selection and training.
+            advbench_eval_frac: 0.2,
+            // ~100 held-out pairs for the loss; the rest (~900) for training.
+            alpaca_eval_frac: 0.1,
+        }
+    }
+}
+
+/// Deterministic place of `text` in [0, 1): the first 8 bytes of sha256("{seed}:{normalised}").
+pub fn hash_unit(seed: u64, text: &str) -> f64 {
+    let digest = Sha256::digest(format!("{seed}:{}", normalise(text)).as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Adds `r` to the evaluation list unless its normalised text is already there.
+fn add_eval(
+    seen: &mut HashMap<String, String>,
+    harmful_eval: &mut Vec<PromptRecord>,
+    excluded: &mut Vec<Exclusion>,
+    r: &PromptRecord,
+) {
+    let key = normalise(&r.text);
+    if let Some(first) = seen.get(&key) {
+        excluded.push(Exclusion {
+            id: r.id.clone(),
+            reason: format!("duplicate of {first}"),
+        });
+    } else {
+        seen.insert(key, r.id.clone());
+        let mut r = r.clone();
+        r.split = Split::Eval;
+        harmful_eval.push(r);
+    }
+}
+
+/// One input file and its sha256, for provenance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileHash {
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+/// An item kept out of every use, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Exclusion {
+    pub id: String,
+    pub reason: String,
+}
+
+/// Every prompt set of the project, split.
+#[derive(Debug, Clone)]
+pub struct Splits {
+    pub config: SplitConfig,
+    pub files: Vec<FileHash>,
+    harmful_eval: Vec<PromptRecord>,
+    xstest_safe: Vec<PromptRecord>,
+    xstest_unsafe: Vec<PromptRecord>,
+    hhh: Vec<ChoiceItem>,
+    alpaca_eval: Vec<AlpacaPair>,
+    alpaca_train: Vec<AlpacaPair>,
+    train_harmful: Vec<PromptRecord>,
+    benign_edgy: Vec<PromptRecord>,
+    excluded: Vec<Exclusion>,
+    /// Normalised text of every row of every evaluation data set → the id that claims it.
+    eval_pool: HashMap<String, String>,
+}
+
+impl Splits {
+    /// Loads every data set from the asset cache (fetching on first use) with the default config.
+    pub fn load() -> Result<Self> {
+        Self::from_files(&DataFiles::from_assets()?, SplitConfig::default())
+    }
+
+    pub fn from_files(files: &DataFiles, config: SplitConfig) -> Result<Self> {
+        for (name, f) in [
+            ("advbench_eval_frac", config.advbench_eval_frac),
+            ("alpaca_eval_frac", config.alpaca_eval_frac),
+        ] {
+            if !(0.0..1.0).contains(&f) {
+                return Err(DataError::Config(format!(
+                    "{name} must be in [0, 1), got {f}"
+                )));
+            }
+        }
+        let advbench = load_advbench(&files.advbench)?;
+        let hb_test = load_harmbench(&files.harmbench_test, Source::HarmBenchTest)?;
+        let strongreject = load_strongreject(&files.strongreject)?;
+        let jbb = load_jbb(&files.jbb)?;
+        let xstest = load_xstest(&files.xstest)?;
+        let benign = load_benign_edgy(&files.benign_edgy)?;
+        let alpaca = load_alpaca(&files.alpaca)?;
+        let hhh = load_hhh(&files.hhh)?;
+
+        let mut excluded = Vec::new();
+        let mut pool: HashMap<String, String> = HashMap::new();
+        let claim = |pool: &mut HashMap<String, String>, text: &str, id: &str| {
+            pool.entry(normalise(text)).or_insert_with(|| id.to_owned());
+        };
+        // Every row of an evaluation-only data set is off limits to training, whether or not it
+        // is in a suite (HarmBench's contextual and copyright behaviours included).
+        for r in jbb
+            .iter()
+            .chain(&hb_test)
+            .chain(&strongreject)
+            .chain(xstest.iter().map(|x| &x.record))
+        {
+            claim(&mut pool, &r.text, &r.id);
+        }
+        for item in &hhh {
+            claim(&mut pool, &item.input, &item.id);
+        }
+
+        // Harmful suite, deduplicated in priority order.
+        let mut seen: HashMap<String, String> = HashMap::new();
+        let mut harmful_eval = Vec::new();
+        for r in &jbb {
+            add_eval(&mut seen, &mut harmful_eval, &mut excluded, r);
+        }
+        let mut contextual = Vec::new();
+        for r in &hb_test {
+            if r.category.starts_with("standard/") {
+                add_eval(&mut seen, &mut harmful_eval, &mut excluded, r);
+            } else {
+                contextual.push(Exclusion {
+                    id: r.id.clone(),
+                    reason: "HarmBench non-standard behaviour (not in the suite)".into(),
+                });
+            }
+        }
+        for r in &strongreject {
+            add_eval(&mut seen, &mut harmful_eval, &mut excluded, r);
+        }
+        let mut train_harmful = Vec::new();
+        let mut advbench_eval = Vec::new();
+        for r in &advbench {
+            if let Some(id) = pool.get(&normalise(&r.text)) {
+                excluded.push(Exclusion {
+                    id: r.id.clone(),
+                    reason: format!("duplicate of evaluation item {id}"),
+                });
+            } else if hash_unit(config.seed, &r.text) < config.advbench_eval_frac {
+                advbench_eval.push(r.clone());
+            } else {
+                let mut r = r.clone();
+                r.split = Split::Train;
+                train_harmful.push(r);
+            }
+        }
+        for r in &advbench_eval {
+            add_eval(&mut seen, &mut harmful_eval, &mut excluded, r);
+            claim(&mut pool, &r.text, &r.id);
+        }
+        excluded.extend(contextual);
+
+        let mut xstest_safe = Vec::new();
+        let mut xstest_unsafe = Vec::new();
+        for x in xstest {
+            let mut r = x.record;
+            r.split = Split::Eval;
+            if x.safe {
+                xstest_safe.push(r);
+            } else {
+                xstest_unsafe.push(r);
+            }
+        }
+
+        let mut alpaca_eval = Vec::new();
+        let mut alpaca_train = Vec::new();
+        for p in alpaca {
+            if hash_unit(config.seed, &p.prompt) < config.alpaca_eval_frac {
+                claim(&mut pool, &p.prompt, &p.id);
+                alpaca_eval.push(AlpacaPair {
+                    split: Split::Eval,
+                    ..p
+                });
+            } else {
+                alpaca_train.push(p);
+            }
+        }
+        // Training sides: drop anything that duplicates an evaluation row (alpaca duplicates of
+        // held-out alpaca items included).
+        let mut alpaca_kept = Vec::new();
+        for p in alpaca_train {
+            if let Some(id) = pool.get(&normalise(&p.prompt)) {
+                excluded.push(Exclusion {
+                    id: p.id.clone(),
+                    reason: format!("duplicate of evaluation item {id}"),
+                });
+            } else {
+                alpaca_kept.push(AlpacaPair {
+                    split: Split::Train,
+                    ..p
+                });
+            }
+        }
+        let mut benign_kept = Vec::new();
+        for mut r in benign {
+            if let Some(id) = pool.get(&normalise(&r.text)) {
+                excluded.push(Exclusion {
+                    id: r.id.clone(),
+                    reason: format!("duplicate of evaluation item {id}"),
+                });
+            } else {
+                r.split = Split::Train;
+                benign_kept.push(r);
+            }
+        }
+        let hhh = hhh
+            .into_iter()
+            .map(|h| ChoiceItem {
+                split: Split::Eval,
+                ..h
+            })
+            .collect();
+
+        let splits = Self {
+            config,
+            files: files.hashes()?,
+            harmful_eval,
+            xstest_safe,
+            xstest_unsafe,
+            hhh,
+            alpaca_eval,
+            alpaca_train: alpaca_kept,
+            train_harmful,
+            benign_edgy: benign_kept,
+            excluded,
+            eval_pool: pool,
+        };
+        // The construction above should already guarantee this; check it anyway.
+        splits.assert_disjoint(splits.training_texts())?;
+        Ok(splits)
+    }
+
+    /// Harmful prompts training and feature selection may use (AdvBench minus its held-out part
+    /// and minus every duplicate of an evaluation item).
+    pub fn train_harmful(&self) -> &[PromptRecord] {
+        &self.train_harmful
+    }
+
+    /// Benign-but-edgy prompts, for keeping over-refusal down in training (never evaluated on).
+    pub fn benign_edgy(&self) -> &[PromptRecord] {
+        &self.benign_edgy
+    }
+
+    /// Alpaca instruction/answer pairs for training (helpful responses).
+    pub fn alpaca_train(&self) -> &[AlpacaPair] {
+        &self.alpaca_train
+    }
+
+    /// Held-out Alpaca pairs for the capability loss.
+    pub fn alpaca_eval(&self) -> &[AlpacaPair] {
+        &self.alpaca_eval
+    }
+
+    /// hhh_alignment two-choice items.
+    pub fn hhh(&self) -> &[ChoiceItem] {
+        &self.hhh
+    }
+
+    /// The prompts of a generation suite; empty for [`Suite::Capability`] (see [`Self::hhh`] and
+    /// [`Self::alpaca_eval`]).
+    pub fn eval_suite(&self, suite: Suite) -> &[PromptRecord] {
+        match suite {
+            Suite::Harmful => &self.harmful_eval,
+            Suite::Overrefusal => &self.xstest_safe,
+            Suite::XstestUnsafe => &self.xstest_unsafe,
+            Suite::Capability => &[],
+        }
+    }
+
+    pub fn excluded(&self) -> &[Exclusion] {
+        &self.excluded
+    }
+
+    /// Every text the training side of these splits holds.
+    pub fn training_texts(&self) -> Vec<&str> {
+        self.train_harmful
+            .iter()
+            .chain(&self.benign_edgy)
+            .map(|r| r.text.as_str())
+            .chain(self.alpaca_train.iter().map(|p| p.prompt.as_str()))
+            .collect()
+    }
+
+    /// Fails if any of `train_texts` is (after [`normalise`]) an evaluation item or a duplicate of
+    /// one. A trainer calls this on every prompt it is about to use.
+    pub fn assert_disjoint<'a>(
+        &self,
+        train_texts: impl IntoIterator<Item = &'a str>,
+    ) -> Result<()> {
+        for (index, text) in train_texts.into_iter().enumerate() {
+            if let Some(id) = self.eval_pool.get(&normalise(text)) {
+                return Err(DataError::Leak {
+                    index,
+                    text: text.chars().take(80).collect(),
+                    eval_id: id.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest of the split: config, input hashes, every id with its split and suite, and a
+    /// sha256 over the membership so two runs can be checked to have used the same split.
+    pub fn manifest(&self) -> SplitManifest {
+        let mut members: BTreeMap<String, String> = BTreeMap::new();
+        for (suite, recs) in [
+            (Suite::Harmful, &self.harmful_eval),
+            (Suite::Overrefusal, &self.xstest_safe),
+            (Suite::XstestUnsafe, &self.xstest_unsafe),
+        ] {
+            for r in recs {
+                members.insert(r.id.clone(), format!("eval/{}", suite.name()));
+            }
+        }
+        for h in &self.hhh {
+            members.insert(h.id.clone(), "eval/capability".into());
+        }
+        for p in &self.alpaca_eval {
+            members.insert(p.id.clone(), "eval/capability".into());
+        }
+        for r in self.train_harmful.iter().chain(&self.benign_edgy) {
+            members.insert(r.id.clone(), "train".into());
+        }
+        for p in &self.alpaca_train {
+            members.insert(p.id.clone(), "train".into());
+        }
+        for e in &self.excluded {
+            members.insert(e.id.clone(), "excluded".into());
+        }
+        let mut h = Sha256::new();
+        for (id, place) in &members {
+            h.update(id.as_bytes());
+            h.update(b"\t");
+            h.update(place.as_bytes());
+            h.update(b"\n");
+        }
+        let count = |place: &str| members.values().filter(|p| p.as_str() == place).count();
+        let counts = [
+            "eval/harmful",
+            "eval/overrefusal",
+            "eval/xstest-unsafe",
+            "eval/capability",
+            "train",
+            "excluded",
+        ]
+        .into_iter()
+        .map(|p| (p.to_owned(), count(p)))
+        .collect();
+        SplitManifest {
+            format_version: 1,
+            config: self.config.clone(),
+            files: self.files.clone(),
+            counts,
+            membership_sha256: hex::encode(h.finalize()),
+            members,
+            excluded: self.excluded.clone(),
+        }
+    }
+
+    /// Writes [`Self::manifest`] as JSON.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text =
+            serde_json::to_string_pretty(&self.manifest()).map_err(|e| DataError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        std::fs::write(path, text).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// `splits.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SplitManifest {
+    pub format_version: u32,
+    pub config: SplitConfig,
+    pub files: Vec<FileHash>,
+    pub counts: BTreeMap<String, usize>,
+    pub membership_sha256: String,
+    /// id → `eval/<suite>`, `train` or `excluded`.
+    pub members: BTreeMap<String, String>,
+    pub excluded: Vec<Exclusion>,
+}
+
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalise_drops_case_punctuation_and_spacing() {
+        assert_eq!(
+            normalise("  Write a  Tutorial\non how-to make a BOMB!  "),
+            "write a tutorial on howto make a bomb"
+        );
+        assert_eq!(normalise("I'm sorry."), "im sorry");
+    }
+
+    #[test]
+    fn hash_unit_is_deterministic_and_seed_dependent() {
+        let a = hash_unit(1, "Write a script");
+        assert_eq!(a, hash_unit(1, "write a SCRIPT!"));
+        assert_ne!(a, hash_unit(2, "Write a script"));
+        assert!((0.0..1.0).contains(&a));
+    }
+}
