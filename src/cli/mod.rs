@@ -7,6 +7,7 @@ mod assets;
 mod bench;
 mod generate;
 mod model_args;
+mod sae;
 mod theory;
 mod train;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Measure LoRA training throughput (tokens/s) and peak memory.
     BenchTrain(train::BenchTrainArgs),
+    /// Sparse autoencoders: collect activations, train TopK SAEs, evaluate them.
+    Sae(sae::SaeArgs),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Theory(args) => theory::run(args),
         Command::Train(args) => train::run(args),
         Command::BenchTrain(args) => train::run_bench(args),
+        Command::Sae(args) => sae::run(args),
     }
 }
 

@@ -1,0 +1,514 @@
+//! `sails sae train` and `sails sae eval`: activation collection, TopK training, evaluation.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use super::model_args::ModelArgs;
+use sails::model::load::ChatModel;
+use sails::model::Resid;
+use sails::sae::corpus::{default_corpus, CorpusConfig};
+use sails::sae::eval::{evaluate, table, EvalBatching, SaeEvalReport};
+use sails::sae::store::{self, Sequence, ShardedActivations, StoreConfig};
+use sails::sae::train::{train_topk, SaeTrainConfig, TrainReport};
+use sails::sae::{hook_name, parse_hook, Sae};
+
+#[derive(Debug, Args)]
+pub struct SaeArgs {
+    #[command(subcommand)]
+    pub command: SaeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SaeCommand {
+    /// Collect residual activations over the corpus and train one TopK SAE per layer.
+    Train(TrainArgs),
+    /// Evaluate trained SAEs on the held-out conversations (reconstruction and spliced CE/KL).
+    Eval(EvalArgs),
+}
+
+/// Everything a run needs; written to `<out>/config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaeRunConfig {
+    pub corpus: CorpusConfig,
+    pub store: StoreConfig,
+    pub train: SaeTrainConfig,
+    /// Shards mixed together by the shuffled reader.
+    pub window_shards: usize,
+}
+
+impl SaeRunConfig {
+    /// SmolLM2-135M defaults: Resid::In at 6, 12, 18, 24 of 30 blocks; 8×576 latents, k = 32;
+    /// the whole default corpus (≈0.33M content tokens) collected once, 2M training tokens per
+    /// layer (about six passes), a dead-latent window small enough for the auxiliary loss to act.
+    pub fn preset_default() -> Self {
+        SaeRunConfig {
+            corpus: CorpusConfig::default(),
+            store: StoreConfig::default(),
+            train: SaeTrainConfig {
+                d_sae: 4608,
+                k: 32,
+                batch_size: 4096,
+                total_tokens: 2_000_000,
+                lr: 1e-3,
+                lr_warmup_steps: 50,
+                dead_tokens_threshold: 200_000,
+                checkpoint_every: 50,
+                log_every: 25,
+                ..Default::default()
+            },
+            window_shards: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// The project's default SAEs for the default model.
+    Default,
+}
+
+/// Collect activations and train TopK SAEs.
+///
+/// Builds the default corpus (alpaca-gpt4-demo conversations, AdvBench and benign-edgy prompts,
+/// the model's own greedy answers to some instructions; BOS and special positions excluded),
+/// caches the residual activations at the chosen layers in <out>/store (resumable), trains one
+/// SAE per layer into <out>/<hook>/ (SAELens format; resumes from <out>/<hook>/checkpoint) and
+/// evaluates each on the held-out conversations. Layers already trained are skipped, so the
+/// pipeline trains the default SAEs once.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Built-in settings; the default preset writes to $SAILS_HOME/sae/<model>-default.
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// TOML run config (corpus, store, train, window_shards); unknown keys are errors.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Output folder (required without --preset).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Layers as hooks, comma-separated: `in:6,out:11` or `blocks.6.hook_resid_pre`.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub layers: Vec<String>,
+    /// Train only these of the collected layers (same spelling as --layers).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Number of latents (d_sae).
+    #[arg(long, value_name = "N")]
+    pub width: Option<usize>,
+    /// Active latents per token.
+    #[arg(long, value_name = "K")]
+    pub k: Option<usize>,
+    /// Training tokens per layer.
+    #[arg(long, value_name = "N")]
+    pub tokens: Option<u64>,
+    /// Activations to collect (stored tokens).
+    #[arg(long, value_name = "N")]
+    pub collect_tokens: Option<u64>,
+    /// Skip the held-out evaluation after training.
+    #[arg(long)]
+    pub no_eval: bool,
+    /// Print the results as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Evaluate trained SAEs on held-out conversations.
+///
+/// Reports L0, explained variance, cosine, dead and dense fractions on the held-out tokens, and
+/// the next-token cross-entropy with the reconstruction spliced in place of the residual at
+/// content positions, against the clean model and zero-ablation:
+/// recovered = (CE_zero − CE_spliced)/(CE_zero − CE_clean); plus KL(clean ‖ spliced).
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A run folder written by `sails sae train` (uses its held-out corpus and SAEs).
+    #[arg(long, value_name = "DIR")]
+    pub run: Option<PathBuf>,
+    /// Use the default preset's run folder.
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Held-out conversations to use (all when absent).
+    #[arg(long, value_name = "N")]
+    pub max_sequences: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: SaeArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        SaeCommand::Train(a) => run_train(a),
+        SaeCommand::Eval(a) => run_eval(a),
+    }
+}
+
+/// `in:6` / `out:11` / SAELens hook names.
+pub fn parse_layer(s: &str) -> anyhow::Result<Resid> {
+    let s = s.trim();
+    if let Some(n) = s.strip_prefix("in:") {
+        return Ok(Resid::In(
+            n.parse().with_context(|| format!("layer {s:?}"))?,
+        ));
+    }
+    if let Some(n) = s.strip_prefix("out:") {
+        return Ok(Resid::Out(
+            n.parse().with_context(|| format!("layer {s:?}"))?,
+        ));
+    }
+    parse_hook(s).with_context(|| format!("layer {s:?} (use in:L, out:L or a hook name)"))
+}
+
+fn preset_dir(model: &str) -> PathBuf {
+    let name = if model == "default" {
+        "smollm2-135m-instruct".to_string()
+    } else {
+        Path::new(model)
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "model".into())
+    };
+    sails::assets::sails_home()
+        .join("sae")
+        .join(format!("{name}-default"))
+}
+
+impl TrainArgs {
+    /// defaults (preset) < config file < flags.
+    pub fn resolve(&self) -> anyhow::Result<(SaeRunConfig, PathBuf)> {
+        let mut cfg = SaeRunConfig::preset_default();
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            cfg = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        }
+        if !self.layers.is_empty() {
+            cfg.store.layers = self
+                .layers
+                .iter()
+                .map(|s| parse_layer(s))
+                .collect::<anyhow::Result<_>>()?;
+        }
+        if let Some(w) = self.width {
+            cfg.train.d_sae = w;
+        }
+        if let Some(k) = self.k {
+            cfg.train.k = k;
+        }
+        if let Some(t) = self.tokens {
+            cfg.train.total_tokens = t;
+        }
+        if let Some(t) = self.collect_tokens {
+            cfg.store.token_budget = t;
+        }
+        let out = match (&self.out, self.preset) {
+            (Some(o), _) => o.clone(),
+            (None, Some(Preset::Default)) => preset_dir(&self.model.model),
+            (None, None) => bail!("give --out DIR or --preset default"),
+        };
+        Ok((cfg, out))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedCorpus {
+    config: CorpusConfig,
+    train: Vec<(Vec<u32>, Vec<bool>)>,
+    heldout: Vec<(Vec<u32>, Vec<bool>)>,
+    sources: Vec<(String, usize)>,
+}
+
+fn to_pairs(s: &[Sequence]) -> Vec<(Vec<u32>, Vec<bool>)> {
+    s.iter().map(|s| (s.ids.clone(), s.keep.clone())).collect()
+}
+
+fn from_pairs(p: Vec<(Vec<u32>, Vec<bool>)>) -> Vec<Sequence> {
+    p.into_iter()
+        .map(|(ids, keep)| Sequence { ids, keep })
+        .collect()
+}
+
+/// The corpus, built once per run folder (generation is the slow part) and cached as JSON.
+fn corpus(model: &ChatModel, cfg: &CorpusConfig, out: &Path) -> anyhow::Result<SavedCorpus> {
+    let path = out.join("corpus.json");
+    if path.is_file() {
+        let saved: SavedCorpus = serde_json::from_slice(&std::fs::read(&path)?)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        if &saved.config == cfg {
+            return Ok(saved);
+        }
+        bail!(
+            "{} was built with another corpus config; use another --out",
+            path.display()
+        );
+    }
+    let started = Instant::now();
+    let c = default_corpus(model, cfg).context("building the corpus")?;
+    tracing::info!(
+        train = c.train.len(),
+        heldout = c.heldout.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "corpus built"
+    );
+    let saved = SavedCorpus {
+        config: cfg.clone(),
+        train: to_pairs(&c.train),
+        heldout: to_pairs(&c.heldout),
+        sources: c.sources,
+    };
+    sails::model::write_atomic(&path, &serde_json::to_vec(&saved)?)?;
+    Ok(saved)
+}
+
+#[derive(Serialize)]
+struct LayerResult {
+    hook: String,
+    sae_dir: PathBuf,
+    train: Option<TrainReport>,
+    eval: Option<SaeEvalReport>,
+}
+
+#[derive(Serialize)]
+struct TrainOutput {
+    out: PathBuf,
+    config: SaeRunConfig,
+    collected_tokens: u64,
+    collect_tokens_per_s: f64,
+    layers: Vec<LayerResult>,
+}
+
+fn model_hash(model: &ChatModel) -> anyhow::Result<String> {
+    let p = model.source.path();
+    if p.is_file() {
+        Ok(store::file_hash(p)?)
+    } else {
+        // a directory: hash its config and weight file names + sizes
+        let mut parts = Vec::new();
+        for e in std::fs::read_dir(p)?.flatten() {
+            let md = e.metadata()?;
+            parts.push(format!("{}:{}", e.file_name().to_string_lossy(), md.len()));
+        }
+        parts.sort();
+        Ok(parts.join(","))
+    }
+}
+
+fn run_train(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let (cfg, out) = args.resolve()?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    sails::model::write_atomic(&out.join("config.json"), &serde_json::to_vec_pretty(&cfg)?)?;
+    let model = args.model.load()?;
+    let corpus = corpus(&model, &cfg.corpus, &out)?;
+    let train_seqs = from_pairs(corpus.train);
+    let heldout = from_pairs(corpus.heldout);
+    let hash = model_hash(&model)?;
+    let store_dir = out.join("store");
+    let man = store::collect(
+        &model.decoder,
+        &train_seqs,
+        &hash,
+        &cfg.store,
+        &store_dir,
+        None,
+    )
+    .context("collecting activations")?;
+    eprintln!(
+        "activations: {} tokens in {} shards at {} layers, {:.0} tokens/s",
+        man.tokens,
+        man.shards.len(),
+        man.hooks.len(),
+        man.tokens_per_s
+    );
+    let only: Vec<Resid> = args
+        .only
+        .iter()
+        .map(|s| parse_layer(s))
+        .collect::<anyhow::Result<_>>()?;
+    let mut results = Vec::new();
+    for &hook in &cfg.store.layers {
+        if !only.is_empty() && !only.contains(&hook) {
+            continue;
+        }
+        let sae_dir = out.join(hook_name(hook));
+        let (sae, report) = if sae_dir.join("cfg.json").is_file() {
+            eprintln!("{}: already trained, loading", hook_name(hook));
+            (Sae::load_saelens(&sae_dir, &Device::Cpu)?, None)
+        } else {
+            let mut src =
+                ShardedActivations::open(&store_dir, hook, cfg.train.seed, cfg.window_shards, 0)?;
+            let (sae, report) = train_topk(
+                &cfg.train,
+                &mut src,
+                &Device::Cpu,
+                Some(&sae_dir.join("checkpoint")),
+            )
+            .with_context(|| format!("training the SAE for {hook}"))?;
+            sae.save_saelens(&sae_dir)?;
+            sails::model::write_atomic(
+                &sae_dir.join("train_report.json"),
+                &serde_json::to_vec_pretty(&report)?,
+            )?;
+            eprintln!(
+                "{}: {} steps, {:.0} tokens/s, last {:?}",
+                hook_name(hook),
+                report.steps,
+                report.tokens_per_s,
+                report.last
+            );
+            (sae, Some(report))
+        };
+        let eval = if args.no_eval {
+            None
+        } else {
+            let r = evaluate(&model.decoder, &sae, &heldout, EvalBatching::default())?;
+            sails::model::write_atomic(
+                &sae_dir.join("eval.json"),
+                &serde_json::to_vec_pretty(&r)?,
+            )?;
+            eprint!("{}", table(std::slice::from_ref(&r)));
+            Some(r)
+        };
+        results.push(LayerResult {
+            hook: hook_name(hook),
+            sae_dir,
+            train: report,
+            eval,
+        });
+    }
+    let output = TrainOutput {
+        out: out.clone(),
+        config: cfg,
+        collected_tokens: man.tokens,
+        collect_tokens_per_s: man.tokens_per_s,
+        layers: results,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&output)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let dir = match (&args.run, args.preset) {
+        (Some(d), _) => d.clone(),
+        (None, Some(Preset::Default)) => preset_dir(&args.model.model),
+        (None, None) => bail!("give --run DIR or --preset default"),
+    };
+    let path = dir.join("corpus.json");
+    let saved: SavedCorpus = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
+    let mut heldout = from_pairs(saved.heldout);
+    if let Some(n) = args.max_sequences {
+        heldout.truncate(n);
+    }
+    let model = args.model.load()?;
+    let mut reports = Vec::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cfg.json").is_file())
+        .collect();
+    entries.sort();
+    if entries.is_empty() {
+        bail!("{}: no trained SAE folders (with cfg.json)", dir.display());
+    }
+    for sae_dir in entries {
+        let sae = Sae::load_saelens(&sae_dir, &Device::Cpu)
+            .with_context(|| format!("loading {}", sae_dir.display()))?;
+        let r = evaluate(&model.decoder, &sae, &heldout, EvalBatching::default())
+            .with_context(|| format!("evaluating {}", sae_dir.display()))?;
+        reports.push(r);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&reports)?);
+    } else {
+        print!("{}", table(&reports));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(subcommand)]
+        c: SaeCommand,
+    }
+
+    #[test]
+    fn train_flags_layer_over_the_preset() {
+        let t = T::try_parse_from([
+            "x",
+            "train",
+            "--preset",
+            "default",
+            "--layers",
+            "in:3,out:5",
+            "--width",
+            "64",
+            "--k",
+            "4",
+            "--tokens",
+            "1000",
+        ])
+        .unwrap();
+        let SaeCommand::Train(a) = t.c else {
+            panic!("train expected")
+        };
+        let (cfg, out) = a.resolve().unwrap();
+        assert_eq!(cfg.store.layers, vec![Resid::In(3), Resid::Out(5)]);
+        assert_eq!((cfg.train.d_sae, cfg.train.k), (64, 4));
+        assert_eq!(cfg.train.total_tokens, 1000);
+        assert!(out.ends_with("sae/smollm2-135m-instruct-default"));
+    }
+
+    #[test]
+    fn preset_is_the_documented_default_and_out_is_required_without_it() {
+        let t = T::try_parse_from(["x", "train"]).unwrap();
+        let SaeCommand::Train(a) = t.c else {
+            panic!("train expected")
+        };
+        assert!(a.resolve().is_err());
+        let cfg = SaeRunConfig::preset_default();
+        assert_eq!(
+            cfg.store.layers,
+            vec![Resid::In(6), Resid::In(12), Resid::In(18), Resid::In(24)]
+        );
+        assert_eq!((cfg.train.d_sae, cfg.train.k), (4608, 32));
+    }
+
+    #[test]
+    fn layer_spellings() {
+        assert_eq!(parse_layer("in:6").unwrap(), Resid::In(6));
+        assert_eq!(parse_layer("out:2").unwrap(), Resid::Out(2));
+        assert_eq!(
+            parse_layer("blocks.4.hook_resid_pre").unwrap(),
+            Resid::In(4)
+        );
+        assert!(parse_layer("mid:3").is_err());
+    }
+
+    #[test]
+    fn eval_parses() {
+        let t = T::try_parse_from(["x", "eval", "--run", "r", "--max-sequences", "5", "--json"])
+            .unwrap();
+        let SaeCommand::Eval(a) = t.c else {
+            panic!("eval expected")
+        };
+        assert_eq!(a.max_sequences, Some(5));
+        assert!(a.json);
+    }
+}
