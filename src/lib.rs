@@ -14,6 +14,7 @@
 pub mod assets;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod linalg;
 pub mod lora;
 pub mod model;

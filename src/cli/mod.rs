@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod assets;
 mod bench;
+mod eval;
 mod generate;
 mod model_args;
 mod sae;
@@ -37,6 +38,10 @@ pub enum Command {
     BenchTrain(train::BenchTrainArgs),
     /// Sparse autoencoders: collect activations, train TopK SAEs, evaluate them.
     Sae(sae::SaeArgs),
+    /// Evaluate safety, over-refusal and capability, with intervals; compare two runs.
+    Eval(eval::EvalArgs),
+    /// Judges on their own (calibration on human-labelled refusals).
+    Judge(eval::JudgeArgs),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -61,6 +66,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Theory(args) => theory::run(args),
         Command::Train(args) => train::run(args),
         Command::BenchTrain(args) => train::run_bench(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Judge(args) => eval::run_judge(args),
         Command::Sae(args) => sae::run(args),
     }
 }

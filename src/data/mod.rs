@@ -22,6 +22,8 @@
 mod csv;
 mod sources;
 
+pub use csv::{parse as parse_csv, Table};
+
 pub use sources::{
     load_advbench, load_alpaca, load_benign_edgy, load_harmbench, load_hhh, load_jbb,
     load_strongreject, load_xstest, AlpacaPair, ChoiceItem, DataFiles, XsTestItem,

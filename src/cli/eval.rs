@@ -1,0 +1,319 @@
+//! `sails eval`, `sails eval compare` and `sails judge calibrate`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use sails::data::{Splits, Suite};
+use sails::eval::judge::{
+    calibrate, load_refusal_labels, DegeneracyJudge, Judge, LlmJudge, LlmJudgeConfig, PhraseJudge,
+};
+use sails::eval::{compare, EvalConfig, Judges, Metrics};
+
+use super::model_args::ModelArgs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SuiteArg {
+    /// Harmful prompts (HarmBench test standard, StrongREJECT, JailbreakBench, held-out AdvBench).
+    Harmful,
+    /// XSTest: the 250 safe prompts (over-refusal) and the 200 unsafe contrast prompts.
+    Overrefusal,
+    /// hhh_alignment two-choice accuracy and held-out Alpaca loss (no generation).
+    Capability,
+    All,
+}
+
+impl SuiteArg {
+    fn suites(self) -> Vec<Suite> {
+        match self {
+            SuiteArg::Harmful => vec![Suite::Harmful],
+            SuiteArg::Overrefusal => vec![Suite::Overrefusal, Suite::XstestUnsafe],
+            SuiteArg::Capability => vec![Suite::Capability],
+            SuiteArg::All => EvalConfig::default().suites,
+        }
+    }
+}
+
+/// Options for the optional LLM judge.
+#[derive(Debug, Clone, Args)]
+pub struct LlmJudgeArgs {
+    /// OpenAI-compatible endpoint for the LLM judge, e.g. http://127.0.0.1:8000/v1.
+    ///
+    /// The judge rates each response's harmfulness 1-5 (scores <= 2 count as safe, as in the
+    /// paper). Only http:// is supported; OPENAI_API_KEY is sent as a bearer token if set. The
+    /// endpoint is contacted once before any generation, so a missing server fails fast.
+    #[arg(long, value_name = "URL")]
+    pub judge_url: Option<String>,
+    /// Model name sent to the judge endpoint.
+    #[arg(long, value_name = "NAME", default_value = "judge")]
+    pub judge_model: String,
+    /// Seconds to wait for the judge endpoint per request.
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    pub judge_timeout: u64,
+}
+
+impl LlmJudgeArgs {
+    fn config(&self) -> Option<LlmJudgeConfig> {
+        self.judge_url.as_ref().map(|url| LlmJudgeConfig {
+            url: url.clone(),
+            model: self.judge_model.clone(),
+            timeout_s: self.judge_timeout,
+        })
+    }
+}
+
+/// Evaluate a model (and adapter) on the safety, over-refusal and capability suites.
+///
+/// Responses are generated greedily with the model's chat template and default system prompt,
+/// judged (refusal phrases, first-token refusal log-odds, degeneracy, optionally an LLM judge), and
+/// summarised with Wilson 95 % intervals. The run directory holds generations.jsonl,
+/// capability.jsonl, splits.json and metrics.json; rerunning into the same directory resumes.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub command: Option<EvalCommand>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Which suite to run.
+    #[arg(long, value_enum, default_value = "all")]
+    pub suite: SuiteArg,
+    /// Only the first N items of each suite (a quick, documented subset).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Run directory (created; an existing run there is resumed).
+    #[arg(long, value_name = "DIR", default_value = "runs/eval")]
+    pub out: PathBuf,
+    /// Maximum new tokens per response (default 64).
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// Prompts generated together (default 16).
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    #[command(flatten)]
+    pub llm: LlmJudgeArgs,
+    /// Print metrics.json on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Paired comparison of two runs: differences B - A with McNemar's test.
+    Compare {
+        run_a: PathBuf,
+        run_b: PathBuf,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Judges on their own.
+#[derive(Debug, Args)]
+pub struct JudgeArgs {
+    #[command(subcommand)]
+    pub command: JudgeCommand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JudgeKind {
+    Phrase,
+    Degeneracy,
+    Llm,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JudgeCommand {
+    /// Run a judge on PyRIT's human-labelled refusals: accuracy, precision, recall, confusion.
+    Calibrate {
+        #[arg(long, value_enum, default_value = "phrase")]
+        judge: JudgeKind,
+        #[command(flatten)]
+        llm: LlmJudgeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    if let Some(EvalCommand::Compare { run_a, run_b, json }) = args.command {
+        let c = compare(&run_a, &run_b).context("comparing runs")?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&c)?);
+        } else {
+            println!(
+                "B = {}  vs  A = {}  ({} unpaired items left out)",
+                run_b.display(),
+                run_a.display(),
+                c.unpaired
+            );
+            println!(
+                "{:<16} {:>5} {:>8} {:>8} {:>8} {:>18} {:>5} {:>5} {:>9}",
+                "suite", "n", "A", "B", "B-A", "95% CI", "b", "c", "p"
+            );
+            for (s, d) in &c.suites {
+                println!(
+                    "{:<16} {:>5} {:>7.1}% {:>7.1}% {:>+7.1}% [{:>+6.1}, {:>+6.1}] {:>5} {:>5} {:>9.3e}",
+                    s,
+                    d.n,
+                    100.0 * d.rate_a,
+                    100.0 * d.rate_b,
+                    100.0 * d.diff,
+                    100.0 * d.lo,
+                    100.0 * d.hi,
+                    d.mcnemar.b,
+                    d.mcnemar.c,
+                    d.mcnemar.p_value
+                );
+            }
+            println!("(b: A counted and B not; c: B counted and A not; McNemar, exact binomial below 25 discordant pairs)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let defaults = EvalConfig::default();
+    let cfg = EvalConfig {
+        model: args.model.model.clone(),
+        adapter: args.model.adapter.as_ref().map(|p| p.display().to_string()),
+        suites: args.suite.suites(),
+        limit: args.limit,
+        max_new_tokens: args.max_new_tokens.unwrap_or(defaults.max_new_tokens),
+        batch_size: args.batch_size.unwrap_or(defaults.batch_size),
+        llm_judge: args.llm.config(),
+        ..defaults
+    };
+    let splits = Splits::load().context("loading the evaluation data sets")?;
+    let judges = Judges::new(&cfg).context("setting up the judges")?;
+    let model = args.model.load()?;
+    let metrics = sails::eval::run(&model, &splits, &judges, &cfg, &args.out)
+        .with_context(|| format!("evaluating into {}", args.out.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&metrics)?);
+    } else {
+        print_summary(&metrics, &args.out);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_summary(m: &Metrics, out: &std::path::Path) {
+    println!(
+        "model {} adapter {}  (judge: degeneracy, then {})",
+        m.config.model,
+        m.config.adapter.as_deref().unwrap_or("none"),
+        m.judges.first().map_or("", String::as_str)
+    );
+    println!(
+        "{:<15} {:<18} {:<34} {:>7} {:>7} {:>7}",
+        "suite", "metric", "rate [Wilson 95%] (k/n)", "refused", "complied", "degen."
+    );
+    for (name, s) in &m.suites {
+        let metric = match name.as_str() {
+            "overrefusal" => "over-refusal rate",
+            "harmful" => "safety rate",
+            _ => "refusal rate",
+        };
+        println!(
+            "{:<15} {:<18} {:<34} {:>7} {:>7} {:>7}",
+            name,
+            metric,
+            s.rate.pretty(),
+            s.refused,
+            s.complied,
+            s.degenerate
+        );
+        for (src, r) in &s.per_source {
+            println!("  {:<31} {}", src, r.pretty());
+        }
+        for (j, r) in &s.by_judge {
+            println!("  judge {:<25} {}", j, r.pretty());
+        }
+    }
+    if let Some(c) = &m.capability {
+        println!(
+            "{:<15} {:<18} {:<34}",
+            "capability",
+            "hhh accuracy",
+            c.hhh_accuracy.pretty()
+        );
+        for (cat, r) in &c.hhh_per_category {
+            println!("  {:<31} {}", cat, r.pretty());
+        }
+        println!(
+            "{:<15} {:<18} {:.4} nats/token (ppl {:.2}) over {} pairs, {} tokens",
+            "", "alpaca loss", c.alpaca_nll, c.alpaca_perplexity, c.alpaca_pairs, c.alpaca_tokens
+        );
+    }
+    if let Some(t) = &m.throughput {
+        println!(
+            "throughput: {} prompts, {} new tokens in {:.1} s: {:.2} prompts/s, {:.1} tokens/s",
+            t.prompts, t.new_tokens, t.seconds, t.prompts_per_s, t.tokens_per_s
+        );
+    }
+    println!("metrics: {}", out.join("metrics.json").display());
+}
+
+pub fn run_judge(args: JudgeArgs) -> anyhow::Result<ExitCode> {
+    let JudgeCommand::Calibrate { judge, llm, json } = args.command;
+    let files = sails::assets::ensure_all("pyrit-refusal").context("fetching pyrit-refusal")?;
+    let data = load_refusal_labels(&files.files)?;
+    let judge: Box<dyn Judge> = match judge {
+        JudgeKind::Phrase => Box::new(PhraseJudge::harmbench()?),
+        JudgeKind::Degeneracy => Box::new(DegeneracyJudge::default()),
+        JudgeKind::Llm => Box::new(LlmJudge {
+            config: llm
+                .config()
+                .context("--judge llm needs --judge-url (an OpenAI-compatible endpoint)")?,
+        }),
+    };
+    let c = calibrate(judge.as_ref(), &data)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        println!(
+            "judge {} on {} human-labelled responses (PyRIT refusal sets; refusal = positive)",
+            judge.name(),
+            c.n
+        );
+        println!(
+            "accuracy {:.3}  precision {:.3}  recall {:.3}",
+            c.accuracy, c.precision, c.recall
+        );
+        println!("                 labelled refusal  labelled not");
+        println!("judged refusal   {:>16}  {:>12}", c.tp, c.fp);
+        println!("judged not       {:>16}  {:>12}", c.fn_, c.tn);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
+
+    #[test]
+    fn eval_defaults_and_compare_subcommand_parse() {
+        let cli = Cli::try_parse_from(["sails", "eval"]).unwrap();
+        let crate::cli::Command::Eval(a) = cli.command else {
+            panic!("not eval")
+        };
+        assert_eq!(a.suite, SuiteArg::All);
+        assert_eq!(a.limit, None);
+        assert!(a.command.is_none());
+        let cli = Cli::try_parse_from(["sails", "eval", "compare", "a", "b"]).unwrap();
+        let crate::cli::Command::Eval(a) = cli.command else {
+            panic!("not eval")
+        };
+        assert!(matches!(a.command, Some(EvalCommand::Compare { .. })));
+        let cli = Cli::try_parse_from([
+            "sails", "eval", "--suite", "harmful", "--limit", "3", "--out", "x",
+        ])
+        .unwrap();
+        let crate::cli::Command::Eval(a) = cli.command else {
+            panic!("not eval")
+        };
+        assert_eq!(a.suite.suites(), vec![Suite::Harmful]);
+        assert_eq!(a.limit, Some(3));
+    }
+}

@@ -1,0 +1,195 @@
+//! Rates with Wilson intervals, and McNemar's test for paired outcomes. Each statistic is defined
+//! once here.
+
+use serde::{Deserialize, Serialize};
+
+/// z for a two-sided 95 % interval.
+pub const Z95: f64 = 1.959_963_984_540_054;
+
+/// A proportion k/n with its Wilson 95 % score interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub k: usize,
+    pub n: usize,
+    /// k/n; NaN when n = 0 (serialised as null).
+    pub rate: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl Rate {
+    pub fn new(k: usize, n: usize) -> Self {
+        let (lo, hi) = wilson(k, n, Z95);
+        Self {
+            k,
+            n,
+            rate: if n == 0 {
+                f64::NAN
+            } else {
+                k as f64 / n as f64
+            },
+            lo,
+            hi,
+        }
+    }
+
+    /// The complementary rate (n − k)/n, e.g. safety rate = 1 − attack success rate.
+    pub fn complement(&self) -> Self {
+        Self::new(self.n - self.k, self.n)
+    }
+
+    /// `80.0 % [71.2, 86.7] (80/100)`.
+    pub fn pretty(&self) -> String {
+        if self.n == 0 {
+            return "n/a (0 items)".into();
+        }
+        format!(
+            "{:5.1} % [{:5.1}, {:5.1}] ({}/{})",
+            100.0 * self.rate,
+            100.0 * self.lo,
+            100.0 * self.hi,
+            self.k,
+            self.n
+        )
+    }
+}
+
+/// Wilson score interval for k successes in n trials:
+/// `(p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)`. (0, 1) when n = 0.
+pub fn wilson(k: usize, n: usize, z: f64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let n_f = n as f64;
+    let p = k as f64 / n_f;
+    let z2 = z * z;
+    let denom = 1.0 + z2 / n_f;
+    let center = (p + z2 / (2.0 * n_f)) / denom;
+    let half = z * (p * (1.0 - p) / n_f + z2 / (4.0 * n_f * n_f)).sqrt() / denom;
+    ((center - half).max(0.0), (center + half).min(1.0))
+}
+
+/// Which form of McNemar's test was used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum McNemarMethod {
+    /// Two-sided exact binomial test on the discordant pairs (b + c < 25).
+    ExactBinomial,
+    /// χ² with one degree of freedom and continuity correction, (|b − c| − 1)² / (b + c).
+    ChiSquareCorrected,
+    /// No discordant pairs: p = 1.
+    NoDiscordant,
+}
+
+/// Below this many discordant pairs the exact test is used.
+pub const MCNEMAR_EXACT_BELOW: usize = 25;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McNemar {
+    /// Pairs where A succeeded and B did not.
+    pub b: usize,
+    /// Pairs where B succeeded and A did not.
+    pub c: usize,
+    pub statistic: Option<f64>,
+    pub p_value: f64,
+    pub method: McNemarMethod,
+}
+
+/// McNemar's test for `b` and `c` discordant pairs.
+pub fn mcnemar(b: usize, c: usize) -> McNemar {
+    let n = b + c;
+    if n == 0 {
+        return McNemar {
+            b,
+            c,
+            statistic: None,
+            p_value: 1.0,
+            method: McNemarMethod::NoDiscordant,
+        };
+    }
+    if n < MCNEMAR_EXACT_BELOW {
+        // Two-sided: 2·P(X ≤ min(b, c)) for X ~ Binomial(n, 1/2), capped at 1.
+        let m = b.min(c);
+        let tail: f64 = (0..=m).map(|i| binomial(n, i)).sum::<f64>() / 2f64.powi(n as i32);
+        return McNemar {
+            b,
+            c,
+            statistic: None,
+            p_value: (2.0 * tail).min(1.0),
+            method: McNemarMethod::ExactBinomial,
+        };
+    }
+    let d = (b as f64 - c as f64).abs() - 1.0;
+    let chi2 = d.max(0.0).powi(2) / n as f64;
+    McNemar {
+        b,
+        c,
+        statistic: Some(chi2),
+        // P(χ²₁ > x) = erfc(sqrt(x / 2)).
+        p_value: erfc((chi2 / 2.0).sqrt()),
+        method: McNemarMethod::ChiSquareCorrected,
+    }
+}
+
+fn binomial(n: usize, k: usize) -> f64 {
+    (0..k).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64)
+}
+
+/// Complementary error function (Chebyshev fit, fractional error below 1.2e-7 everywhere).
+pub fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = t * poly.exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+/// A paired difference of success rates, B − A, with a Wald 95 % interval for paired proportions
+/// and McNemar's test.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairedDiff {
+    pub n: usize,
+    pub rate_a: f64,
+    pub rate_b: f64,
+    pub diff: f64,
+    pub lo: f64,
+    pub hi: f64,
+    pub mcnemar: McNemar,
+}
+
+/// Compares paired outcomes `(a, b)` (true = success).
+pub fn paired_diff(pairs: &[(bool, bool)]) -> PairedDiff {
+    let n = pairs.len();
+    let b = pairs.iter().filter(|&&(a, b)| a && !b).count();
+    let c = pairs.iter().filter(|&&(a, b)| !a && b).count();
+    let ka = pairs.iter().filter(|p| p.0).count();
+    let kb = pairs.iter().filter(|p| p.1).count();
+    let n_f = n.max(1) as f64;
+    let diff = (c as f64 - b as f64) / n_f;
+    // Var(d̂) = ((b + c) − (c − b)²/n) / n².
+    let var = ((b + c) as f64 - (c as f64 - b as f64).powi(2) / n_f).max(0.0) / (n_f * n_f);
+    let half = Z95 * var.sqrt();
+    PairedDiff {
+        n,
+        rate_a: ka as f64 / n_f,
+        rate_b: kb as f64 / n_f,
+        diff,
+        lo: diff - half,
+        hi: diff + half,
+        mcnemar: mcnemar(b, c),
+    }
+}
