@@ -907,6 +907,102 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// Which implementation of the optimiser step [`bench_steps`] times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepImpl {
+    /// The training path: host loss and sparse exact gradients (see `fast.rs`), host Adam.
+    Host,
+    /// The same loss through candle autodiff and tensor Adam (the earlier implementation), kept
+    /// as a reference for measurements.
+    Autodiff,
+}
+
+/// Throughput of `steps` optimiser steps (tokens/s) on batches from `source`, after one warm-up
+/// step; parameters start from a fresh initialisation. With `all_dead`, every latent counts as
+/// dead so the auxiliary loss runs too.
+pub fn bench_steps(
+    cfg: &SaeTrainConfig,
+    source: &mut dyn ActivationSource,
+    device: &Device,
+    imp: StepImpl,
+    steps: usize,
+    all_dead: bool,
+) -> Result<f64> {
+    let d_in = source.d_in();
+    cfg.validate(d_in)?;
+    let mut trainer = Trainer::init(cfg, d_in, source, device)?;
+    if all_dead {
+        trainer
+            .since_fired
+            .iter_mut()
+            .for_each(|t| *t = cfg.dead_tokens_threshold);
+    }
+    let mut started = Instant::now();
+    for i in 0..=steps {
+        if i == 1 {
+            started = Instant::now();
+        }
+        let x = source.next_batch(cfg.batch_size)?.to_device(device)?;
+        match imp {
+            StepImpl::Host => {
+                trainer.step(&x)?;
+            }
+            StepImpl::Autodiff => trainer.step_autodiff(&x)?,
+        }
+        if all_dead {
+            trainer
+                .since_fired
+                .iter_mut()
+                .for_each(|t| *t = cfg.dead_tokens_threshold);
+        }
+    }
+    Ok((steps * cfg.batch_size) as f64 / started.elapsed().as_secs_f64().max(1e-9))
+}
+
+impl Trainer<'_> {
+    /// The optimiser step through autodiff (no latent statistics): reference for [`bench_steps`].
+    fn step_autodiff(&mut self, x: &Tensor) -> Result<()> {
+        let x = (x * self.input_scale)?;
+        let dead: Vec<bool> = self
+            .since_fired
+            .iter()
+            .map(|&t| t >= self.cfg.dead_tokens_threshold)
+            .collect();
+        let any_dead = dead.iter().any(|&d| d);
+        let (loss, _, _, _) = self.losses(&x, any_dead.then_some(&dead[..]))?;
+        let grads = loss.backward()?;
+        let lr = self.cfg.lr_at(self.step);
+        let t = (self.step + 1) as i32;
+        let (b1, b2, eps) = (self.cfg.adam_beta1, self.cfg.adam_beta2, self.cfg.adam_eps);
+        for (i, p) in self.params.iter().enumerate() {
+            let mut g = grads
+                .get(p.as_tensor())
+                .ok_or_else(|| SaeError::NoGradient {
+                    name: PARAM_NAMES[i].into(),
+                })?
+                .clone();
+            if i == 2 {
+                let w = p.as_tensor();
+                let along = (&g * w)?.sum_keepdim(candle_core::D::Minus1)?;
+                g = (g - w.broadcast_mul(&along)?)?;
+            }
+            let slot = &mut self.adam[i];
+            slot.m = ((&slot.m * b1)? + (&g * (1.0 - b1))?)?;
+            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let m_hat = (&slot.m / (1.0 - b1.powi(t)))?;
+            let v_hat = (&slot.v / (1.0 - b2.powi(t)))?;
+            let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
+            p.set(&(p.as_tensor() - (update * lr)?)?)?;
+        }
+        let w_dec = self.params[2].as_tensor();
+        let norms = w_dec.sqr()?.sum_keepdim(candle_core::D::Minus1)?.sqrt()?;
+        self.params[2].set(&w_dec.broadcast_div(&norms)?)?;
+        self.step += 1;
+        Ok(())
+    }
+}
+
 /// Gradients of the training loss on one batch for each parameter, by name, for a fresh
 /// initialisation: lets tests check that every parameter receives a gradient (candle drops
 /// gradients silently through some ops). All latents are treated as dead when `all_dead`, so the
