@@ -303,18 +303,6 @@ pub struct BenchTrainArgs {
     rank: usize,
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// LoRA SFT throughput: forward, backward (loss on every next-token position, as a plain causal
 /// LM step), clipping and AdamW on a fixed random batch; median step time after warm-up.
 pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
@@ -376,7 +364,7 @@ pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
             "seq_len": t,
             "median_step_s": median,
             "tokens_per_s": (b * t) as f64 / median,
-            "peak_rss_mib_so_far": peak_rss_mib(),
+            "peak_rss_mib_so_far": super::bench::peak_rss_mib(),
         }));
     }
     let out = serde_json::json!({

@@ -19,6 +19,17 @@ use super::layers::{
 use super::weights::WeightMap;
 use super::{ModelError, Resid};
 
+/// The projections of a block, in the order [`Decoder::linear_layers`] lists them.
+const LINEAR_NAMES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// Large finite negative for masked scores: `-inf` would turn a pad row into NaN, and NaN keys
 /// poison every query that multiplies them, even masked ones.
 const MASKED: f32 = -1.0e30;
@@ -561,39 +572,46 @@ impl Decoder {
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (l, block) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{l}");
-            let a = &mut block.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut block.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            let (a, m) = (&mut block.self_attn, &mut block.mlp);
+            let linears = [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ];
+            out.extend(
+                linears
+                    .into_iter()
+                    .zip(LINEAR_NAMES)
+                    .map(|(lin, name)| (format!("model.layers.{l}.{name}"), lin)),
+            );
         }
         out
     }
 
-    /// Read-only view of [`Self::linear_layers_mut`].
+    /// Read-only view of [`Self::linear_layers_mut`], in the same order.
     pub fn linear_layers(&self) -> Vec<(String, &Linear)> {
-        let mut out = Vec::new();
-        for (l, block) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            let a = &block.self_attn;
-            let m = &block.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
-                out.push((format!("{p}.{name}"), lin));
-            }
-        }
-        out
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(l, block)| {
+                let (a, m) = (&block.self_attn, &block.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .into_iter()
+                .zip(LINEAR_NAMES)
+                .map(move |(lin, name)| (format!("model.layers.{l}.{name}"), lin))
+            })
+            .collect()
     }
 }
