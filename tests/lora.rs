@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, golden_dir};
+use common::{assert_close, golden_dir, real_positions};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use sails::model::config::DecoderConfig;
 use sails::model::decoder::{Decoder, Forward};
@@ -42,19 +42,6 @@ fn logits(model: &Decoder, ids: &Tensor, mask: &Tensor) -> Tensor {
         .unwrap()
 }
 
-fn real(x: &Tensor, mask: &[Vec<i64>]) -> Vec<f32> {
-    let rows = x.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap();
-    let mut out = Vec::new();
-    for (b, row) in rows.iter().enumerate() {
-        for (t, v) in row.iter().enumerate() {
-            if mask[b][t] == 1 {
-                out.extend_from_slice(v);
-            }
-        }
-    }
-    out
-}
-
 fn random_tensor(rng: &mut StdRng, shape: &[usize], scale: f32, dtype: DType) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n)
@@ -80,8 +67,8 @@ fn peft_adapter_applied_and_merged_match_reference() {
     // Tolerance from the golden README: 1e-4 + 1e-4·|ref| on both paths.
     assert_close(
         "with adapter",
-        &real(&logits(&model, &ids, &mask), &rows),
-        &real(&reference["logits_with_adapter"], &rows),
+        &real_positions(&logits(&model, &ids, &mask), &rows),
+        &real_positions(&reference["logits_with_adapter"], &rows),
         1e-4,
         1e-4,
     );
@@ -89,8 +76,8 @@ fn peft_adapter_applied_and_merged_match_reference() {
     assert_eq!(merge_into(&mut model).unwrap(), 14);
     assert_close(
         "merged",
-        &real(&logits(&model, &ids, &mask), &rows),
-        &real(&reference["logits_merged"], &rows),
+        &real_positions(&logits(&model, &ids, &mask), &rows),
+        &real_positions(&reference["logits_merged"], &rows),
         1e-4,
         1e-4,
     );

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, golden_dir};
+use common::{assert_close, golden_dir, real_positions};
 use sails::model::config::DecoderConfig;
 use sails::model::decoder::{Decoder, Forward, Logits};
 use sails::model::weights::{load_safetensors_file, WeightMap};
@@ -35,20 +35,6 @@ fn inputs(dir: &Path) -> Inputs {
         mask,
         mask_rows,
     }
-}
-
-/// Values of `x: (b, t, d)` at real-token positions only (pad positions are unspecified).
-fn real_positions(x: &Tensor, mask: &[Vec<i64>]) -> Vec<f32> {
-    let rows = x.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap();
-    let mut out = Vec::new();
-    for (b, row) in rows.iter().enumerate() {
-        for (t, v) in row.iter().enumerate() {
-            if mask[b][t] == 1 {
-                out.extend_from_slice(v);
-            }
-        }
-    }
-    out
 }
 
 fn check_model(name: &str, config_file: &str) {

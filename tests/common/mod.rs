@@ -39,3 +39,21 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         want[worst.0]
     );
 }
+
+/// Values of `x: (b, t, d)` at real-token positions only (`mask[b][t] == 1`); pad positions are
+/// unspecified in the references.
+pub fn real_positions(x: &candle_core::Tensor, mask: &[Vec<i64>]) -> Vec<f32> {
+    let rows = x
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|x| x.to_vec3::<f32>())
+        .expect("a (b, t, d) tensor");
+    let mut out = Vec::new();
+    for (b, row) in rows.iter().enumerate() {
+        for (t, v) in row.iter().enumerate() {
+            if mask[b][t] == 1 {
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    out
+}
