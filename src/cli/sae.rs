@@ -145,6 +145,10 @@ pub struct TrainArgs {
     /// Activations to collect (stored tokens).
     #[arg(long, value_name = "N")]
     pub collect_tokens: Option<u64>,
+    /// Evaluate on at most this many held-out conversations (all when absent; each costs three
+    /// full forwards per layer).
+    #[arg(long, value_name = "N")]
+    pub eval_sequences: Option<usize>,
     /// Skip the held-out evaluation after training.
     #[arg(long)]
     pub no_eval: bool,
@@ -341,7 +345,10 @@ fn run_train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let model = args.model.load()?;
     let corpus = corpus(&model, &cfg.corpus, &out)?;
     let train_seqs = from_pairs(corpus.train);
-    let heldout = from_pairs(corpus.heldout);
+    let mut heldout = from_pairs(corpus.heldout);
+    if let Some(n) = args.eval_sequences {
+        heldout.truncate(n);
+    }
     let hash = model_hash(&model)?;
     let store_dir = out.join("store");
     let man = store::collect(

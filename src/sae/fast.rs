@@ -28,7 +28,7 @@
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{larger_first, Result, SaeError};
+use super::{Result, SaeError};
 
 /// Parameters in the normalised space, row-major host slices.
 pub(crate) struct HostParams<'a> {
@@ -121,18 +121,32 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// The `k` largest of `vals` among `candidates` (all when `None`), as indices in ascending order.
-fn select_top(vals: &[f32], candidates: &[u32], k: usize, scratch: &mut Vec<u32>) -> Vec<u32> {
-    scratch.clear();
-    scratch.extend_from_slice(candidates);
-    let k = k.min(scratch.len());
+/// The `k` largest of `vals` among `candidates`, as indices in ascending order; NaN counts as
+/// −∞ and ties go to the lower index (the order `larger_first` defines). One pass with a
+/// k-slot buffer: after the first few hundred values almost every value fails the single
+/// comparison with the buffer's worst entry, so this costs about one compare per candidate.
+fn select_top(vals: &[f32], candidates: &[u32], k: usize, buf: &mut Vec<(f32, u32)>) -> Vec<u32> {
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    // a is worse than b: smaller value, or equal value and larger index
+    let worse = |a: (f32, u32), b: (f32, u32)| a.0 < b.0 || (a.0 == b.0 && a.1 > b.1);
+    buf.clear();
     if k == 0 {
         return Vec::new();
     }
-    if k < scratch.len() {
-        scratch.select_nth_unstable_by(k - 1, |&a, &b| larger_first(vals, a, b));
+    let mut worst = 0usize;
+    for &j in candidates {
+        let e = (key(vals[j as usize]), j);
+        if buf.len() < k {
+            buf.push(e);
+            if buf.len() == k {
+                worst = (0..k).fold(0, |w, i| if worse(buf[i], buf[w]) { i } else { w });
+            }
+        } else if worse(buf[worst], e) {
+            buf[worst] = e;
+            worst = (0..k).fold(0, |w, i| if worse(buf[i], buf[w]) { i } else { w });
+        }
     }
-    let mut out = scratch[..k].to_vec();
+    let mut out: Vec<u32> = buf.iter().map(|e| e.1).collect();
     out.sort_unstable();
     out
 }
@@ -198,7 +212,12 @@ pub(crate) fn loss_and_grads(
             .zip(pre.par_chunks(d_sae))
             .zip(x.par_chunks(d_in))
             .map_init(
-                || (vec![0f32; d_sae], Vec::with_capacity(d_sae)),
+                || {
+                    (
+                        vec![0f32; d_sae],
+                        Vec::with_capacity(spec.k.max(spec.aux_k)),
+                    )
+                },
                 |(buf, scratch), (((r_row, eh_row), pre_row), x_row)| {
                     for ((b, &v), &be) in buf.iter_mut().zip(pre_row).zip(p.b_enc) {
                         *b = v + be;
@@ -441,4 +460,32 @@ pub(crate) fn normalise_rows(w: &mut [f32], d: usize) {
         let norm = dot(row, row).sqrt().max(1e-12);
         row.iter_mut().for_each(|v| *v /= norm);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn select_top_agrees_with_the_sorting_definition() {
+        // values with ties and a NaN; the reference sorts by `larger_first` and takes k
+        let vals: Vec<f32> = (0..200)
+            .map(|i| match i {
+                17 => f32::NAN,
+                _ => ((i * 37) % 23) as f32 - 11.0,
+            })
+            .collect();
+        let all: Vec<u32> = (0..200).collect();
+        let odd: Vec<u32> = (0..200).filter(|j| j % 2 == 1).collect();
+        let mut buf = Vec::new();
+        for cands in [&all, &odd] {
+            for k in [1, 5, 23, 100, 150] {
+                let mut want = cands.clone();
+                want.sort_by(|&a, &b| super::super::larger_first(&vals, a, b));
+                want.truncate(k);
+                want.sort_unstable();
+                assert_eq!(select_top(&vals, cands, k, &mut buf), want, "k {k}");
+            }
+        }
+    }
 }

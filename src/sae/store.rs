@@ -273,12 +273,23 @@ pub fn collect(
         if m.corpus_hash != hash {
             return Err(differ("corpus", &m.corpus_hash, &hash));
         }
-        if &m.config != cfg {
+        // the budget may change between calls (a store grows); everything else must match
+        let same_but_budget = StoreConfig {
+            token_budget: cfg.token_budget,
+            ..m.config.clone()
+        };
+        if &same_but_budget != cfg || m.tokens > cfg.token_budget {
             return Err(differ(
                 "config",
                 &format!("{:?}", m.config),
                 &format!("{cfg:?}"),
             ));
+        }
+        let mut m = m;
+        if m.config.token_budget != cfg.token_budget {
+            // a larger budget reopens a store that stopped at its old budget
+            m.complete = m.complete && m.sequences_done == corpus.len();
+            m.config.token_budget = cfg.token_budget;
         }
         m
     } else {
