@@ -408,7 +408,7 @@ pub fn judge_all(
     Ok((verdicts, combined(&deg, &phrase)))
 }
 
-fn selected<'a, T>(items: &'a [T], limit: Option<usize>) -> &'a [T] {
+fn selected<T>(items: &[T], limit: Option<usize>) -> &[T] {
     &items[..limit.unwrap_or(items.len()).min(items.len())]
 }
 

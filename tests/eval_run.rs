@@ -1,0 +1,81 @@
+//! End to end on the default model with a tiny limit: an interrupted run resumes without redoing
+//! finished prompts; a changed configuration is refused; an adapter for another model fails.
+
+use candle_core::{DType, Device};
+use sails::data::{Splits, Suite};
+use sails::eval::{read_jsonl, run, EvalConfig, GenerationRecord, Judges};
+use sails::model::load::{ChatModel, ModelSource};
+
+mod common;
+
+#[test]
+fn interrupted_evaluation_resumes_without_redoing_prompts() {
+    let model = ChatModel::load(
+        &ModelSource::resolve("default").unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let splits = Splits::load().unwrap();
+    let cfg = EvalConfig {
+        suites: vec![Suite::Harmful],
+        limit: Some(1),
+        max_new_tokens: 4,
+        batch_size: 2,
+        ..EvalConfig::default()
+    };
+    let judges = Judges::new(&cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    run(&model, &splits, &judges, &cfg, dir.path()).unwrap();
+    let path = dir.path().join("generations.jsonl");
+    let first: Vec<GenerationRecord> = read_jsonl(&path).unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].id, splits.eval_suite(Suite::Harmful)[0].id);
+    // Mark the finished line so a redo would be visible, and add a half-written line as an
+    // interruption leaves it.
+    let mut marked = first[0].clone();
+    marked.response = "MARKER".into();
+    let mut text = serde_json::to_string(&marked).unwrap();
+    text.push('\n');
+    text.push_str("{\"id\": \"jbb:1\", \"sui");
+    std::fs::write(&path, text).unwrap();
+    let cfg2 = EvalConfig {
+        limit: Some(2),
+        ..cfg.clone()
+    };
+    let m = run(&model, &splits, &judges, &cfg2, dir.path()).unwrap();
+    let second: Vec<GenerationRecord> = read_jsonl(&path).unwrap();
+    assert_eq!(second.len(), 2);
+    assert_eq!(
+        second[0].response, "MARKER",
+        "the finished prompt was redone"
+    );
+    assert_eq!(second[1].id, splits.eval_suite(Suite::Harmful)[1].id);
+    assert_eq!(m.suites["harmful"].rate.n, 2);
+    // Only the one new prompt was generated in the resumed invocation.
+    assert_eq!(m.throughput.as_ref().unwrap().prompts, 1);
+    // A different generation setting cannot resume into the same directory.
+    let cfg3 = EvalConfig {
+        max_new_tokens: 5,
+        ..cfg
+    };
+    let e = run(&model, &splits, &judges, &cfg3, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another configuration"), "{e}");
+}
+
+#[test]
+fn adapter_for_another_model_is_a_clear_error() {
+    let adapter = common::golden_dir().join("tiny-llama-lora");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sails"))
+        .args(["eval", "--suite", "harmful", "--limit", "1", "--adapter"])
+        .arg(&adapter)
+        .arg("--out")
+        .arg(tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("adapter"), "{err}");
+}
