@@ -208,6 +208,16 @@ fn interrupted_collection_resumes_to_the_same_store() {
     let m = collect(&model, &c, "m", &small, d.path(), None).unwrap();
     assert_eq!(m.tokens, 33);
     assert!(m.complete);
+    // a larger budget reopens it and collection continues from the next sequence
+    let grown = StoreConfig {
+        token_budget: 1_000,
+        ..cfg.clone()
+    };
+    let g = collect(&model, &c, "m", &grown, d.path(), None).unwrap();
+    assert!(g.complete && g.tokens > 33 && g.tokens <= full.tokens);
+    assert_eq!(g.sequences_done, c.len());
+    // a smaller budget than what is stored is refused
+    assert!(collect(&model, &c, "m", &small, d.path(), None).is_err());
 }
 
 #[test]

@@ -378,7 +378,20 @@ fn run_train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         let sae_dir = out.join(hook_name(hook));
+        let cfg_path = sae_dir.join("train_config.json");
         let (sae, report) = if sae_dir.join("cfg.json").is_file() {
+            let saved: SaeTrainConfig = serde_json::from_slice(
+                &std::fs::read(&cfg_path)
+                    .with_context(|| format!("reading {}", cfg_path.display()))?,
+            )
+            .with_context(|| format!("parsing {}", cfg_path.display()))?;
+            if saved != cfg.train {
+                bail!(
+                    "{} was trained with another config ({}); remove the folder to retrain",
+                    sae_dir.display(),
+                    cfg_path.display()
+                );
+            }
             eprintln!("{}: already trained, loading", hook_name(hook));
             (Sae::load_saelens(&sae_dir, &Device::Cpu)?, None)
         } else {
@@ -392,6 +405,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             )
             .with_context(|| format!("training the SAE for {hook}"))?;
             sae.save_saelens(&sae_dir)?;
+            sails::model::write_atomic(&cfg_path, &serde_json::to_vec_pretty(&cfg.train)?)?;
             sails::model::write_atomic(
                 &sae_dir.join("train_report.json"),
                 &serde_json::to_vec_pretty(&report)?,
