@@ -55,15 +55,7 @@ pub fn reply_logprobs(
             .map(|(p, r)| p.iter().chain(r).copied().collect())
             .collect();
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(seqs.len() * t);
-        let mut mask = Vec::with_capacity(seqs.len() * t);
-        for s in &seqs {
-            let padn = t - s.len();
-            ids.extend(std::iter::repeat_n(pad, padn).chain(s.iter().copied()));
-            mask.extend(std::iter::repeat_n(0u32, padn).chain(std::iter::repeat_n(1u32, s.len())));
-        }
-        let ids_t = Tensor::from_vec(ids, (seqs.len(), t), &device)?;
-        let mask_t = Tensor::from_vec(mask, (seqs.len(), t), &device)?;
+        let (ids_t, mask_t) = crate::model::generate::left_pad(&seqs, pad, &device)?;
         let logits = model
             .decoder
             .forward(

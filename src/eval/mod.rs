@@ -19,9 +19,9 @@ pub mod metrics;
 use crate::data::{Source, Splits, Suite};
 use crate::model::chat::Message;
 use crate::model::decoder::{Forward, Logits};
-use crate::model::generate::{generate, FinishReason, GenerationConfig, Sampling};
+use crate::model::generate::{generate, left_pad, FinishReason, GenerationConfig, Sampling};
 use crate::model::load::ChatModel;
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use judge::{
     combined, refusal_logodds, DegeneracyJudge, Judge, JudgeInput, Label, LlmJudge, LlmJudgeConfig,
     LogitJudge, PhraseJudge, Verdict, REFUSAL_OPENINGS,
@@ -289,6 +289,11 @@ pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
 
 /// Rewrites `path` with `records` (used to drop a partial last line before appending).
 fn rewrite_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
+    std::fs::write(path, jsonl_text(path, records)?).map_err(io_err(path))
+}
+
+/// One JSON line per record; `path` only names the file in errors.
+fn jsonl_text<T: Serialize>(path: &Path, records: &[T]) -> Result<String> {
     let mut text = String::new();
     for r in records {
         text.push_str(&serde_json::to_string(r).map_err(|e| EvalError::Parse {
@@ -297,18 +302,11 @@ fn rewrite_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
         })?);
         text.push('\n');
     }
-    std::fs::write(path, text).map_err(io_err(path))
+    Ok(text)
 }
 
 fn append_jsonl<T: Serialize>(file: &mut std::fs::File, path: &Path, records: &[T]) -> Result<()> {
-    let mut text = String::new();
-    for r in records {
-        text.push_str(&serde_json::to_string(r).map_err(|e| EvalError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?);
-        text.push('\n');
-    }
+    let text = jsonl_text(path, records)?;
     file.write_all(text.as_bytes())
         .and_then(|_| file.flush())
         .map_err(io_err(path))
@@ -366,16 +364,7 @@ pub fn first_position_logodds(
         .pad_id()
         .or_else(|| model.tokenizer.eos_ids().first().copied())
         .unwrap_or(0);
-    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(prompts.len() * t);
-    let mut mask = Vec::with_capacity(prompts.len() * t);
-    for p in prompts {
-        let padn = t - p.len();
-        ids.extend(std::iter::repeat_n(pad, padn).chain(p.iter().copied()));
-        mask.extend(std::iter::repeat_n(0u32, padn).chain(std::iter::repeat_n(1u32, p.len())));
-    }
-    let ids = Tensor::from_vec(ids, (prompts.len(), t), &device)?;
-    let mask = Tensor::from_vec(mask, (prompts.len(), t), &device)?;
+    let (ids, mask) = left_pad(prompts, pad, &device)?;
     let logits = model
         .decoder
         .forward(

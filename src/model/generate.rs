@@ -95,16 +95,7 @@ pub fn generate(
     let b = prompts.len();
     let device = model.device();
 
-    // Left-pad so every sequence's last prompt token sits in the last column.
-    let mut ids = Vec::with_capacity(b * longest);
-    let mut mask = Vec::with_capacity(b * longest);
-    for p in prompts {
-        let pads = longest - p.len();
-        ids.extend(std::iter::repeat_n(pad, pads).chain(p.iter().copied()));
-        mask.extend(std::iter::repeat_n(0u32, pads).chain(std::iter::repeat_n(1u32, p.len())));
-    }
-    let ids = Tensor::from_vec(ids, (b, longest), device)?;
-    let mask = Tensor::from_vec(mask, (b, longest), device)?;
+    let (ids, mask) = left_pad(prompts, pad, device)?;
     let mut cache = KvCache::new();
     let mut logits = last_logits(model, &ids, &mask, &mut cache)?;
 
@@ -174,6 +165,27 @@ pub fn generate(
         g.text = text;
     }
     Ok(out)
+}
+
+/// Left-pads sequences to one length so each one's last token sits in the last column:
+/// `(ids, attention_mask)`, both `(b, t)` u32, the mask 0 on pads.
+pub fn left_pad(
+    seqs: &[Vec<u32>],
+    pad: u32,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor), ModelError> {
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(seqs.len() * t);
+    let mut mask = Vec::with_capacity(seqs.len() * t);
+    for s in seqs {
+        let pads = t - s.len();
+        ids.extend(std::iter::repeat_n(pad, pads).chain(s.iter().copied()));
+        mask.extend(std::iter::repeat_n(0u32, pads).chain(std::iter::repeat_n(1u32, s.len())));
+    }
+    Ok((
+        Tensor::from_vec(ids, (seqs.len(), t), device)?,
+        Tensor::from_vec(mask, (seqs.len(), t), device)?,
+    ))
 }
 
 /// Last-position logits of each sequence, as f32 rows.
