@@ -20,6 +20,7 @@
 //! [`Splits::assert_disjoint`] is the guard a trainer calls on the texts it is about to use.
 
 mod csv;
+pub mod sft;
 mod sources;
 
 pub use csv::{parse as parse_csv, Table};
