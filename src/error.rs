@@ -7,9 +7,13 @@ pub enum Error {
     #[error(transparent)]
     Asset(#[from] crate::assets::AssetError),
     #[error(transparent)]
+    Features(#[from] crate::features::FeatureError),
+    #[error(transparent)]
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Sae(#[from] crate::sae::SaeError),
+    #[error(transparent)]
+    Subspace(#[from] crate::subspace::SubspaceError),
     #[error(transparent)]
     Theory(#[from] crate::theory::TheoryError),
 }

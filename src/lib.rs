@@ -15,10 +15,12 @@ pub mod assets;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod features;
 pub mod linalg;
 pub mod lora;
 pub mod model;
 pub mod sae;
+pub mod subspace;
 pub mod theory;
 pub mod train;
 

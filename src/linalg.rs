@@ -202,6 +202,23 @@ pub fn top_row_directions(
     Ok((basis, shares))
 }
 
+/// `n` standard normal draws from a seeded generator (Box–Muller, both values of each pair used;
+/// no distribution crate for one function).
+pub fn standard_normals(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f64> {
+    use rand::Rng;
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random::<f64>();
+        let radius = (-2.0 * u1.ln()).sqrt();
+        let angle = std::f64::consts::TAU * u2;
+        out.push(radius * angle.cos());
+        out.push(radius * angle.sin());
+    }
+    out.truncate(n);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -204,7 +204,8 @@ pub fn parse_layer(s: &str) -> anyhow::Result<Resid> {
     parse_hook(s).with_context(|| format!("layer {s:?} (use in:L, out:L or a hook name)"))
 }
 
-fn preset_dir(model: &str) -> PathBuf {
+/// The default preset's run folder for `model`.
+pub fn preset_dir(model: &str) -> PathBuf {
     let name = if model == "default" {
         "smollm2-135m-instruct".to_string()
     } else {

@@ -51,20 +51,12 @@ fn uniform(rng: &mut StdRng, n: usize, bound: f64) -> Vec<f32> {
         .collect()
 }
 
-/// Standard normal draws by Box–Muller (rand 0.9 has no normal distribution without rand_distr).
+/// Normal draws with standard deviation `std`, as f32.
 fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
-        let u2: f64 = rng.random::<f64>();
-        let radius = (-2.0 * u1.ln()).sqrt();
-        let angle = std::f64::consts::TAU * u2;
-        out.push((radius * angle.cos() * std) as f32);
-        if out.len() < n {
-            out.push((radius * angle.sin() * std) as f32);
-        }
-    }
-    out
+    crate::linalg::standard_normals(rng, n)
+        .into_iter()
+        .map(|v| (v * std) as f32)
+        .collect()
 }
 
 fn var_from(values: Vec<f32>, shape: (usize, usize), device: &Device) -> Result<Var> {

@@ -21,7 +21,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -474,19 +474,12 @@ fn progress_bar(len: u64, pos: u64) -> indicatif::ProgressBar {
     bar
 }
 
-/// Draw an (rows, cols) matrix of standard normals (Box–Muller on a seeded RNG).
+/// An (rows, cols) matrix of standard normals, row-major, as f32.
 fn gaussian(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows * cols + 1);
-    while out.len() < rows * cols {
-        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-        let u2: f64 = rng.random::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt();
-        let t = 2.0 * std::f64::consts::PI * u2;
-        out.push((r * t.cos()) as f32);
-        out.push((r * t.sin()) as f32);
-    }
-    out.truncate(rows * cols);
-    out
+    crate::linalg::standard_normals(rng, rows * cols)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
 }
 
 /// Geometric median of the rows of `x` (n, d) by Weiszfeld iterations from the mean (f64).
