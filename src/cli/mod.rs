@@ -7,6 +7,7 @@ mod assets;
 mod bench;
 mod data;
 mod eval;
+mod features;
 mod generate;
 mod model_args;
 mod sae;
@@ -43,6 +44,10 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Judges on their own (calibration on human-labelled refusals).
     Judge(eval::JudgeArgs),
+    /// Score SAE features on harmful vs harmless prompts and keep the top-k per layer.
+    Features(features::FeaturesArgs),
+    /// Selected features → an orthonormal LoRA basis per layer (or a baseline basis).
+    Subspace(features::SubspaceArgs),
     /// Data sets built from the prompt splits (the safety fine-tuning set).
     Data(data::DataArgs),
 }
@@ -73,6 +78,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Judge(args) => eval::run_judge(args),
         Command::Data(args) => data::run(args),
         Command::Sae(args) => sae::run(args),
+        Command::Features(args) => features::run_features(args),
+        Command::Subspace(args) => features::run_subspace(args),
     }
 }
 
