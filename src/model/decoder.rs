@@ -53,6 +53,11 @@ pub struct Mlp {
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
+        if self.activation == Activation::Silu && gate.track_op() && super::fused::supported(&gate)
+        {
+            let up = self.up_proj.forward(x)?;
+            return self.down_proj.forward(&super::fused::silu_mul(&gate, &up)?);
+        }
         let gate = match self.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             Activation::GeluTanh => gate.gelu()?,
@@ -506,6 +511,13 @@ impl Decoder {
         // (b, h, s, hd): query head i reads KV head i / groups.
         let k = repeat_kv(&k, cfg.num_kv_groups())?;
         let v = repeat_kv(&v, cfg.num_kv_groups())?;
+        let attn_cap = cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping);
+        if attn_cap.is_none() && q.track_op() && super::fused::supported(&q) {
+            // Training: scale, mask and softmax as one op with its own backward.
+            let probs = super::fused::masked_softmax(&q.matmul(&k.t()?)?, mask, cfg.query_scale)?;
+            let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))?;
+            return Ok(attn.o_proj.forward(&out)?);
+        }
         let mut scores = (q.matmul(&k.t()?)? * cfg.query_scale)?; // (b, h, t, s)
         if let Some(cap) = cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping) {
             scores = soft_cap(&scores, cap)?;

@@ -73,7 +73,12 @@ fn matmul_t(x: &Tensor, w: &Tensor, decode_weight: Option<&Tensor>) -> candle_co
             }
         }
     }
-    x2.matmul(&w.t()?)?.reshape(shape)
+    if w.track_op() {
+        x2.matmul(&w.t()?)?.reshape(shape)
+    } else {
+        // A frozen weight: only the input's gradient is ever wanted.
+        super::frozen::frozen_matmul_t(&x2, w)?.reshape(shape)
+    }
 }
 
 impl Module for Linear {
@@ -104,6 +109,11 @@ impl Module for RmsNorm {
             // Nothing upstream is trainable, so candle's fused (gradient-free) kernel is exact
             // enough and several times faster.
             return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        }
+        if super::fused::supported(x) && !self.weight.track_op() && self.weight.dtype() == x.dtype()
+        {
+            // One pass forward and backward; the weight is frozen.
+            return super::fused::rms_norm_frozen_weight(x, &self.weight, self.eps);
         }
         let dtype = x.dtype();
         let x = x.to_dtype(compute_dtype(dtype))?;
@@ -184,6 +194,9 @@ impl Rope {
 
 /// `x·cos + rotate_half(x)·sin` on `x: (b, h, t, d)`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() && super::fused::supported(x) {
+        return super::fused::rope(x, cos, sin);
+    }
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;

@@ -5,6 +5,8 @@
 pub mod chat;
 pub mod config;
 pub mod decoder;
+pub mod frozen;
+pub mod fused;
 pub mod gemv;
 pub mod generate;
 pub mod gguf;

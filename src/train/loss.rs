@@ -35,7 +35,11 @@ fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
 pub fn head_logits(decoder: &Decoder, h: &Tensor) -> candle_core::Result<Tensor> {
     let h = decoder.norm.forward(h)?;
     let head = decoder.lm_head.as_ref().unwrap_or(&decoder.embed_tokens); // (vocab, d)
-    let mut logits = h.matmul(&head.t()?)?; // (n, vocab)
+    let mut logits = if head.track_op() {
+        h.matmul(&head.t()?)?
+    } else {
+        crate::model::frozen::frozen_matmul_t(&h, head)?
+    }; // (n, vocab)
     if let Some(cap) = decoder
         .config
         .gemma
@@ -72,16 +76,21 @@ pub fn response_token_loss(decoder: &Decoder, batch: &Batch) -> Result<LossOutpu
         .iter()
         .map(|x| (x.row * t + x.pos) as u32)
         .collect();
-    let tokens: Vec<u32> = batch.targets.iter().map(|x| x.token).collect();
+    let token_ids: Vec<u32> = batch.targets.iter().map(|x| x.token).collect();
     let n = rows.len();
     let rows = Tensor::from_vec(rows, n, device)?;
-    let tokens = Tensor::from_vec(tokens, (n, 1), device)?;
     let picked = hidden.reshape((b * t, d))?.index_select(&rows, 0)?; // (n, d)
     let logits = head_logits(decoder, &picked)?.to_dtype(DType::F32)?; // (n, vocab)
-    let token_nll = log_softmax(&logits)?
-        .gather(&tokens, 1)?
-        .squeeze(1)?
-        .neg()?; // (n,)
+    let token_nll = if crate::model::fused::supported(&logits) {
+        // One pass per row forward and backward instead of the (n, vocab) op chain.
+        crate::model::fused::row_cross_entropy(&logits, &token_ids)?
+    } else {
+        let tokens = Tensor::from_vec(token_ids, (n, 1), device)?;
+        log_softmax(&logits)?
+            .gather(&tokens, 1)?
+            .squeeze(1)?
+            .neg()?
+    }; // (n,)
     Ok(LossOutput {
         sum: token_nll.sum_all()?,
         token_nll,
