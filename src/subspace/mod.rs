@@ -233,7 +233,8 @@ fn basis_from_components(
         block_input: hook.block_input_index(),
         rows_used,
         components_for_tau: for_tau,
-        energy_kept: component_energy.iter().sum(),
+        // `+ 0.0` turns the empty sum's −0.0 into 0.0
+        energy_kept: component_energy.iter().sum::<f64>() + 0.0,
         truncated: for_tau.saturating_sub(r),
         padded: from_components.saturating_sub(for_tau),
         padded_random,
