@@ -7,6 +7,8 @@ pub enum Error {
     #[error(transparent)]
     Asset(#[from] crate::assets::AssetError),
     #[error(transparent)]
+    Explain(#[from] crate::explain::ExplainError),
+    #[error(transparent)]
     Features(#[from] crate::features::FeatureError),
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),

@@ -15,6 +15,7 @@ pub mod assets;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod explain;
 pub mod features;
 pub mod linalg;
 pub mod lora;

@@ -7,6 +7,7 @@ mod assets;
 mod bench;
 mod data;
 mod eval;
+mod explain;
 mod features;
 mod generate;
 mod model_args;
@@ -50,6 +51,8 @@ pub enum Command {
     Subspace(features::SubspaceArgs),
     /// Data sets built from the prompt splits (the safety fine-tuning set).
     Data(data::DataArgs),
+    /// Explain the selected features (top contexts, logit lens) and a trained adapter's update.
+    Explain(explain::ExplainArgs),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -77,6 +80,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(args) => eval::run(args),
         Command::Judge(args) => eval::run_judge(args),
         Command::Data(args) => data::run(args),
+        Command::Explain(args) => explain::run(args),
         Command::Sae(args) => sae::run(args),
         Command::Features(args) => features::run_features(args),
         Command::Subspace(args) => features::run_subspace(args),
