@@ -21,6 +21,7 @@ pub mod linalg;
 pub mod lora;
 pub mod manifest;
 pub mod model;
+pub mod report;
 pub mod sae;
 pub mod subspace;
 pub mod theory;

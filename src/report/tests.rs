@@ -1,0 +1,391 @@
+use super::demo::{Demo, HOSTILE_PROMPT};
+use super::html::{before_after_chart, delta_chart, loss_chart, tradeoff_chart};
+use super::svg::{BarChart, BarSeries, Heatmap, LineChart, LineSeries, Scatter, ScatterPoint};
+use super::*;
+
+fn bare(name: &str) -> ReportInputs<'static> {
+    ReportInputs {
+        run: RunInfo {
+            name: name.into(),
+            ..RunInfo::default()
+        },
+        ..ReportInputs::default()
+    }
+}
+
+/// The `<svg …>…</svg>` elements of a document.
+fn svgs(doc: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = doc;
+    while let Some(start) = rest.find("<svg") {
+        let tail = &rest[start..];
+        let end = tail.find("</svg>").map(|e| e + "</svg>".len());
+        let Some(end) = end else {
+            panic!("unclosed <svg> in {tail}");
+        };
+        out.push(&tail[..end]);
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Checks one figure: a single `<svg>` element with a viewBox, and every numeric attribute
+/// (coordinates, sizes, path data, polyline points) finite.
+fn assert_well_formed_svg(what: &str, svg: &str) {
+    assert!(svg.starts_with("<svg"), "{what}: {svg}");
+    assert!(svg.trim_end().ends_with("</svg>"), "{what}: {svg}");
+    assert_eq!(svg.matches("<svg").count(), 1, "{what}: nested svg");
+    assert_eq!(svg.matches("</svg>").count(), 1, "{what}");
+    assert!(svg.contains("viewBox=\"0 0 "), "{what}: no viewBox");
+    for attr in [
+        "x", "y", "x1", "x2", "y1", "y2", "cx", "cy", "r", "width", "height", "d", "points",
+        "viewBox",
+    ] {
+        let pat = format!(" {attr}=\"");
+        for (i, _) in svg.match_indices(&pat) {
+            let v = &svg[i + pat.len()..];
+            let v = &v[..v.find('"').expect("attribute closes")];
+            let lower = v.to_lowercase();
+            assert!(
+                !lower.contains("nan") && !lower.contains("inf"),
+                "{what}: {attr}=\"{v}\""
+            );
+            // path commands (M, V, H) and separators split the numbers
+            for num in v
+                .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+                .filter(|t| !t.is_empty())
+            {
+                let parsed: f64 = num
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{what}: {attr}=\"{v}\" holds {num:?}"));
+                assert!(parsed.is_finite(), "{what}: {attr}=\"{v}\"");
+            }
+        }
+    }
+    assert!(!svg.contains("NaN") && !svg.contains("inf\""), "{what}");
+}
+
+#[test]
+fn hostile_strings_are_escaped_in_html_and_markdown() {
+    let demo = Demo::new();
+    let inputs = demo.inputs();
+    let html = render_html(&inputs);
+    assert!(!html.contains("<script"), "raw script tag in the report");
+    assert!(!html.contains("<img"), "raw img tag in the report");
+    assert!(html.contains(
+        "Ignore this &lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; tell me &quot;how&quot;"
+    ));
+    assert!(html.contains("demo-gemma2 &lt;run&gt; &amp; co"));
+    // the context token " <b>" is shown, not interpreted
+    assert!(html.contains("&lt;b&gt;</span>"));
+    assert!(!html.contains("<b></span>"));
+    let md = render_markdown(&inputs);
+    assert!(!md.contains("<script"), "{md}");
+    assert!(md.contains("&lt;script&gt;"), "{md}");
+    // a pipe inside a cell must not open a new column
+    assert!(md.contains("ps aux \\| grep"), "{md}");
+    assert!(HOSTILE_PROMPT.contains("<script>"));
+}
+
+#[test]
+fn full_inputs_fill_every_section() {
+    let demo = Demo::new();
+    let inputs = demo.inputs();
+    assert!(inputs.missing().is_empty());
+    let html = render_html(&inputs);
+    for (id, heading) in SECTIONS {
+        assert!(html.contains(&format!("<section id=\"{id}\">")), "{id}");
+        assert!(html.contains(&format!("<h2>{heading}</h2>")), "{heading}");
+    }
+    assert!(
+        !html.contains("Not run"),
+        "a full report says nothing is missing"
+    );
+    // figures: 3 Δ charts, heat map, loss curve, before/after, trade-off
+    assert_eq!(svgs(&html).len(), 7);
+    // tables: run, stages, 3 feature layers, subspace, shifts, training, base/aligned, methods
+    assert_eq!(html.matches("<table").count(), 10);
+    // the top-10 table per layer: 10 ranks each
+    assert_eq!(
+        html.matches("<td class=\"num\">10</td><td class=\"num\">")
+            .count(),
+        3
+    );
+    assert_eq!(html.matches("<article class=\"card\">").count(), 4);
+    assert_eq!(html.matches("<article class=\"example\">").count(), 2);
+    assert!(
+        html.contains("97.0 % [93.6, 98.6] (194/200)"),
+        "aligned safety rate with Wilson interval"
+    );
+    let md = render_markdown(&inputs);
+    for (_, heading) in SECTIONS {
+        assert!(md.contains(&format!("## {heading}\n")), "{heading}");
+    }
+    assert!(!md.contains("Not run"), "{md}");
+    assert!(md.contains("| SAILS | 3 | 97.0 % ± 1.0 |"), "{md}");
+}
+
+#[test]
+fn missing_inputs_say_not_run() {
+    let inputs = bare("partial");
+    assert_eq!(inputs.missing().len(), SECTIONS.len() - 1);
+    let html = render_html(&inputs);
+    for (id, heading) in SECTIONS {
+        assert!(
+            html.contains(&format!("<section id=\"{id}\">")),
+            "{id} vanished"
+        );
+        if id != "run" {
+            assert!(
+                html.contains(&format!(
+                    "Not run: this run has no {} output.",
+                    heading.to_lowercase()
+                )),
+                "{id}"
+            );
+        }
+    }
+    assert!(svgs(&html).is_empty());
+    let md = render_markdown(&inputs);
+    assert_eq!(md.matches("_Not run:").count(), SECTIONS.len(), "{md}");
+
+    // an evaluation with only the base model: aligned cells say so, the chart still draws
+    let demo = Demo::new();
+    let mut inputs = bare("base only");
+    inputs.evaluation = Some(Evaluation {
+        base: Some(&demo.base),
+        ..Evaluation::default()
+    });
+    let html = render_html(&inputs);
+    assert!(html.contains("<td class=\"num\">not run</td>"));
+    assert!(html.contains("Not run: no method comparison was given."));
+}
+
+#[test]
+fn every_plot_is_one_finite_svg_with_a_viewbox() {
+    let demo = Demo::new();
+    let inputs = demo.inputs();
+    for (i, svg) in svgs(&render_html(&inputs)).iter().enumerate() {
+        assert_well_formed_svg(&format!("figure {i}"), svg);
+    }
+    let eval = inputs.evaluation.as_ref().expect("demo has an evaluation");
+    assert_well_formed_svg("delta", &delta_chart(&demo.selection.layers[0]));
+    assert_well_formed_svg("before/after", &before_after_chart(eval));
+    assert_well_formed_svg("trade-off", &tradeoff_chart(eval));
+}
+
+#[test]
+fn empty_and_constant_data_give_finite_plots() {
+    let mut layer = Demo::new().selection.layers[0].clone();
+    for f in &mut layer.features {
+        f.delta = 0.5;
+        f.diff = 0.5;
+        f.diff_ci95 = [f64::NAN, f64::NAN];
+    }
+    assert_well_formed_svg("constant Δ", &delta_chart(&layer));
+    layer.features.clear();
+    assert_well_formed_svg("no features", &delta_chart(&layer));
+
+    assert_well_formed_svg("no curves", &loss_chart(&[]));
+    let flat = LossCurve {
+        label: "flat".into(),
+        train: vec![(3, 1.0), (3, 1.0)],
+        eval: vec![(3, f64::NAN)],
+    };
+    assert_well_formed_svg("one-step constant curve", &loss_chart(&[flat]));
+
+    // an evaluation with zero items: the rate is NaN
+    let mut base = Demo::new().base;
+    for s in base.suites.values_mut() {
+        s.rate = crate::eval::metrics::Rate::new(0, 0);
+    }
+    let eval = Evaluation {
+        base: Some(&base),
+        aligned: None,
+        aligned_trained_share: None,
+        methods: vec![MethodRow {
+            method: "nan".into(),
+            seeds: 0,
+            safety: Some(Estimate {
+                value: f64::NAN,
+                spread: Spread::Sd(f64::NAN),
+            }),
+            over_refusal: None,
+            hhh_accuracy: None,
+            alpaca_nll: None,
+            trained_share: None,
+            wall_seconds: None,
+        }],
+    };
+    assert_well_formed_svg("empty before/after", &before_after_chart(&eval));
+    assert_well_formed_svg("empty trade-off", &tradeoff_chart(&eval));
+
+    let charts = [
+        BarChart {
+            title: "empty".into(),
+            y_label: "y".into(),
+            categories: vec![],
+            series: vec![],
+            legend: vec![],
+            y_range: None,
+            percent: false,
+        }
+        .to_svg(),
+        BarChart {
+            title: "all zero".into(),
+            y_label: "y".into(),
+            categories: vec!["a".into()],
+            series: vec![BarSeries {
+                label: "s".into(),
+                color: "red".into(),
+                bars: vec![Some(svg::Bar {
+                    value: 0.0,
+                    whisker: Some((0.0, 0.0)),
+                    color: None,
+                })],
+            }],
+            legend: vec![],
+            y_range: None,
+            percent: false,
+        }
+        .to_svg(),
+        LineChart {
+            title: "single point".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            series: vec![LineSeries {
+                label: "s".into(),
+                color: "red".into(),
+                dashed: false,
+                markers: true,
+                points: vec![(f64::INFINITY, 1.0), (2.0, 2.0)],
+            }],
+        }
+        .to_svg(),
+        Scatter {
+            title: "degenerate range".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            x_range: (0.5, 0.5),
+            y_range: (f64::NAN, 1.0),
+            percent: true,
+            points: vec![ScatterPoint {
+                label: "p".into(),
+                color: "red".into(),
+                x: 0.5,
+                y: 0.5,
+                x_err: Some((f64::NAN, 1.0)),
+                y_err: None,
+            }],
+        }
+        .to_svg(),
+        Heatmap {
+            title: "empty".into(),
+            rows: vec![],
+            columns: vec![],
+            values: vec![],
+            color: (0, 0, 0),
+        }
+        .to_svg(),
+        Heatmap {
+            title: "ragged".into(),
+            rows: vec!["a".into(), "b".into()],
+            columns: vec!["q".into(), "k".into()],
+            values: vec![vec![Some(f64::NAN)]],
+            color: (0, 0, 0),
+        }
+        .to_svg(),
+    ];
+    for (i, svg) in charts.iter().enumerate() {
+        assert_well_formed_svg(&format!("chart {i}"), svg);
+    }
+}
+
+#[test]
+fn context_shading_is_activation_over_the_cards_max() {
+    let card = FeatureCard {
+        hook_name: "h".into(),
+        index: 1,
+        delta: 1.0,
+        diff_ci95: [0.5, 1.5],
+        freq_harmful: 1.0,
+        freq_harmless: 0.0,
+        contexts: vec![
+            Context {
+                tokens: vec!["a".into(), "b".into()],
+                activations: vec![4.0, 1.0],
+            },
+            Context {
+                tokens: vec!["c".into(), "d".into()],
+                activations: vec![-2.0, f32::NAN],
+            },
+        ],
+        promoted: vec![],
+        suppressed: vec![],
+    };
+    let mut inputs = bare("cards");
+    inputs.explanations = Some(Explanations {
+        cards: vec![card],
+        ..Explanations::default()
+    });
+    let html = render_html(&inputs);
+    // 4/4 → 1, 1/4 → 0.25, negative and NaN → 0
+    assert!(html.contains("rgba(192,57,43,1.00)\" title=\"4.000\">a<"));
+    assert!(html.contains("rgba(192,57,43,0.25)\" title=\"1.000\">b<"));
+    assert!(html.contains("rgba(192,57,43,0.00)\" title=\"-2.000\">c<"));
+    assert!(html.contains("rgba(192,57,43,0.00)\" title=\"0.000\">d<"));
+    assert!(html.contains("Not run: no attribution of the trained update was given."));
+}
+
+#[test]
+fn delta_whiskers_follow_the_sign_of_diff() {
+    let mut layer = Demo::new().selection.layers[0].clone();
+    layer.features.truncate(1);
+    // diff = −1 with interval [−1.5, −0.5]: Δ = 1 with interval [0.5, 1.5]
+    layer.features[0].diff = -1.0;
+    layer.features[0].delta = 1.0;
+    layer.features[0].diff_ci95 = [-1.5, -0.5];
+    let negative = delta_chart(&layer);
+    layer.features[0].diff = 1.0;
+    layer.features[0].diff_ci95 = [0.5, 1.5];
+    let positive = delta_chart(&layer);
+    let whisker = |s: &str| {
+        let i = s.find("<path d=\"").expect("a whisker");
+        s[i..].split('"').nth(1).expect("path data").to_string()
+    };
+    assert_eq!(whisker(&negative), whisker(&positive));
+    assert!(negative.contains(svg::NEGATIVE) && positive.contains(svg::POSITIVE));
+}
+
+#[test]
+fn write_stores_both_files_and_refuses_an_empty_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let demo = Demo::new();
+    let (html, md) = write(&demo.inputs(), dir.path()).expect("write");
+    assert_eq!(html, dir.path().join(HTML_FILE));
+    let text = std::fs::read_to_string(&html).expect("html written");
+    assert_eq!(text, render_html(&demo.inputs()));
+    assert_eq!(
+        std::fs::read_to_string(&md).expect("md written"),
+        render_markdown(&demo.inputs())
+    );
+    assert!(matches!(
+        write(&bare("  "), dir.path()),
+        Err(ReportError::EmptyName)
+    ));
+}
+
+#[test]
+fn estimates_format_as_sd_or_interval() {
+    let e = Estimate::mean_sd(&[0.9, 1.0]).expect("two values");
+    // mean 0.95; sd = sqrt((0.05² + 0.05²) / 1) = 0.0707
+    assert_eq!(estimate_pct(&e), "95.0 % ± 7.1");
+    let r = crate::eval::metrics::Rate::new(8, 10);
+    assert_eq!(
+        estimate_pct(&Estimate::from_rate(&r)),
+        "80.0 % [49.0, 94.3]"
+    );
+    assert_eq!(Estimate::mean_sd(&[]), None);
+    assert_eq!(duration(75.0), "1 min 15 s");
+    assert_eq!(duration(f64::NAN), "–");
+}
