@@ -297,3 +297,32 @@ fn export_writes_peft_layout_and_provenance() {
     assert_eq!(prov["init"], "subspace");
     assert_eq!(prov["freeze_basis"], true);
 }
+
+#[test]
+fn full_fine_tuning_weights_saved_then_applied_reproduce_the_trained_model() {
+    let mut trained = tiny();
+    let trainable = inject(&mut trained, &config(LoraInit::Full), 0).unwrap();
+    // move every trained weight away from the base by a known amount
+    for var in trainable.vars.values() {
+        var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    trainable.save(dir.path()).unwrap();
+    let mut fresh = tiny();
+    let before = logits(&fresh);
+    let n = sails::lora::apply_full_weights(&mut fresh, dir.path()).unwrap();
+    assert_eq!(n, trainable.vars.len());
+    assert_eq!(logits(&fresh), logits(&trained));
+    assert_ne!(logits(&fresh), before, "the weights did change the model");
+    // a weight that fits no module is an error naming it
+    let bad: std::collections::HashMap<String, Tensor> = [(
+        "model.layers.0.self_attn.nope.weight".to_string(),
+        Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+    )]
+    .into_iter()
+    .collect();
+    sails::model::weights::save_safetensors_atomic(&bad, &dir.path().join("model.safetensors"))
+        .unwrap();
+    let err = sails::lora::apply_full_weights(&mut tiny(), dir.path()).unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+}

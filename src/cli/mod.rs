@@ -3,14 +3,17 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod align;
 mod assets;
 mod bench;
+mod compare;
 mod data;
 mod eval;
 mod explain;
 mod features;
 mod generate;
 mod model_args;
+mod report;
 mod sae;
 mod theory;
 mod train;
@@ -27,6 +30,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The whole pipeline into one run folder: SAEs → features → subspace → data → LoRA →
+    /// evaluation → explanations → report.
+    Align(align::AlignArgs),
+    /// SAILS against standard LoRA, random and direct bases and full fine-tuning, several seeds.
+    Compare(compare::CompareArgs),
+    /// Rewrite a run folder's report.html and summary.md from its artifacts.
+    Report(report::ReportArgs),
     /// Generate responses to prompts with the model's chat template.
     Generate(generate::GenerateArgs),
     /// Chat with a model in the terminal (streams tokens, shows tokens/s).
@@ -70,6 +80,9 @@ pub fn init_logging(verbose: u8) {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Align(args) => align::run(args),
+        Command::Compare(args) => compare::run(args),
+        Command::Report(args) => report::run(args),
         Command::Generate(args) => generate::run_generate(args),
         Command::Chat(args) => generate::run_chat(args),
         Command::Bench(args) => bench::run(args),

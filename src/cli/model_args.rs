@@ -34,7 +34,8 @@ pub struct ModelArgs {
     /// $HF_HOME/hub or ~/.cache/huggingface/hub); nothing is downloaded from a hub.
     #[arg(long, short = 'm', default_value = "default", value_name = "MODEL")]
     pub model: String,
-    /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
+    /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply,
+    /// or the model.safetensors folder a full fine-tuning run wrote.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<std::path::PathBuf>,
     /// Weight and activation precision. f32 on CPU; bf16/f16 for devices that want them.
@@ -59,18 +60,31 @@ impl ModelArgs {
             .with_context(|| format!("resolving model {:?}", self.model))?;
         let mut model = ChatModel::load(&source, &device, self.dtype.into())
             .with_context(|| format!("loading model from {}", source.path().display()))?;
-        model
-            .decoder
-            .set_decode_weights(match self.decode_weights {
-                DecodeWeightsArg::F32 => DecodeWeights::F32,
-                DecodeWeightsArg::Bf16 => DecodeWeights::Bf16,
-            })?;
-        if let Some(dir) = &self.adapter {
-            let adapter = Adapter::load(dir, &device)
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
-            adapter
-                .apply(&mut model.decoder, dir)
-                .with_context(|| format!("applying adapter {}", dir.display()))?;
+        let precision = match self.decode_weights {
+            DecodeWeightsArg::F32 => DecodeWeights::F32,
+            DecodeWeightsArg::Bf16 => DecodeWeights::Bf16,
+        };
+        match &self.adapter {
+            // Full fine-tuning output replaces base weights, so it goes in before the decode
+            // copies of the weights are made.
+            Some(dir)
+                if dir.join(sails::lora::FULL_WEIGHTS_FILE).is_file()
+                    && !dir.join("adapter_config.json").is_file() =>
+            {
+                let n = sails::lora::apply_full_weights(&mut model.decoder, dir)
+                    .with_context(|| format!("loading fine-tuned weights {}", dir.display()))?;
+                tracing::info!(weights = n, dir = %dir.display(), "fine-tuned weights applied");
+                model.decoder.set_decode_weights(precision)?;
+            }
+            Some(dir) => {
+                model.decoder.set_decode_weights(precision)?;
+                let adapter = Adapter::load(dir, &device)
+                    .with_context(|| format!("loading adapter {}", dir.display()))?;
+                adapter
+                    .apply(&mut model.decoder, dir)
+                    .with_context(|| format!("applying adapter {}", dir.display()))?;
+            }
+            None => model.decoder.set_decode_weights(precision)?,
         }
         Ok(model)
     }

@@ -168,6 +168,12 @@ pub enum LoraError {
     },
     #[error("full fine-tuning exports weights, not a LoRA adapter")]
     NotAnAdapter,
+    #[error("{path}: weight {name:?} {problem}")]
+    FullWeight {
+        path: PathBuf,
+        name: String,
+        problem: String,
+    },
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
     #[error(transparent)]
@@ -269,4 +275,44 @@ impl Trainable {
         crate::model::write_atomic(&dir.join("sails_lora.json"), json.as_bytes())?;
         Ok(())
     }
+}
+
+/// File of the trained weights that full fine-tuning writes instead of an adapter.
+pub const FULL_WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Puts the weights a full fine-tuning run saved (`dir/model.safetensors`, Hugging Face names
+/// `model.layers.N.self_attn.q_proj.weight`) into `model`, checking every name and shape; the
+/// inverse of [`Trainable::save`] for [`LoraInit::Full`]. Call it before
+/// `Decoder::set_decode_weights`, which copies the weights for decoding. Returns how many weights
+/// were replaced.
+pub fn apply_full_weights(model: &mut crate::model::decoder::Decoder, dir: &Path) -> Result<usize> {
+    let path = dir.join(FULL_WEIGHTS_FILE);
+    let mut tensors = crate::model::weights::load_safetensors_file(&path, model.device())?;
+    let bad = |name: &str, problem: String| LoraError::FullWeight {
+        path: path.clone(),
+        name: name.to_string(),
+        problem,
+    };
+    let mut replaced = 0;
+    for (module, linear) in model.linear_layers_mut() {
+        let key = format!("{module}.weight");
+        if let Some(t) = tensors.remove(&key) {
+            if t.dims() != linear.weight.dims() {
+                return Err(bad(
+                    &key,
+                    format!(
+                        "is {:?}, the model's is {:?}",
+                        t.dims(),
+                        linear.weight.dims()
+                    ),
+                ));
+            }
+            linear.weight = t.to_dtype(linear.weight.dtype())?;
+            replaced += 1;
+        }
+    }
+    if let Some(name) = tensors.keys().next() {
+        return Err(bad(name, "matches no linear layer of the model".into()));
+    }
+    Ok(replaced)
 }

@@ -1,0 +1,896 @@
+//! `sails align`: every stage from SAEs to the report into one run folder, each stage skipped
+//! when its inputs and config are unchanged, an interrupted run resumed where it stopped.
+//!
+//! Each stage runs as the matching `sails` subcommand in a child process (the same binary), so
+//! a stage behaves exactly as it does on its own, with its own resume logic; this file only
+//! decides what to run, with which flags, and records what went in and came out
+//! (`manifest.json`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use sails::data::sft::{HarmlessCount, HelpfulSource, SftConfig};
+use sails::features::{FeatureConfig, Pooling};
+use sails::manifest::{Freshness, RunManifest, StagePlan, StageTiming};
+use sails::model::Resid;
+use sails::subspace::{Method, SubspaceConfig};
+use sails::train::TrainConfig;
+use serde::{Deserialize, Serialize};
+
+use super::sae::SaeRunConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PresetArg {
+    /// The whole pipeline in about 15 minutes on 2 CPU cores: one small SAE trained on a few
+    /// thousand tokens, 64 prompts per set, a short training run, 24 items per evaluation suite.
+    Quick,
+    /// The best this machine allows: the default SAEs (4 layers, trained once into
+    /// $SAILS_HOME and reused), every training prompt, the full evaluation (a few hours on CPU).
+    Default,
+    /// The paper's setting for users with a GPU and the weights: Gemma-2-9B, Gemma Scope 16k
+    /// residual SAEs (give them with --sae PATH@out:L), rank-16 LoRA on q,k,v,o.
+    #[value(name = "gemma-2-9b")]
+    #[serde(rename = "gemma-2-9b")]
+    Gemma2_9b,
+}
+
+/// Where the SAEs come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SaePlan {
+    /// Existing SAEs (`sails features --sae` spellings).
+    Load { paths: Vec<String> },
+    /// Train into `<run>/sae` with this config (`sails sae train`).
+    Train(Box<SaeRunConfig>),
+    /// The model's default-preset SAEs in $SAILS_HOME, trained there first if missing.
+    DefaultPreset,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraPlan {
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    /// Keep the subspace factor fixed so every update stays inside the subspace.
+    pub freeze_basis: bool,
+    pub init_seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalPlan {
+    /// First N items of each suite (`None`: all of them).
+    pub limit: Option<usize>,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+}
+
+/// Everything `sails align` does; saved into `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlignConfig {
+    pub preset: PresetArg,
+    pub model: String,
+    pub sae: SaePlan,
+    pub features: FeatureConfig,
+    /// At most this many prompts per set for feature scoring (`None`: every training prompt).
+    pub feature_prompts: Option<usize>,
+    pub subspace: SubspaceConfig,
+    pub data: SftConfig,
+    pub lora: LoraPlan,
+    pub train: TrainConfig,
+    pub eval: EvalPlan,
+    /// Top-activating contexts shown per feature card.
+    pub explain_contexts: usize,
+}
+
+impl AlignConfig {
+    pub fn preset(preset: PresetArg) -> Self {
+        let lora = LoraPlan {
+            rank: 16,
+            alpha: 32.0,
+            targets: sails::lora::default_targets(),
+            freeze_basis: false,
+            init_seed: 0,
+        };
+        match preset {
+            PresetArg::Quick => {
+                let mut sae = SaeRunConfig::preset_default();
+                sae.corpus.generated = 0;
+                sae.corpus.alpaca_max = 300;
+                sae.store.layers = vec![Resid::In(12)];
+                sae.store.token_budget = 6_000;
+                sae.train.d_sae = 2304;
+                sae.train.total_tokens = 150_000;
+                sae.train.batch_size = 2048;
+                sae.train.lr_warmup_steps = 10;
+                sae.train.checkpoint_every = 25;
+                sae.train.init_sample_tokens = 4096;
+                AlignConfig {
+                    preset,
+                    model: "default".into(),
+                    sae: SaePlan::Train(Box::new(sae)),
+                    features: FeatureConfig {
+                        top_k: 32,
+                        bootstrap: 200,
+                        ..FeatureConfig::default()
+                    },
+                    feature_prompts: Some(64),
+                    subspace: SubspaceConfig::default(),
+                    data: SftConfig {
+                        harmful: Some(64),
+                        harmless: HarmlessCount::PerHarmful(1.0),
+                        max_edgy: Some(8),
+                        helpful: HelpfulSource::Reference,
+                        max_new_tokens: 64,
+                        ..SftConfig::default()
+                    },
+                    lora,
+                    train: TrainConfig {
+                        lr_peak: 1e-3,
+                        lr_min: 1e-4,
+                        warmup_steps: 3,
+                        max_steps: 24,
+                        batch_size: 4,
+                        eval_every: Some(12),
+                        checkpoint_every: Some(6),
+                        max_seq_len: 1024,
+                        ..TrainConfig::default()
+                    },
+                    eval: EvalPlan {
+                        limit: Some(24),
+                        max_new_tokens: 48,
+                        batch_size: 12,
+                    },
+                    explain_contexts: 3,
+                }
+            }
+            PresetArg::Default => AlignConfig {
+                preset,
+                model: "default".into(),
+                sae: SaePlan::DefaultPreset,
+                features: FeatureConfig::default(),
+                feature_prompts: None,
+                subspace: SubspaceConfig::default(),
+                data: SftConfig::default(),
+                lora,
+                train: TrainConfig {
+                    lr_peak: 5e-4,
+                    lr_min: 5e-5,
+                    warmup_steps: 10,
+                    max_steps: 300,
+                    max_seq_len: 768,
+                    ..TrainConfig::default()
+                },
+                eval: EvalPlan {
+                    limit: None,
+                    max_new_tokens: 64,
+                    batch_size: 16,
+                },
+                explain_contexts: 5,
+            },
+            PresetArg::Gemma2_9b => AlignConfig {
+                preset,
+                model: "google/gemma-2-9b-it".into(),
+                sae: SaePlan::Load { paths: Vec::new() },
+                features: FeatureConfig::default(),
+                feature_prompts: None,
+                subspace: SubspaceConfig::default(),
+                data: SftConfig::default(),
+                lora,
+                train: TrainConfig::default(),
+                eval: EvalPlan {
+                    limit: None,
+                    max_new_tokens: 64,
+                    batch_size: 16,
+                },
+                explain_contexts: 5,
+            },
+        }
+    }
+}
+
+/// Run the whole SAILS pipeline into one folder (the project's main job).
+///
+/// Stages: SAEs (trained or loaded) → features → subspace → fine-tuning data → LoRA training
+/// from the subspace → evaluation of the base and the aligned model → explanations → report
+/// (report.html, summary.md). manifest.json records every stage's input hashes, config, output
+/// hashes and time; rerunning skips what is up to date and resumes what was interrupted.
+#[derive(Debug, Args)]
+pub struct AlignArgs {
+    /// Built-in settings; --config and the flags below override them.
+    #[arg(long, value_enum, default_value = "quick")]
+    pub preset: PresetArg,
+    /// TOML file overriding any part of the preset (sections: features, subspace, data, lora,
+    /// train, eval, sae; top-level keys model, feature_prompts, explain_contexts).
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Run folder [default: runs/<preset>].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Model (`default`, a GGUF file, a Hugging Face folder or hub id in the local cache).
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// Use these SAEs instead of training (`sails features --sae` spellings, comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "PATH")]
+    pub sae: Vec<String>,
+    /// Redo every stage, ignoring what the manifest says is up to date.
+    #[arg(long)]
+    pub force: bool,
+    /// Stop after this stage (sae, features, subspace, data, train, eval-base, eval-aligned,
+    /// explain, report).
+    #[arg(long, value_name = "STAGE")]
+    pub until: Option<String>,
+    /// Print the manifest on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Deep-merges `over` into `base` (tables merge key by key; anything else is replaced).
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+impl AlignArgs {
+    pub fn resolve(&self) -> anyhow::Result<AlignConfig> {
+        let mut cfg = AlignConfig::preset(self.preset);
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let over: toml::Value =
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let mut base = toml::Value::try_from(&cfg).context("preset as TOML")?;
+            merge(&mut base, over);
+            cfg = base
+                .try_into()
+                .with_context(|| format!("{}: not an align config", path.display()))?;
+        }
+        if let Some(m) = &self.model {
+            cfg.model = m.clone();
+        }
+        if !self.sae.is_empty() {
+            cfg.sae = SaePlan::Load {
+                paths: self.sae.clone(),
+            };
+        }
+        if cfg.preset == PresetArg::Gemma2_9b
+            && matches!(&cfg.sae, SaePlan::Load { paths } if paths.is_empty())
+        {
+            bail!(
+                "the gemma-2-9b preset needs Gemma Scope SAEs: --sae params.npz@out:L[,...] \
+                 (and --model with the weights' folder)"
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+/// The run folder and where each stage writes.
+pub(super) struct Layout {
+    pub(super) root: PathBuf,
+}
+
+impl Layout {
+    pub(super) fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+}
+
+/// `sails <args>` in a child process; its stdout goes to `<run>/logs/<stage>.log`, its
+/// stderr (progress bars, logs) to ours.
+pub(super) fn sails(run: &Layout, stage: &str, args: &[String]) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the sails binary")?;
+    // Linux names a binary replaced on disk while it runs "<path> (deleted)"; the path itself
+    // then holds the new build.
+    let exe = match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+        Some(p) => PathBuf::from(p),
+        None => exe,
+    };
+    let logs = run.path("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log_path = logs.join(format!("{stage}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    tracing::info!(stage, cmd = %format!("sails {}", args.join(" ")), "running");
+    let status = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::from(log))
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("starting stage {stage}"))?;
+    if !status.success() {
+        bail!(
+            "stage {stage} failed ({status}); its output is in {}; rerun the same command to \
+             resume",
+            log_path.display()
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+pub(super) fn write_toml<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let text = toml::to_string(value).context("serialising a stage config")?;
+    sails::model::write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
+
+/// Runs one stage unless the manifest says it is up to date.
+pub(super) struct Runner<'a> {
+    pub(super) run: &'a Layout,
+    pub(super) manifest: RunManifest,
+    pub(super) force: bool,
+    pub(super) timings: Vec<StageTiming>,
+}
+
+impl Runner<'_> {
+    /// `work(fresh_start)`: `fresh_start` is true when earlier outputs must be discarded.
+    pub(super) fn stage(
+        &mut self,
+        plan: StagePlan<'_>,
+        work: impl FnOnce(bool) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let freshness = if self.force {
+            Freshness::Stale("--force".into())
+        } else {
+            self.manifest.freshness(&self.run.root, &plan)?
+        };
+        if freshness == Freshness::UpToDate {
+            tracing::info!(stage = plan.name, "up to date, skipped");
+            eprintln!("[{}] up to date", plan.name);
+            self.timings.push(StageTiming {
+                stage: plan.name.into(),
+                seconds: 0.0,
+                skipped: true,
+            });
+            return Ok(());
+        }
+        let fresh_start = matches!(freshness, Freshness::Stale(_));
+        if let Freshness::Stale(why) = &freshness {
+            eprintln!("[{}] rerunning: {why}", plan.name);
+            self.manifest.forget(plan.name);
+            self.manifest.save(&self.run.root)?;
+        } else {
+            eprintln!("[{}] running", plan.name);
+        }
+        work(fresh_start)?;
+        let seconds = start.elapsed().as_secs_f64();
+        self.manifest.finish(&self.run.root, &plan, seconds)?;
+        self.timings.push(StageTiming {
+            stage: plan.name.into(),
+            seconds,
+            skipped: false,
+        });
+        eprintln!("[{}] done in {seconds:.0} s", plan.name);
+        Ok(())
+    }
+}
+
+pub(super) fn remove_dir(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        std::fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn pooling_flag(p: Pooling) -> &'static str {
+    match p {
+        Pooling::Mean => "mean",
+        Pooling::Last => "last",
+        Pooling::Max => "max",
+    }
+}
+
+pub(super) fn versions() -> BTreeMap<String, String> {
+    let mut v = BTreeMap::new();
+    v.insert("sails".into(), env!("CARGO_PKG_VERSION").into());
+    v.insert("candle".into(), "0.11.1".into());
+    v.insert(
+        "target".into(),
+        format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+    );
+    v.insert(
+        "threads".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.get().to_string())
+            .unwrap_or_default(),
+    );
+    v
+}
+
+/// Stages in order; `--until` names one of them.
+pub const STAGES: &[&str] = &[
+    "sae",
+    "features",
+    "subspace",
+    "data",
+    "train",
+    "eval-base",
+    "eval-aligned",
+    "explain",
+    "report",
+];
+
+pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.resolve()?;
+    if let Some(u) = &args.until {
+        if !STAGES.contains(&u.as_str()) {
+            bail!("--until {u:?}: not a stage (one of {})", STAGES.join(", "));
+        }
+    }
+    let root = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(match cfg.preset {
+            PresetArg::Quick => "quick",
+            PresetArg::Default => "default",
+            PresetArg::Gemma2_9b => "gemma-2-9b",
+        })
+    });
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let run = Layout { root: root.clone() };
+    let config_json = serde_json::to_value(&cfg)?;
+    let mut manifest = RunManifest::load(&root)?
+        .unwrap_or_else(|| RunManifest::new(config_json.clone(), versions()));
+    manifest.config = config_json;
+    manifest.versions = versions();
+    let mut runner = Runner {
+        run: &run,
+        manifest,
+        force: args.force,
+        timings: Vec::new(),
+    };
+    let total = Instant::now();
+    let model_path = sails::model::load::ModelSource::resolve(&cfg.model)
+        .with_context(|| format!("resolving model {:?}", cfg.model))?
+        .path()
+        .to_path_buf();
+    let until = |stage: &str| args.until.as_deref() == Some(stage);
+
+    // 1. SAEs
+    let sae_specs: Vec<String> = match &cfg.sae {
+        SaePlan::Load { paths } => paths.clone(),
+        SaePlan::Train(_) => vec![run.path("sae").display().to_string()],
+        SaePlan::DefaultPreset => vec![super::sae::preset_dir(&cfg.model).display().to_string()],
+    };
+    let sae_inputs: Vec<PathBuf> = match &cfg.sae {
+        SaePlan::Load { paths } => paths
+            .iter()
+            .map(|p| PathBuf::from(p.rsplit_once('@').map_or(p.as_str(), |(f, _)| f)))
+            .collect(),
+        _ => vec![model_path.clone()],
+    };
+    runner.stage(
+        StagePlan {
+            name: "sae",
+            inputs: sae_inputs,
+            config: serde_json::to_value(&cfg.sae)?,
+            outputs: Vec::new(),
+        },
+        |fresh| match &cfg.sae {
+            SaePlan::Load { .. } => Ok(()),
+            SaePlan::Train(sae_cfg) => {
+                if fresh {
+                    remove_dir(&run.path("sae"))?;
+                }
+                let cfg_path = run.path("sae-config.toml");
+                write_toml(&cfg_path, sae_cfg.as_ref())?;
+                sails(
+                    &run,
+                    "sae",
+                    &[
+                        s("sae"),
+                        s("train"),
+                        s("--model"),
+                        cfg.model.clone(),
+                        s("--config"),
+                        s(cfg_path.display()),
+                        s("--out"),
+                        s(run.path("sae").display()),
+                        s("--no-eval"),
+                    ],
+                )
+            }
+            SaePlan::DefaultPreset => sails(
+                &run,
+                "sae",
+                &[
+                    s("sae"),
+                    s("train"),
+                    s("--model"),
+                    cfg.model.clone(),
+                    s("--preset"),
+                    s("default"),
+                ],
+            ),
+        },
+    )?;
+    if until("sae") {
+        return finish(runner, &args, total);
+    }
+
+    // 2. features
+    let sae_weight_inputs: Vec<PathBuf> = match &cfg.sae {
+        SaePlan::Load { paths } => paths
+            .iter()
+            .map(|p| PathBuf::from(p.rsplit_once('@').map_or(p.as_str(), |(f, _)| f)))
+            .collect(),
+        _ => sae_specs.iter().map(PathBuf::from).collect(),
+    };
+    let mut inputs = vec![model_path.clone()];
+    inputs.extend(sae_weight_inputs.iter().cloned());
+    let f = &cfg.features;
+    runner.stage(
+        StagePlan {
+            name: "features",
+            inputs,
+            config: serde_json::json!({ "features": f, "prompts": cfg.feature_prompts }),
+            outputs: vec![PathBuf::from("features")],
+        },
+        |_| {
+            let mut a = vec![
+                s("features"),
+                s("--model"),
+                cfg.model.clone(),
+                s("--sae"),
+                sae_specs.join(","),
+                s("--out"),
+                s(run.path("features").display()),
+                s("--top-k"),
+                s(f.top_k),
+                s("--pooling"),
+                s(pooling_flag(f.pooling)),
+                s("--bootstrap"),
+                s(f.bootstrap),
+                s("--seed"),
+                s(f.seed),
+                s("--batch-size"),
+                s(f.batch_size),
+            ];
+            if let Some(n) = cfg.feature_prompts {
+                a.extend([s("--max-prompts"), s(n)]);
+            }
+            sails(&run, "features", &a)
+        },
+    )?;
+    if until("features") {
+        return finish(runner, &args, total);
+    }
+
+    // 3. subspace
+    let sub = &cfg.subspace;
+    runner.stage(
+        StagePlan {
+            name: "subspace",
+            inputs: vec![run.path("features")],
+            config: serde_json::to_value(sub)?,
+            outputs: vec![PathBuf::from("subspace")],
+        },
+        |_| {
+            sails(
+                &run,
+                "subspace",
+                &[
+                    s("subspace"),
+                    s("--features"),
+                    s(run.path("features").display()),
+                    s("--method"),
+                    s(sub.method.name()),
+                    s("--rank"),
+                    s(sub.rank),
+                    s("--energy-frac"),
+                    s(sub.energy_frac),
+                    s("--seed"),
+                    s(sub.seed),
+                    s("--out"),
+                    s(run.path("subspace").display()),
+                ],
+            )
+        },
+    )?;
+    if sub.method != Method::Sails {
+        tracing::warn!(method = sub.method.name(), "align runs a baseline subspace");
+    }
+    if until("subspace") {
+        return finish(runner, &args, total);
+    }
+
+    // 4. fine-tuning data
+    runner.stage(
+        StagePlan {
+            name: "data",
+            inputs: vec![model_path.clone()],
+            config: serde_json::to_value(&cfg.data)?,
+            outputs: vec![
+                PathBuf::from("data/train.jsonl"),
+                PathBuf::from("data/heldout.jsonl"),
+            ],
+        },
+        |fresh| {
+            if fresh {
+                remove_dir(&run.path("data"))?;
+            }
+            let cfg_path = run.path("data-config.toml");
+            write_toml(&cfg_path, &cfg.data)?;
+            sails(
+                &run,
+                "data",
+                &[
+                    s("data"),
+                    s("build"),
+                    s("--model"),
+                    cfg.model.clone(),
+                    s("--config"),
+                    s(cfg_path.display()),
+                    s("--out"),
+                    s(run.path("data").display()),
+                ],
+            )
+        },
+    )?;
+    if until("data") {
+        return finish(runner, &args, total);
+    }
+
+    // 5. training from the subspace
+    let lora = &cfg.lora;
+    runner.stage(
+        StagePlan {
+            name: "train",
+            inputs: vec![
+                model_path.clone(),
+                run.path("data/train.jsonl"),
+                run.path("data/heldout.jsonl"),
+                run.path("subspace/subspace.safetensors"),
+            ],
+            config: serde_json::json!({ "lora": lora, "train": &cfg.train }),
+            outputs: vec![PathBuf::from("train/adapter")],
+        },
+        |fresh| {
+            if fresh {
+                remove_dir(&run.path("train"))?;
+            }
+            let cfg_path = run.path("train-config.toml");
+            write_toml(&cfg_path, &cfg.train)?;
+            let mut a = vec![
+                s("train"),
+                s("--model"),
+                cfg.model.clone(),
+                s("--data"),
+                s(run.path("data/train.jsonl").display()),
+                s("--eval-data"),
+                s(run.path("data/heldout.jsonl").display()),
+                s("--out"),
+                s(run.path("train").display()),
+                s("--init"),
+                s("subspace"),
+                s("--basis"),
+                s(run.path("subspace/subspace.safetensors").display()),
+                s("--rank"),
+                s(lora.rank),
+                s("--alpha"),
+                s(lora.alpha),
+                s("--targets"),
+                lora.targets.join(","),
+                s("--init-seed"),
+                s(lora.init_seed),
+                s("--config"),
+                s(cfg_path.display()),
+                s("--resume"),
+            ];
+            if lora.freeze_basis {
+                a.push(s("--freeze-basis"));
+            }
+            sails(&run, "train", &a)
+        },
+    )?;
+    if until("train") {
+        return finish(runner, &args, total);
+    }
+
+    // 6–7. evaluation of the base and the aligned model
+    let e = &cfg.eval;
+    for (stage, adapter) in [("eval-base", None), ("eval-aligned", Some("train/adapter"))] {
+        let mut inputs = vec![model_path.clone()];
+        if let Some(a) = adapter {
+            inputs.push(run.path(a));
+        }
+        runner.stage(
+            StagePlan {
+                name: stage,
+                inputs,
+                config: serde_json::to_value(e)?,
+                outputs: vec![PathBuf::from(stage).join("metrics.json")],
+            },
+            |fresh| {
+                if fresh {
+                    remove_dir(&run.path(stage))?;
+                }
+                let mut a = vec![
+                    s("eval"),
+                    s("--model"),
+                    cfg.model.clone(),
+                    s("--suite"),
+                    s("all"),
+                    s("--out"),
+                    s(run.path(stage).display()),
+                    s("--max-new-tokens"),
+                    s(e.max_new_tokens),
+                    s("--batch-size"),
+                    s(e.batch_size),
+                ];
+                if let Some(n) = e.limit {
+                    a.extend([s("--limit"), s(n)]);
+                }
+                if let Some(ad) = adapter {
+                    a.extend([s("--adapter"), s(run.path(ad).display())]);
+                }
+                sails(&run, stage, &a)
+            },
+        )?;
+        if until(stage) {
+            return finish(runner, &args, total);
+        }
+    }
+
+    // 8. explanations
+    runner.stage(
+        StagePlan {
+            name: "explain",
+            inputs: vec![
+                model_path.clone(),
+                run.path("features"),
+                run.path("subspace"),
+                run.path("train/adapter"),
+            ],
+            config: serde_json::json!({ "contexts": cfg.explain_contexts }),
+            outputs: vec![PathBuf::from("explain/explanations.json")],
+        },
+        |_| {
+            sails(
+                &run,
+                "explain",
+                &[
+                    s("explain"),
+                    s("--model"),
+                    cfg.model.clone(),
+                    s("--features"),
+                    s(run.path("features").display()),
+                    s("--subspace"),
+                    s(run.path("subspace").display()),
+                    s("--adapter"),
+                    s(run.path("train/adapter").display()),
+                    s("--contexts"),
+                    s(cfg.explain_contexts),
+                    s("--out"),
+                    s(run.path("explain/explanations.json").display()),
+                ],
+            )
+        },
+    )?;
+    if until("explain") {
+        return finish(runner, &args, total);
+    }
+
+    // 9. report
+    runner.stage(
+        StagePlan {
+            name: "report",
+            inputs: vec![
+                run.path("features"),
+                run.path("subspace"),
+                run.path("train/loss_curve.jsonl"),
+                run.path("eval-base/metrics.json"),
+                run.path("eval-aligned/metrics.json"),
+                run.path("explain/explanations.json"),
+            ],
+            config: serde_json::json!({}),
+            outputs: vec![PathBuf::from("report.html"), PathBuf::from("summary.md")],
+        },
+        |_| super::report::write_run_report(&run.root, &cfg.model, &format!("{:?}", cfg.preset)),
+    )?;
+    finish(runner, &args, total)
+}
+
+fn finish(mut runner: Runner<'_>, args: &AlignArgs, total: Instant) -> anyhow::Result<ExitCode> {
+    runner.manifest.last_invocation = std::mem::take(&mut runner.timings);
+    runner.manifest.save(&runner.run.root)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&runner.manifest)?);
+    } else {
+        println!(
+            "run {} finished in {:.0} s",
+            runner.run.root.display(),
+            total.elapsed().as_secs_f64()
+        );
+        for t in &runner.manifest.last_invocation {
+            println!(
+                "  {:<13} {}",
+                t.stage,
+                if t.skipped {
+                    "up to date".to_string()
+                } else {
+                    format!("{:.0} s", t.seconds)
+                }
+            );
+        }
+        let report = runner.run.path("report.html");
+        if report.exists() {
+            println!("report: {}", report.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct A {
+        #[command(flatten)]
+        a: AlignArgs,
+    }
+
+    #[test]
+    fn presets_round_trip_through_toml_and_a_config_file_overrides_them() {
+        for p in [PresetArg::Quick, PresetArg::Default, PresetArg::Gemma2_9b] {
+            let cfg = AlignConfig::preset(p);
+            let text = toml::to_string(&cfg).unwrap();
+            let back: AlignConfig = toml::from_str(&text).unwrap();
+            assert_eq!(back, cfg, "{p:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "feature_prompts = 10\n[train]\nmax_steps = 7\n").unwrap();
+        let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
+            .unwrap()
+            .a;
+        let cfg = a.resolve().unwrap();
+        assert_eq!(cfg.train.max_steps, 7);
+        assert_eq!(cfg.feature_prompts, Some(10));
+        // untouched keys keep the preset's values
+        assert_eq!(
+            cfg.train.lr_peak,
+            AlignConfig::preset(PresetArg::Quick).train.lr_peak
+        );
+        std::fs::write(&file, "[train]\nmax_stepz = 7\n").unwrap();
+        let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
+            .unwrap()
+            .a;
+        assert!(a.resolve().is_err(), "unknown keys are errors");
+    }
+
+    #[test]
+    fn gemma_preset_needs_saes() {
+        let a = A::try_parse_from(["x", "--preset", "gemma-2-9b"])
+            .unwrap()
+            .a;
+        assert!(a.resolve().unwrap_err().to_string().contains("Gemma Scope"));
+        let a = A::try_parse_from(["x", "--preset", "gemma-2-9b", "--sae", "p.npz@out:20"])
+            .unwrap()
+            .a;
+        assert!(matches!(a.resolve().unwrap().sae, SaePlan::Load { .. }));
+    }
+}
