@@ -1,0 +1,130 @@
+//! `sails align` on the real default model with a small SAE, up to the subspace: the manifest
+//! records every input's hash, an unchanged rerun skips every stage, a config change reruns the
+//! stage and what depends on it, and a lost output is rebuilt alone.
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use sails::manifest::{hash_path, RunManifest};
+use sails::model::Resid;
+use sails::sae::{Architecture, Normalization, Sae, SaeConfig};
+
+/// A random TopK SAE on `Resid::In(6)` of SmolLM2 (d_model 576), in SAELens layout.
+fn write_sae(dir: &Path) {
+    let (d_in, d_sae) = (576, 64);
+    let mut g = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(11);
+    let w: Vec<f32> = sails::linalg::standard_normals(&mut g, d_in * d_sae)
+        .iter()
+        .map(|v| (*v * 0.05) as f32)
+        .collect();
+    let w_enc = Tensor::from_vec(w, (d_in, d_sae), &Device::Cpu).unwrap();
+    let w_dec = w_enc.t().unwrap().contiguous().unwrap();
+    let cfg = SaeConfig {
+        architecture: Architecture::TopK {
+            k: 8,
+            rescale_acts_by_decoder_norm: false,
+        },
+        d_in,
+        d_sae,
+        hook: Resid::In(6),
+        apply_b_dec_to_input: false,
+        normalize_activations: Normalization::None,
+        metadata: Default::default(),
+    };
+    let zeros = |n| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
+    Sae::new(cfg, w_enc, zeros(d_sae), w_dec, zeros(d_in), None)
+        .unwrap()
+        .save_saelens(dir)
+        .unwrap();
+}
+
+fn align(run: &Path, sae: &Path, config: &Path) -> RunManifest {
+    let out = Command::new(env!("CARGO_BIN_EXE_sails"))
+        .args(["align", "--until", "subspace", "--out"])
+        .arg(run)
+        .arg("--sae")
+        .arg(sae)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "align failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    RunManifest::load(run).unwrap().expect("manifest.json")
+}
+
+fn skipped(m: &RunManifest) -> Vec<(String, bool)> {
+    m.last_invocation
+        .iter()
+        .map(|t| (t.stage.clone(), t.skipped))
+        .collect()
+}
+
+fn stages(names: &[(&str, bool)]) -> Vec<(String, bool)> {
+    names.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+}
+
+#[test]
+fn align_records_inputs_skips_what_is_done_and_reruns_what_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sae = tmp.path().join("sae");
+    write_sae(&sae);
+    let run = tmp.path().join("run");
+    let config = tmp.path().join("run.toml");
+    let base_cfg = "feature_prompts = 4\n[features]\ntop_k = 4\nbootstrap = 10\n\
+                    [subspace]\nrank = 2\n";
+    std::fs::write(&config, base_cfg).unwrap();
+
+    let m = align(&run, &sae, &config);
+    assert_eq!(
+        skipped(&m),
+        stages(&[("sae", false), ("features", false), ("subspace", false)])
+    );
+    // every input of the features stage is recorded with its hash
+    let features = m.record("features").unwrap();
+    let model = sails::assets::ensure(sails::model::load::DEFAULT_MODEL_ASSET).unwrap();
+    assert_eq!(
+        features.inputs[&model.display().to_string()],
+        hash_path(&model).unwrap()
+    );
+    assert_eq!(
+        features.inputs[&sae.display().to_string()],
+        hash_path(&sae).unwrap()
+    );
+    assert_eq!(features.config["features"]["top_k"], 4);
+    let subspace = m.record("subspace").unwrap();
+    assert_eq!(
+        subspace.outputs["subspace"],
+        hash_path(&run.join("subspace")).unwrap()
+    );
+
+    // unchanged: nothing runs
+    let m = align(&run, &sae, &config);
+    assert_eq!(
+        skipped(&m),
+        stages(&[("sae", true), ("features", true), ("subspace", true)])
+    );
+
+    // a features setting changed: features and the subspace built from them rerun
+    std::fs::write(&config, base_cfg.replace("top_k = 4", "top_k = 3")).unwrap();
+    let m = align(&run, &sae, &config);
+    assert_eq!(
+        skipped(&m),
+        stages(&[("sae", true), ("features", false), ("subspace", false)])
+    );
+    let sel = sails::features::Selection::load(&run.join("features/features.json")).unwrap();
+    assert_eq!(sel.layers[0].features.len(), 3);
+
+    // a lost output (an interrupted or damaged stage) is rebuilt, the rest kept
+    std::fs::remove_file(run.join("subspace/subspace.json")).unwrap();
+    let m = align(&run, &sae, &config);
+    assert_eq!(
+        skipped(&m),
+        stages(&[("sae", true), ("features", true), ("subspace", false)])
+    );
+    assert!(run.join("subspace/subspace.json").exists());
+}
