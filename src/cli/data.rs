@@ -349,14 +349,20 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
             m.refusal_pools[1],
             m.refusal_pools[2]
         );
-        let mut reasons: HashMap<&str, usize> = HashMap::new();
+        // Duplicates name the prompt they repeat; the summary only counts them.
+        let mut reasons: HashMap<String, usize> = HashMap::new();
         for d in &m.dropped {
-            *reasons.entry(d.reason.as_str()).or_default() += 1;
+            let reason = if d.reason.starts_with("duplicate of ") {
+                "duplicate prompt"
+            } else {
+                d.reason.as_str()
+            };
+            *reasons.entry(format!("{}: {reason}", d.kind)).or_default() += 1;
         }
         let mut reasons: Vec<_> = reasons.into_iter().collect();
         reasons.sort();
         for (reason, n) in reasons {
-            println!("dropped: {n} ({reason})");
+            println!("dropped {n:>4}  {reason}");
         }
         println!("wrote {}", args.out.display());
     }

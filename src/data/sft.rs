@@ -50,15 +50,19 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use super::{normalise, DataError, FileHash, SplitConfig, Splits};
+use super::{normalise, AlpacaPair, DataError, FileHash, PromptRecord, SplitConfig, Splits};
 use crate::model::chat::Message;
 use crate::train::ChatExample;
 
 /// Error a model-answer callback may return.
 pub type AnswerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Answers a batch of prompts, one answer per prompt in order (the base model, or a stand-in).
+pub type AnswerFn<'a> = dyn FnMut(&[String]) -> std::result::Result<Vec<String>, AnswerError> + 'a;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SftError {
@@ -311,8 +315,7 @@ pub struct ModelAnswers<'a> {
     /// Recorded in the manifest, e.g. `default (SmolLM2-135M-Instruct) greedy max_new_tokens=128`.
     pub source: String,
     /// Returns one answer per prompt, in order.
-    #[allow(clippy::type_complexity)]
-    pub answer: &'a mut dyn FnMut(&[String]) -> std::result::Result<Vec<String>, AnswerError>,
+    pub answer: &'a mut AnswerFn<'a>,
 }
 
 // Refusals are composed as `opener + " " + reason [+ " " + offer]`, each part chosen by a hash of
@@ -399,12 +402,12 @@ struct Item {
 }
 
 /// Orders `items` by `sha256("{seed}:pick:{id}")` and keeps the first `n`.
-fn pick<T>(items: Vec<T>, n: usize, seed: u64, id: impl Fn(&T) -> &str) -> Vec<T> {
-    let mut keyed: Vec<([u8; 32], T)> = items
+fn pick<T>(items: Vec<&T>, n: usize, seed: u64, id: impl Fn(&T) -> &str) -> Vec<&T> {
+    let mut keyed: Vec<([u8; 32], &T)> = items
         .into_iter()
-        .map(|t| (key(seed, "pick", id(&t)), t))
+        .map(|t| (key(seed, "pick", id(t)), t))
         .collect();
-    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    keyed.sort_by_key(|(k, _)| *k);
     keyed.into_iter().take(n).map(|(_, t)| t).collect()
 }
 
@@ -421,8 +424,55 @@ pub fn build(
     let seed = cfg.seed;
     let mut dropped = Vec::new();
 
+    // Candidate pools, in priority order harmful, edgy, Alpaca, each in data order: a prompt
+    // whose normalised text an earlier candidate already has is dropped here, before any subset
+    // is drawn, so the counts asked for are the counts delivered.
+    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut fresh = |id: &str, kind: Kind, text: &str, dropped: &mut Vec<Dropped>| match seen
+        .entry(normalise(text))
+    {
+        Entry::Occupied(first) => {
+            dropped.push(Dropped {
+                id: id.to_owned(),
+                kind,
+                reason: format!("duplicate of {}", first.get()),
+            });
+            false
+        }
+        Entry::Vacant(v) => {
+            v.insert(id.to_owned());
+            true
+        }
+    };
+    let harmful_pool: Vec<&PromptRecord> = splits
+        .train_harmful()
+        .iter()
+        .filter(|r| fresh(&r.id, Kind::HarmfulRefusal, &r.text, &mut dropped))
+        .collect();
+    let edgy_pool: Vec<&PromptRecord> = if cfg.include_edgy {
+        splits
+            .benign_edgy()
+            .iter()
+            .filter(|r| fresh(&r.id, Kind::EdgyHelpful, &r.text, &mut dropped))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut alpaca_pool: Vec<&AlpacaPair> = Vec::new();
+    for p in splits.alpaca_train() {
+        if cfg.helpful == HelpfulSource::Reference && p.response.trim().is_empty() {
+            dropped.push(Dropped {
+                id: p.id.clone(),
+                kind: Kind::HarmlessHelpful,
+                reason: "empty reference answer".into(),
+            });
+        } else if fresh(&p.id, Kind::HarmlessHelpful, &p.prompt, &mut dropped) {
+            alpaca_pool.push(p);
+        }
+    }
+
     // Harmful → refusal.
-    let available = splits.train_harmful().len();
+    let available = harmful_pool.len();
     let n_harmful = cfg.harmful.unwrap_or(available);
     if n_harmful > available {
         return Err(SftError::NotEnough {
@@ -431,43 +481,41 @@ pub fn build(
             available,
         });
     }
-    let mut items: Vec<Item> = pick(splits.train_harmful().to_vec(), n_harmful, seed, |r| &r.id)
+    let mut items: Vec<Item> = pick(harmful_pool, n_harmful, seed, |r| &r.id)
         .into_iter()
         .map(|r| Item {
             response: Some(refusal(seed, &r.text)),
-            id: r.id,
+            id: r.id.clone(),
             kind: Kind::HarmfulRefusal,
-            prompt: r.text,
+            prompt: r.text.clone(),
             source: ResponseSource::Refusal,
         })
         .collect();
 
     // Benign-but-edgy → the model's own answer, or dropped.
-    let mut n_edgy = 0;
-    if cfg.include_edgy {
-        let all = splits.benign_edgy();
-        let n = cfg.max_edgy.unwrap_or(all.len()).min(all.len());
-        let edgy = pick(all.to_vec(), n, seed, |r| &r.id);
+    let n = cfg.max_edgy.unwrap_or(edgy_pool.len()).min(edgy_pool.len());
+    let edgy = pick(edgy_pool, n, seed, |r| &r.id);
+    let n_edgy = if answers.is_some() { edgy.len() } else { 0 };
+    for r in edgy {
         if answers.is_some() {
-            n_edgy = edgy.len();
-            items.extend(edgy.into_iter().map(|r| Item {
-                id: r.id,
+            items.push(Item {
+                id: r.id.clone(),
                 kind: Kind::EdgyHelpful,
-                prompt: r.text,
+                prompt: r.text.clone(),
                 response: None,
                 source: ResponseSource::Model,
-            }));
+            });
         } else {
-            dropped.extend(edgy.into_iter().map(|r| Dropped {
-                id: r.id,
+            dropped.push(Dropped {
+                id: r.id.clone(),
                 kind: Kind::EdgyHelpful,
                 reason: "no reference answer and no model to answer it".into(),
-            }));
+            });
         }
     }
 
     // Harmless Alpaca → reference or model answer.
-    let available = splits.alpaca_train().len();
+    let available = alpaca_pool.len();
     let n_harmless = match cfg.harmless {
         HarmlessCount::Exactly(n) => n,
         HarmlessCount::PerHarmful(r) => {
@@ -481,33 +529,19 @@ pub fn build(
             available,
         });
     }
-    for p in pick(splits.alpaca_train().to_vec(), n_harmless, seed, |p| &p.id) {
+    for p in pick(alpaca_pool, n_harmless, seed, |p| &p.id) {
         let (response, source) = match cfg.helpful {
-            HelpfulSource::Reference => (Some(p.response), ResponseSource::Reference),
+            HelpfulSource::Reference => (Some(p.response.clone()), ResponseSource::Reference),
             HelpfulSource::Model => (None, ResponseSource::Model),
         };
         items.push(Item {
-            id: p.id,
+            id: p.id.clone(),
             kind: Kind::HarmlessHelpful,
-            prompt: p.prompt,
+            prompt: p.prompt.clone(),
             response,
             source,
         });
     }
-
-    // One example per normalised prompt.
-    let mut seen = HashSet::new();
-    items.retain(|it| {
-        let fresh = seen.insert(normalise(&it.prompt));
-        if !fresh {
-            dropped.push(Dropped {
-                id: it.id.clone(),
-                kind: it.kind,
-                reason: "duplicate of an earlier prompt".into(),
-            });
-        }
-        fresh
-    });
 
     // The leak guard runs before any model time is spent.
     splits.assert_disjoint(items.iter().map(|it| it.prompt.as_str()))?;
@@ -539,7 +573,8 @@ pub fn build(
         None => None,
     };
 
-    // Trim; drop what is empty.
+    // Trim; drop what is empty. Only model answers can be: refusals never are, and empty
+    // reference answers left the pool above.
     let mut kept: Vec<(Item, String)> = Vec::with_capacity(items.len());
     for mut it in items {
         let response = it.response.take().unwrap_or_default().trim().to_owned();
@@ -547,10 +582,7 @@ pub fn build(
             dropped.push(Dropped {
                 id: it.id.clone(),
                 kind: it.kind,
-                reason: match it.source {
-                    ResponseSource::Model => "empty model answer".into(),
-                    _ => "empty reference answer".into(),
-                },
+                reason: "empty model answer".into(),
             });
         } else {
             kept.push((it, response));

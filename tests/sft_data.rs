@@ -1,0 +1,418 @@
+//! The safety fine-tuning set on the real prompt sets, with a stand-in for the model's answers:
+//! no evaluation prompt leaks in, refusals vary, builds are deterministic, sizes follow the
+//! config, the held-out part is separate, save → load is identity, and every example tokenizes
+//! with the default model's chat template.
+//!
+//! The assets come from the cache ($SAILS_HOME), fetched on first use.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
+
+use sails::data::sft::{
+    self, build, AnswerError, HarmlessCount, HelpfulSource, Kind, ModelAnswers, SftConfig,
+    SftError, SftSet,
+};
+use sails::data::{normalise, Splits, Suite};
+use sails::train::ChatExample;
+
+fn splits() -> &'static Splits {
+    static S: OnceLock<Splits> = OnceLock::new();
+    S.get_or_init(|| Splits::load().expect("data assets"))
+}
+
+/// Stands in for the model: a fixed answer that names the prompt, padded with whitespace so the
+/// trimming shows.
+fn fake(prompts: &[String]) -> Result<Vec<String>, AnswerError> {
+    Ok(prompts
+        .iter()
+        .map(|p| format!("  Here is a careful answer to: {p}\n"))
+        .collect())
+}
+
+fn build_with_fake(cfg: &SftConfig) -> SftSet {
+    let mut f = fake;
+    build(
+        splits(),
+        cfg,
+        Some(ModelAnswers {
+            source: "fake".into(),
+            answer: &mut f,
+        }),
+    )
+    .unwrap()
+}
+
+fn prompt(e: &ChatExample) -> &str {
+    &e.messages[0].content
+}
+
+fn response(e: &ChatExample) -> &str {
+    &e.messages[e.messages.len() - 1].content
+}
+
+fn full_model_cfg() -> SftConfig {
+    SftConfig {
+        helpful: HelpfulSource::Model,
+        ..SftConfig::default()
+    }
+}
+
+#[test]
+fn no_evaluation_prompt_reaches_train_or_heldout() {
+    let s = splits();
+    let eval: HashSet<String> = [Suite::Harmful, Suite::Overrefusal, Suite::XstestUnsafe]
+        .iter()
+        .flat_map(|&su| s.eval_suite(su).iter().map(|r| normalise(&r.text)))
+        .chain(s.hhh().iter().map(|h| normalise(&h.input)))
+        .chain(s.alpaca_eval().iter().map(|p| normalise(&p.prompt)))
+        .collect();
+    assert!(eval.len() > 1000, "{} evaluation prompts", eval.len());
+    for set in [
+        build_with_fake(&full_model_cfg()),
+        build(splits(), &SftConfig::default(), None).unwrap(),
+    ] {
+        assert!(set.train.len() > 500);
+        for e in set.train.iter().chain(&set.heldout) {
+            assert_eq!(e.messages.len(), 2);
+            assert_eq!(e.messages[0].role, "user");
+            assert_eq!(e.messages[1].role, "assistant");
+            assert!(!eval.contains(&normalise(prompt(e))), "leak: {}", prompt(e));
+        }
+    }
+}
+
+#[test]
+fn refusals_are_varied_and_only_on_harmful_prompts() {
+    let set = build_with_fake(&full_model_cfg());
+    let m = &set.manifest;
+    let all: Vec<(&sft::ExampleMeta, &ChatExample)> = m
+        .train
+        .iter()
+        .zip(&set.train)
+        .chain(m.heldout.iter().zip(&set.heldout))
+        .collect();
+    let refusals: Vec<&str> = all
+        .iter()
+        .filter(|(meta, _)| meta.kind == Kind::HarmfulRefusal)
+        .map(|(_, e)| response(e))
+        .collect();
+    assert_eq!(refusals.len(), splits().train_harmful().len());
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for r in &refusals {
+        *uses.entry(r).or_default() += 1;
+    }
+    assert!(uses.len() >= 50, "{} distinct refusals", uses.len());
+    assert_eq!(uses.len(), m.distinct_refusals);
+    let most = uses.values().copied().max().unwrap();
+    assert!(
+        most * 20 <= refusals.len(),
+        "one refusal used {most} times of {}",
+        refusals.len()
+    );
+    // Every opener is used (12 openers over ~400 prompts), none for more than a quarter.
+    for opener in sft::REFUSAL_OPENERS {
+        let n = refusals.iter().filter(|r| r.starts_with(opener)).count();
+        assert!(
+            n > 0 && n * 4 < refusals.len(),
+            "opener {opener:?} used {n} times"
+        );
+    }
+    // Helpful examples never get a refusal.
+    let openers: HashSet<&str> = sft::REFUSAL_OPENERS.iter().copied().collect();
+    for (meta, e) in &all {
+        if meta.kind != Kind::HarmfulRefusal {
+            assert!(response(e).starts_with("Here is a careful answer to: "));
+            assert!(!openers.iter().any(|o| response(e).starts_with(o)));
+        }
+    }
+}
+
+fn save_bytes(set: &mut SftSet) -> (tempfile::TempDir, Vec<Vec<u8>>) {
+    let dir = tempfile::tempdir().unwrap();
+    set.save(dir.path()).unwrap();
+    let bytes = [sft::TRAIN_FILE, sft::HELDOUT_FILE, sft::MANIFEST_FILE]
+        .iter()
+        .map(|f| std::fs::read(dir.path().join(f)).unwrap())
+        .collect();
+    (dir, bytes)
+}
+
+#[test]
+fn same_inputs_give_identical_bytes_and_another_seed_changes_them() {
+    let cfg = full_model_cfg();
+    let (_a, a) = save_bytes(&mut build_with_fake(&cfg));
+    let (_b, b) = save_bytes(&mut build_with_fake(&cfg));
+    assert_eq!(a, b);
+    let other = SftConfig { seed: 7, ..cfg };
+    let mut set7 = build_with_fake(&other);
+    let (_c, c) = save_bytes(&mut set7);
+    assert_ne!(a[0], c[0]);
+    assert_ne!(a[1], c[1]);
+    // Same prompts overall (every harmful and edgy prompt is taken) but other refusal wording.
+    let base = build_with_fake(&full_model_cfg());
+    let refusal_of = |s: &SftSet| -> HashMap<String, String> {
+        s.train
+            .iter()
+            .chain(&s.heldout)
+            .zip(s.manifest.train.iter().chain(&s.manifest.heldout))
+            .filter(|(_, m)| m.kind == Kind::HarmfulRefusal)
+            .map(|(e, _)| (prompt(e).to_owned(), response(e).to_owned()))
+            .collect()
+    };
+    let (r0, r7) = (refusal_of(&base), refusal_of(&set7));
+    assert_eq!(
+        r0.keys().collect::<HashSet<_>>(),
+        r7.keys().collect::<HashSet<_>>()
+    );
+    let changed = r0.iter().filter(|(p, r)| r7[*p] != **r).count();
+    assert!(
+        changed * 10 > r0.len() * 8,
+        "{changed}/{} changed",
+        r0.len()
+    );
+}
+
+#[test]
+fn counts_follow_the_config() {
+    // Exact numbers, no edgy prompts: 50 harmful, 30 harmless; 10 % of each held out.
+    let cfg = SftConfig {
+        harmful: Some(50),
+        harmless: HarmlessCount::Exactly(30),
+        include_edgy: false,
+        ..SftConfig::default()
+    };
+    let m = build(splits(), &cfg, None).unwrap().manifest;
+    assert_eq!(
+        (
+            m.train_counts.harmful_refusal,
+            m.train_counts.harmless_helpful,
+            m.train_counts.edgy_helpful
+        ),
+        (45, 27, 0)
+    );
+    assert_eq!(
+        (
+            m.heldout_counts.harmful_refusal,
+            m.heldout_counts.harmless_helpful
+        ),
+        (5, 3)
+    );
+    // A ratio of 2 helpful per harmful, 20 of them edgy: 40 harmful → 80 helpful → 60 Alpaca.
+    let cfg = SftConfig {
+        harmful: Some(40),
+        harmless: HarmlessCount::PerHarmful(2.0),
+        max_edgy: Some(20),
+        heldout_frac: 0.0,
+        helpful: HelpfulSource::Reference,
+        ..SftConfig::default()
+    };
+    let set = build_with_fake(&cfg);
+    let c = set.manifest.train_counts;
+    assert_eq!(
+        (c.harmful_refusal, c.harmless_helpful, c.edgy_helpful),
+        (40, 60, 20)
+    );
+    assert!(set.heldout.is_empty());
+    // Reference answers are the Alpaca answers, trimmed.
+    let reference: HashMap<&str, &str> = splits()
+        .alpaca_train()
+        .iter()
+        .map(|p| (p.prompt.as_str(), p.response.as_str()))
+        .collect();
+    for (e, meta) in set.train.iter().zip(&set.manifest.train) {
+        if meta.kind == Kind::HarmlessHelpful {
+            assert_eq!(response(e), reference[prompt(e)].trim());
+        }
+    }
+    // More than there is: an error naming the numbers.
+    let too_many = SftConfig {
+        harmful: Some(100_000),
+        ..SftConfig::default()
+    };
+    match build(splits(), &too_many, None) {
+        Err(SftError::NotEnough {
+            kind: Kind::HarmfulRefusal,
+            requested: 100_000,
+            available,
+        }) => assert_eq!(available, splits().train_harmful().len()),
+        other => panic!("expected NotEnough, got {other:?}"),
+    }
+}
+
+#[test]
+fn heldout_is_disjoint_from_train_and_about_a_tenth() {
+    let set = build_with_fake(&full_model_cfg());
+    let train: HashSet<String> = set.train.iter().map(|e| normalise(prompt(e))).collect();
+    assert_eq!(train.len(), set.train.len(), "a prompt twice in train");
+    for e in &set.heldout {
+        assert!(!train.contains(&normalise(prompt(e))), "{}", prompt(e));
+    }
+    let total = set.train.len() + set.heldout.len();
+    let frac = set.heldout.len() as f64 / total as f64;
+    assert!((0.09..0.11).contains(&frac), "held-out share {frac}");
+    let h = set.manifest.heldout_counts;
+    assert!(h.harmful_refusal > 0 && h.harmless_helpful > 0 && h.edgy_helpful > 0);
+}
+
+#[test]
+fn save_then_load_is_identity_and_a_changed_file_is_refused() {
+    let mut set = build_with_fake(&SftConfig {
+        harmful: Some(30),
+        max_edgy: Some(10),
+        ..SftConfig::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    set.save(dir.path()).unwrap();
+    assert_eq!(set.manifest.files.len(), 2);
+    let back = SftSet::load(dir.path()).unwrap();
+    assert_eq!(back, set);
+    // The files are what `sails train --data` reads: one ChatExample per line.
+    let lines = sft::read_jsonl(&dir.path().join(sft::TRAIN_FILE)).unwrap();
+    assert_eq!(lines, set.train);
+    let path = dir.path().join(sft::HELDOUT_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(b"\n");
+    std::fs::write(&path, bytes).unwrap();
+    assert!(matches!(
+        SftSet::load(dir.path()),
+        Err(SftError::HashMismatch { .. })
+    ));
+}
+
+#[test]
+fn model_answers_are_trimmed_and_empty_ones_dropped_and_counted() {
+    let cfg = SftConfig {
+        harmful: Some(20),
+        harmless: HarmlessCount::Exactly(20),
+        max_edgy: Some(10),
+        helpful: HelpfulSource::Model,
+        heldout_frac: 0.0,
+        ..SftConfig::default()
+    };
+    let mut asked = 0;
+    // Every third answer is only whitespace.
+    let mut answer = |ps: &[String]| -> Result<Vec<String>, AnswerError> {
+        asked += ps.len();
+        Ok(ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if i % 3 == 0 {
+                    " \n\t".to_owned()
+                } else {
+                    format!("\n answer: {p} ")
+                }
+            })
+            .collect())
+    };
+    let set = build(
+        splits(),
+        &cfg,
+        Some(ModelAnswers {
+            source: "fake".into(),
+            answer: &mut answer,
+        }),
+    )
+    .unwrap();
+    // 20 Alpaca + 10 edgy prompts asked; 10 of the 30 empty.
+    assert_eq!(asked, 30);
+    let empty = set
+        .manifest
+        .dropped
+        .iter()
+        .filter(|d| d.reason == "empty model answer")
+        .count();
+    assert_eq!(empty, 10);
+    let c = set.manifest.train_counts;
+    assert_eq!(c.harmful_refusal, 20);
+    assert_eq!(c.harmless_helpful + c.edgy_helpful, 20);
+    assert_eq!(set.manifest.answer_source.as_deref(), Some("fake"));
+    for e in &set.train {
+        let r = response(e);
+        assert_eq!(r, r.trim());
+        assert!(!r.is_empty());
+    }
+    // The wrong number of answers is an error, not a silent misalignment.
+    let mut short =
+        |ps: &[String]| -> Result<Vec<String>, AnswerError> { Ok(vec!["x".into(); ps.len() - 1]) };
+    let err = build(
+        splits(),
+        &cfg,
+        Some(ModelAnswers {
+            source: "fake".into(),
+            answer: &mut short,
+        }),
+    );
+    assert!(matches!(
+        err,
+        Err(SftError::AnswerCount {
+            expected: 30,
+            got: 29
+        })
+    ));
+}
+
+#[test]
+fn without_a_model_edgy_prompts_are_dropped_with_a_reason_and_model_answers_refused() {
+    let set = build(splits(), &SftConfig::default(), None).unwrap();
+    let m = &set.manifest;
+    assert_eq!(
+        m.train_counts.edgy_helpful + m.heldout_counts.edgy_helpful,
+        0
+    );
+    let edgy_dropped = m
+        .dropped
+        .iter()
+        .filter(|d| d.kind == Kind::EdgyHelpful)
+        .count();
+    assert_eq!(edgy_dropped, splits().benign_edgy().len());
+    assert!(m.answer_source.is_none());
+    // With no edgy answers available the ratio is filled by Alpaca alone: 1 helpful per harmful.
+    let harmful = m.train_counts.harmful_refusal + m.heldout_counts.harmful_refusal;
+    let harmless = m.train_counts.harmless_helpful + m.heldout_counts.harmless_helpful;
+    let other: Vec<_> = m
+        .dropped
+        .iter()
+        .filter(|d| d.kind != Kind::EdgyHelpful)
+        .collect();
+    assert_eq!(harmful, harmless);
+    // Alpaca repeats a few of its own prompts; the repeats left the pool before the draw.
+    assert!(!other.is_empty());
+    assert!(
+        other.iter().all(
+            |d| d.kind == Kind::HarmlessHelpful && d.reason.starts_with("duplicate of alpaca:")
+        ),
+        "{other:?}"
+    );
+    assert!(matches!(
+        build(splits(), &full_model_cfg(), None),
+        Err(SftError::NoAnswerer)
+    ));
+}
+
+#[test]
+fn every_example_tokenizes_with_the_default_chat_template() {
+    use sails::model::gguf::GgufFile;
+    use sails::model::load::DEFAULT_MODEL_ASSET;
+    use sails::model::tokenizer::Tokenizer;
+    let gguf = match std::env::var_os("SAILS_SMOLLM2_GGUF") {
+        Some(p) => p.into(),
+        None => sails::assets::ensure(DEFAULT_MODEL_ASSET).expect("default model asset"),
+    };
+    // Only the metadata is needed: tokenizer and template, no weights.
+    let file = GgufFile::open(&gguf).unwrap();
+    let tokenizer = Tokenizer::from_gguf_metadata(file.metadata(), &gguf).unwrap();
+    let template = tokenizer.chat_template().unwrap();
+    let set = build_with_fake(&full_model_cfg());
+    let im_end = tokenizer.token_to_id("<|im_end|>").unwrap();
+    for (i, e) in set.train.iter().chain(&set.heldout).enumerate() {
+        let t = sails::train::tokenize_chat(&tokenizer, &template, e, i).unwrap();
+        assert!(
+            t.num_targets() >= 2,
+            "example {i}: {} targets",
+            t.num_targets()
+        );
+        // The targets end with the end-of-turn token.
+        assert_eq!(t.ids[t.target_end - 1], im_end);
+    }
+}
