@@ -141,3 +141,63 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use candle_core::{Device, Tensor};
+    use std::time::Instant;
+
+    fn time(what: &str, flops: f64, f: &dyn Fn() -> candle_core::Result<Tensor>) {
+        f().unwrap();
+        let n = 5;
+        let start = Instant::now();
+        for _ in 0..n {
+            f().unwrap();
+        }
+        let dt = start.elapsed().as_secs_f64() / n as f64;
+        eprintln!(
+            "{what:40} {:8.3} ms {:7.1} GFLOP/s",
+            dt * 1e3,
+            flops / dt / 1e9
+        );
+    }
+
+    #[test]
+    #[ignore = "timing only"]
+    fn matmul_shapes_of_a_training_step() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let c = Tensor::randn(0f32, 1., (1024, 1024), &dev)?;
+        time("square 1024", 2.0 * 1024f64.powi(3), &|| c.matmul(&c));
+        let m = 512;
+        for (k, n) in [
+            (576, 576),
+            (576, 192),
+            (576, 1536),
+            (1536, 576),
+            (576, 49152),
+        ] {
+            let x = Tensor::randn(0f32, 1., (m, k), &dev)?;
+            let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
+            let dy = Tensor::randn(0f32, 1., (m, n), &dev)?;
+            let fl = 2.0 * (m * k * n) as f64;
+            time(&format!("fwd x Wt {m}x{k}x{n}"), fl, &|| x.matmul(&w.t()?));
+            time(&format!("bwd dy W {m}x{n}x{k}"), fl, &|| dy.matmul(&w));
+            time(&format!("wgrad dyT x {n}x{m}x{k}"), fl, &|| {
+                dy.t()?.matmul(&x)
+            });
+        }
+        let a = Tensor::randn(0f32, 1., (16, 576), &dev)?;
+        let x = Tensor::randn(0f32, 1., (m, 576), &dev)?;
+        time("lora x At 512x576x16", 2.0 * (m * 576 * 16) as f64, &|| {
+            x.matmul(&a.t()?)
+        });
+        let q = Tensor::randn(0f32, 1., (4, 9, 128, 64), &dev)?;
+        let k = Tensor::randn(0f32, 1., (4, 9, 128, 64), &dev)?;
+        time(
+            "attn q kT 36x128x64x128",
+            2.0 * (36 * 128 * 64 * 128) as f64,
+            &|| q.matmul(&k.t()?),
+        );
+        Ok(())
+    }
+}

@@ -22,6 +22,9 @@ trait Real:
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
     + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
 {
     fn exp(self) -> Self;
     fn ln(self) -> Self;
@@ -114,13 +117,13 @@ fn ce_backward<T: Real>(x: &[T], v: usize, tokens: &[u32], g: &[T]) -> Vec<T> {
             for (oj, &z) in o.iter_mut().zip(row) {
                 let e = (z - max).exp();
                 *oj = e;
-                sum = sum + e;
+                sum += e;
             }
             let scale = gi / sum;
             for oj in o.iter_mut() {
-                *oj = *oj * scale;
+                *oj *= scale;
             }
-            o[tok as usize] = o[tok as usize] - gi;
+            o[tok as usize] -= gi;
         });
     out
 }
@@ -204,7 +207,7 @@ fn rms_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
             let r = T::unit() / (ss / dn + T::from_f64(eps)).sqrt();
             let mut ux = T::nil();
             for ((&z, &gj), &wj) in row.iter().zip(gr).zip(w) {
-                ux = ux + gj * wj * z;
+                ux += gj * wj * z;
             }
             let c = r * r * r * ux / dn;
             for (((oj, &z), &gj), &wj) in o.iter_mut().zip(row).zip(gr).zip(w) {
@@ -506,11 +509,11 @@ fn masked_softmax_fwd<T: Real>(
             let mut sum = T::nil();
             for oj in o.iter_mut() {
                 *oj = (*oj - max).exp();
-                sum = sum + *oj;
+                sum += *oj;
             }
             let inv = T::unit() / sum;
             for oj in o.iter_mut() {
-                *oj = *oj * inv;
+                *oj *= inv;
             }
         });
     out
