@@ -309,6 +309,13 @@ pub struct BenchTrainArgs {
 /// LoRA SFT throughput: forward, backward (loss on every next-token position, as a plain causal
 /// LM step), clipping and AdamW on a fixed random batch; median step time after warm-up.
 pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
+    // candle's element-wise pool spin-waits between ops while the matrix products run on rayon's
+    // threads; on two cores that halves the products' speed. The training path's large
+    // element-wise work is in fused rayon ops, so the pool is kept to the calling thread unless
+    // the user chose otherwise. Set before the first tensor op creates the pool.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let source = ModelSource::resolve(&args.model)?;
     let mut model = ChatModel::load(&source, &Device::Cpu, DType::F32)?;
     let device = Device::Cpu;
@@ -401,6 +408,7 @@ pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
     let out = serde_json::json!({
         "model": source.path().display().to_string(),
         "threads": rayon::current_num_threads(),
+        "candle_elementwise_threads": std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
         "results": results,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
