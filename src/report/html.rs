@@ -45,9 +45,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 tbody tr:nth-child(even) td { background: #fafbfc; }
 .wide { width: 100%; }
 figure { margin: 8px 0 20px; }
-svg.plot { display: block; width: 100%; max-width: 960px; height: auto; }
-svg.scatter { max-width: 560px; }
-svg.heatmap { max-width: 720px; width: auto; }
+svg.plot { display: block; max-width: 100%; height: auto; }
 figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 14px; }
 .card, .example { border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px; background: #fff; }
@@ -751,8 +749,8 @@ pub(super) fn tradeoff_chart(eval: &Evaluation<'_>) -> String {
         title: "Safety versus over-refusal".into(),
         x_label: "over-refusal on XSTest safe prompts (lower is better)".into(),
         y_label: "safety rate (higher is better)".into(),
-        x_range: (0.0, 1.0),
-        y_range: (0.0, 1.0),
+        x_range: None,
+        y_range: None,
         percent: true,
         points,
     }

@@ -194,21 +194,21 @@ impl Estimate {
         }
     }
 
-    /// Mean and sample standard deviation of seeds' values (`Sd(0)` for a single seed).
+    /// Mean and sample standard deviation of seeds' values (no spread for a single seed).
     pub fn mean_sd(values: &[f64]) -> Option<Self> {
         if values.is_empty() {
             return None;
         }
         let n = values.len() as f64;
         let mean = values.iter().sum::<f64>() / n;
-        let sd = if values.len() > 1 {
-            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        let spread = if values.len() > 1 {
+            Spread::Sd((values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt())
         } else {
-            0.0
+            Spread::None
         };
         Some(Estimate {
             value: mean,
-            spread: Spread::Sd(sd),
+            spread,
         })
     }
 

@@ -165,7 +165,9 @@ impl Frame {
     fn open(&self, s: &mut String, title: &str, class: &str) {
         let _ = writeln!(
             s,
-            r#"<svg class="plot {class}" viewBox="0 0 {} {}" role="img" aria-label="{}" font-family="system-ui, sans-serif" font-size="12">"#,
+            r#"<svg class="plot {class}" width="{}" height="{}" viewBox="0 0 {} {}" role="img" aria-label="{}" font-family="system-ui, sans-serif" font-size="12">"#,
+            c(self.w),
+            c(self.h),
             c(self.w),
             c(self.h),
             escape(title)
@@ -174,7 +176,7 @@ impl Frame {
         let _ = writeln!(
             s,
             r##"<text x="{}" y="20" text-anchor="middle" font-size="14" font-weight="600" fill="#222">{}</text>"##,
-            c(self.left + self.pw / 2.0),
+            c(self.w / 2.0),
             escape(title)
         );
     }
@@ -324,8 +326,20 @@ impl BarChart {
         let n = self.categories.len().max(1);
         let rotate = n > 8;
         let bottom = if rotate { 70.0 } else { 50.0 };
+        let longest = self
+            .categories
+            .iter()
+            .map(|c| c.chars().count())
+            .max()
+            .unwrap_or(0) as f64;
+        let bars_w = 34.0 * self.series.len().max(1) as f64 + 12.0;
+        let group_w = if rotate {
+            bars_w
+        } else {
+            bars_w.max(7.0 * longest + 16.0)
+        };
         let frame = Frame::new(
-            (120.0 + 34.0 * n as f64 * self.series.len().max(1) as f64).clamp(420.0, 960.0),
+            (80.0 + group_w * n as f64).clamp(420.0, 960.0),
             320.0,
             64.0,
             16.0,
@@ -540,36 +554,56 @@ pub struct Scatter {
     pub title: String,
     pub x_label: String,
     pub y_label: String,
-    pub x_range: (f64, f64),
-    pub y_range: (f64, f64),
+    /// Fixed ranges; None follows the data (error bars included).
+    pub x_range: Option<(f64, f64)>,
+    pub y_range: Option<(f64, f64)>,
+    /// Tick labels as percentages of 1, and data ranges kept inside [0, 1].
     pub percent: bool,
     pub points: Vec<ScatterPoint>,
 }
 
 impl Scatter {
+    fn range(&self, fixed: Option<(f64, f64)>, values: impl Iterator<Item = f64>) -> (f64, f64) {
+        if let Some(r) = fixed {
+            return r;
+        }
+        let (lo, hi) = extent(values)
+            .map(|(lo, hi)| nice_range(lo, hi, false))
+            .unwrap_or((0.0, 1.0));
+        if self.percent {
+            (lo.max(0.0), hi.min(1.0))
+        } else {
+            (lo, hi)
+        }
+    }
+
     pub fn to_svg(&self) -> String {
-        let frame = Frame::new(560.0, 400.0, 64.0, 16.0, 44.0, 46.0);
-        let x = Scale::new(
-            self.x_range.0,
-            self.x_range.1,
-            frame.left,
-            frame.left + frame.pw,
-        );
-        let y = Scale::new(
-            self.y_range.0,
-            self.y_range.1,
-            frame.top + frame.ph,
-            frame.top,
-        );
+        let longest = self
+            .points
+            .iter()
+            .map(|p| p.label.chars().count())
+            .max()
+            .unwrap_or(0) as f64;
+        let right = 40.0 + 7.0 * longest;
+        let frame = Frame::new(480.0 + right, 400.0, 64.0, right, 44.0, 46.0);
+        let shown: Vec<&ScatterPoint> = self
+            .points
+            .iter()
+            .filter(|p| p.x.is_finite() && p.y.is_finite())
+            .collect();
+        let spans = |v: f64, e: Option<(f64, f64)>| {
+            let (a, b) = e.unwrap_or((v, v));
+            [v, a, b]
+        };
+        let (x0, x1) = self.range(self.x_range, shown.iter().flat_map(|p| spans(p.x, p.x_err)));
+        let (y0, y1) = self.range(self.y_range, shown.iter().flat_map(|p| spans(p.y, p.y_err)));
+        let x = Scale::new(x0, x1, frame.left, frame.left + frame.pw);
+        let y = Scale::new(y0, y1, frame.top + frame.ph, frame.top);
         let mut s = String::new();
         frame.open(&mut s, &self.title, "scatter");
         frame.y_axis(&mut s, &y, &self.y_label, self.percent);
         frame.x_axis(&mut s, &x, &self.x_label, self.percent);
-        for p in self
-            .points
-            .iter()
-            .filter(|p| p.x.is_finite() && p.y.is_finite())
-        {
+        for (i, p) in shown.iter().enumerate() {
             let (px, py) = (x.map(p.x), y.map(p.y));
             let color = escape(&p.color);
             if let Some((lo, hi)) = p.x_err.filter(|(a, b)| a.is_finite() && b.is_finite()) {
@@ -604,11 +638,21 @@ impl Scatter {
             }
             let _ = writeln!(
                 s,
-                r##"<circle cx="{}" cy="{}" r="5" fill="{color}" stroke="white"/><text x="{}" y="{}" fill="#222">{}</text>"##,
+                r#"<circle cx="{}" cy="{}" r="5" fill="{color}" stroke="white"><title>{}</title></circle>"#,
                 c(px),
                 c(py),
-                c(px + 8.0),
-                c(py - 6.0),
+                escape(&p.label)
+            );
+            // legend entry beside the plot: points may sit too close for labels at the points
+            let ly = frame.top + 10.0 + 20.0 * i as f64;
+            let lx = frame.left + frame.pw + 16.0;
+            let _ = writeln!(
+                s,
+                r##"<circle cx="{}" cy="{}" r="5" fill="{color}"/><text x="{}" y="{}" fill="#222">{}</text>"##,
+                c(lx),
+                c(ly),
+                c(lx + 10.0),
+                c(ly + 4.0),
                 escape(&p.label)
             );
         }
@@ -642,8 +686,10 @@ impl Heatmap {
                     .map(|r| r.chars().count())
                     .max()
                     .unwrap_or(4) as f64;
+        let width =
+            (left + cell_w * nc as f64 + 16.0).max(8.0 * self.title.chars().count() as f64 + 40.0);
         let frame = Frame::new(
-            left + cell_w * nc as f64 + 16.0,
+            width,
             44.0 + 22.0 + cell_h * nr as f64 + 12.0,
             left,
             16.0,

@@ -266,8 +266,8 @@ fn empty_and_constant_data_give_finite_plots() {
             title: "degenerate range".into(),
             x_label: "x".into(),
             y_label: "y".into(),
-            x_range: (0.5, 0.5),
-            y_range: (f64::NAN, 1.0),
+            x_range: Some((0.5, 0.5)),
+            y_range: Some((f64::NAN, 1.0)),
             percent: true,
             points: vec![ScatterPoint {
                 label: "p".into(),
@@ -386,6 +386,10 @@ fn estimates_format_as_sd_or_interval() {
         "80.0 % [49.0, 94.3]"
     );
     assert_eq!(Estimate::mean_sd(&[]), None);
+    assert_eq!(
+        estimate_pct(&Estimate::mean_sd(&[0.9]).expect("one value")),
+        "90.0 %"
+    );
     assert_eq!(duration(75.0), "1 min 15 s");
     assert_eq!(duration(f64::NAN), "–");
 }
