@@ -416,3 +416,45 @@ fn every_example_tokenizes_with_the_default_chat_template() {
         assert_eq!(t.ids[t.target_end - 1], im_end);
     }
 }
+
+#[test]
+fn cli_json_prints_the_saved_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sails"))
+        .args(["data", "build", "--out"])
+        .arg(dir.path())
+        .args(["--helpful", "reference", "--no-edgy"])
+        .args([
+            "--harmful",
+            "10",
+            "--harmless",
+            "6",
+            "--seed",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SftManifest denies unknown fields, so the printed format cannot drift from the type.
+    let printed: sft::SftManifest = serde_json::from_slice(&out.stdout).unwrap();
+    let saved = SftSet::load(dir.path()).unwrap();
+    assert_eq!(printed, saved.manifest);
+    assert_eq!(printed.config.seed, 3);
+    let c = printed.train_counts;
+    let h = printed.heldout_counts;
+    assert_eq!(
+        (
+            c.harmful_refusal + h.harmful_refusal,
+            c.harmless_helpful + h.harmless_helpful
+        ),
+        (10, 6)
+    );
+    // No model was needed: nothing was generated.
+    assert!(printed.answer_source.is_none());
+    assert!(!dir.path().join("answers.jsonl").exists());
+}
