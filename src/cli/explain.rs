@@ -226,7 +226,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
 
 /// `text` on one line, at most `n` characters.
 fn clip(text: &str, n: usize) -> String {
-    let one: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let one: String = text.replace(['\n', '\t', '\r'], " ");
     if one.chars().count() <= n {
         one
     } else {
@@ -234,27 +234,63 @@ fn clip(text: &str, n: usize) -> String {
     }
 }
 
-/// The context's tokens with the most active one in ⟦brackets⟧.
+/// The context's tokens with the most active one in ⟦brackets⟧, cut to about 110 characters
+/// around it.
 fn marked(c: &explain::Context) -> String {
     let peak = c
         .activations
         .iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i);
-    let text: String = c
-        .tokens
+        .map_or(0, |(i, _)| i);
+    let piece = |t: &String| t.split_whitespace().collect::<Vec<_>>().join(" ");
+    let before: String = c.tokens[..peak.min(c.tokens.len())]
         .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            if Some(i) == peak {
-                format!("⟦{t}⟧")
-            } else {
-                t.clone()
-            }
-        })
+        .map(String::as_str)
         .collect();
-    clip(&text, 110)
+    let before = before.split_whitespace().collect::<Vec<_>>().join(" ");
+    let lead = if c
+        .tokens
+        .get(peak)
+        .is_some_and(|t| t.starts_with(char::is_whitespace))
+    {
+        " "
+    } else {
+        ""
+    };
+    // a whitespace-only token (a newline) is shown escaped, so the marker is never empty
+    let peak_text = c
+        .tokens
+        .get(peak)
+        .map(|t| match piece(t) {
+            p if p.is_empty() => t.escape_debug().to_string(),
+            p => p,
+        })
+        .unwrap_or_default();
+    let after: String = c.tokens.iter().skip(peak + 1).map(String::as_str).collect();
+    let after = after.split_whitespace().collect::<Vec<_>>().join(" ");
+    let after_lead = if c
+        .tokens
+        .get(peak + 1)
+        .is_some_and(|t| t.starts_with(char::is_whitespace))
+    {
+        " "
+    } else {
+        ""
+    };
+    let n_before = before.chars().count();
+    let before = if n_before > 45 {
+        format!(
+            "…{}",
+            before.chars().skip(n_before - 44).collect::<String>()
+        )
+    } else {
+        before
+    };
+    clip(
+        &format!("{before}{lead}⟦{peak_text}⟧{after_lead}{after}"),
+        110,
+    )
 }
 
 fn token_list(tokens: &[explain::LensToken], n: usize) -> String {
@@ -448,5 +484,18 @@ mod tests {
             activations: vec![0.0, 1.0, 3.0],
         };
         assert_eq!(marked(&c), "How to ⟦pick⟧");
+        let long = explain::Context {
+            tokens: (0..40).map(|i| format!(" w{i}")).collect(),
+            activations: (0..40).map(|i| if i == 30 { 1.0 } else { 0.0 }).collect(),
+            ..c
+        };
+        let m = marked(&long);
+        assert!(m.starts_with('…') && m.contains(" ⟦w30⟧ w31"), "{m}");
+        let newline = explain::Context {
+            tokens: vec!["Hi".into(), "\n".into()],
+            activations: vec![0.0, 2.0],
+            ..long
+        };
+        assert_eq!(marked(&newline), "Hi ⟦\\n⟧");
     }
 }

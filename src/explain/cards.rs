@@ -54,6 +54,9 @@ pub struct FeatureCard {
     pub suppressed_tokens: Vec<LensToken>,
 }
 
+/// One direction's logit lens: `(id, logit)` promoted (descending) and suppressed (ascending).
+pub type Lens = (Vec<(u32, f64)>, Vec<(u32, f64)>);
+
 /// Logit lens of directions: for each row `d` of `directions` `(k, d_model)`, the `n` largest and
 /// `n` smallest entries of `E · (w_norm ⊙ d)` with `E = unembed (vocab, d_model)`.
 ///
@@ -66,7 +69,7 @@ pub fn logit_lens(
     norm_weight: &Tensor,
     directions: &Tensor,
     n: usize,
-) -> Result<Vec<(Vec<(u32, f64)>, Vec<(u32, f64)>)>> {
+) -> Result<Vec<Lens>> {
     let (_, d_model) = unembed.dims2()?;
     let (_, d_dir) = directions.dims2()?;
     if d_dir != d_model || norm_weight.dims() != [d_model] {

@@ -26,7 +26,7 @@ use thiserror::Error;
 pub use attribution::{
     attribution, Attribution, FeatureShare, LayerAttribution, ModuleAttribution, Side,
 };
-pub use cards::{feature_cards, logit_lens, Context, FeatureCard, LensToken};
+pub use cards::{feature_cards, logit_lens, Context, FeatureCard, Lens, LensToken};
 pub use shift::{activation_shift, activation_shift_with_adapter, FeatureShift};
 
 use crate::features::{FeatureError, Selection};
