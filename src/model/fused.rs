@@ -100,8 +100,11 @@ fn ce_forward<T: Real>(x: &[T], v: usize, tokens: &[u32]) -> Vec<T> {
         .zip(tokens.par_iter())
         .map(|(row, &tok)| {
             let max = row.iter().copied().fold(row[0], Real::max);
-            let sum = row.iter().fold(T::nil(), |acc, &z| acc + (z - max).exp());
-            sum.ln() + max - row[tok as usize]
+            // Long rows: accumulate in f64 so the f32 sum does not drift.
+            let sum = row
+                .iter()
+                .fold(0f64, |acc, &z| acc + (z - max).exp().to_f64());
+            T::from_f64(sum.ln()) + max - row[tok as usize]
         })
         .collect()
 }
@@ -113,13 +116,13 @@ fn ce_backward<T: Real>(x: &[T], v: usize, tokens: &[u32], g: &[T]) -> Vec<T> {
         .zip(tokens.par_iter().zip(g.par_iter()))
         .for_each(|((o, row), (&tok, &gi))| {
             let max = row.iter().copied().fold(row[0], Real::max);
-            let mut sum = T::nil();
+            let mut sum = 0f64;
             for (oj, &z) in o.iter_mut().zip(row) {
                 let e = (z - max).exp();
                 *oj = e;
-                sum += e;
+                sum += e.to_f64();
             }
-            let scale = gi / sum;
+            let scale = gi / T::from_f64(sum);
             for oj in o.iter_mut() {
                 *oj *= scale;
             }
