@@ -215,6 +215,12 @@ impl TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    // candle's element-wise pool spin-waits between ops while the products run on rayon's
+    // threads, which halves their speed on two cores; the training path's element-wise work is
+    // in fused rayon ops, so the pool stays on the calling thread unless the user set it.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let cfg = args.train_config()?;
     let lora_cfg = args.lora_config()?;
     let source = ModelSource::resolve(&args.model)?;
@@ -271,13 +277,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         a.base_model_name_or_path = Some(source.path().display().to_string());
         a
     });
+    if summary.interrupted {
+        // No adapter is written for an unfinished run: a pipeline must not take it as done.
+        eprintln!(
+            "interrupted at step {}; checkpoint {}; continue with --resume",
+            summary.steps,
+            summary.checkpoint.display()
+        );
+        return Ok(ExitCode::from(130));
+    }
     trainable.save(&args.out.join("adapter"))?;
     let json = serde_json::to_string_pretty(&summary)?;
     sails::model::write_atomic(&args.out.join("train_summary.json"), json.as_bytes())?;
     println!("{json}");
-    if summary.interrupted {
-        tracing::info!(checkpoint = %summary.checkpoint.display(), "interrupted; continue with --resume");
-    }
     Ok(ExitCode::SUCCESS)
 }
 

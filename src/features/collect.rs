@@ -77,6 +77,14 @@ pub struct Pooled {
     pub resid: BTreeMap<Resid, PooledSet>,
 }
 
+/// One prompt's pooled SAE features, which features fired anywhere, and its pooled residual.
+#[derive(Debug, Clone)]
+struct PromptRow {
+    features: Vec<f32>,
+    fired: Vec<bool>,
+    resid: Vec<f32>,
+}
+
 /// Pools rows `(n_tok, width)` into one row and a fired-anywhere mask.
 fn pool(rows: &[Vec<f32>], pooling: Pooling) -> (Vec<f32>, Vec<bool>) {
     let width = rows.first().map_or(0, Vec::len);
@@ -134,9 +142,8 @@ pub fn collect(
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| (tokens[i].ids.len(), i));
     let pad = model.tokenizer.pad_id().unwrap_or(0);
-    // rows[hook][prompt] = (pooled features, fired, pooled residual)
-    let mut rows: Vec<Vec<Option<(Vec<f32>, Vec<bool>, Vec<f32>)>>> =
-        vec![vec![None; prompts.len()]; saes.len()];
+    // rows[sae][prompt]
+    let mut rows: Vec<Vec<Option<PromptRow>>> = vec![vec![None; prompts.len()]; saes.len()];
     let mut done = 0;
     for batch in order.chunks(batch_size.max(1)) {
         let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| tokens[i].ids.clone()).collect();
@@ -172,9 +179,13 @@ pub fn collect(
             let feats = sae.encode(&resid)?.to_vec2::<f32>()?; // (n_content, d_sae)
             let resid = resid.to_vec2::<f32>()?;
             for (&i, span) in batch.iter().zip(&spans) {
-                let (f, fired) = pool(&feats[span.clone()], pooling);
-                let (r, _) = pool(&resid[span.clone()], pooling);
-                rows[s][i] = Some((f, fired, r));
+                let (features, fired) = pool(&feats[span.clone()], pooling);
+                let (resid, _) = pool(&resid[span.clone()], pooling);
+                rows[s][i] = Some(PromptRow {
+                    features,
+                    fired,
+                    resid,
+                });
             }
         }
         done += batch.len();
@@ -184,9 +195,9 @@ pub fn collect(
     for (s, sae) in saes.iter().enumerate() {
         let mut features = PooledSet::new(sae.d_sae());
         let mut resid = PooledSet::new(d_model);
-        for (f, fired, r) in rows[s].iter().flatten() {
-            features.push(f, fired);
-            resid.push(r, &vec![true; d_model]);
+        for row in rows[s].iter().flatten() {
+            features.push(&row.features, &row.fired);
+            resid.push(&row.resid, &vec![true; d_model]);
         }
         pooled.features.insert(sae.hook(), features);
         pooled.resid.insert(sae.hook(), resid);

@@ -27,7 +27,6 @@ trait Real:
     + std::ops::MulAssign
 {
     fn exp(self) -> Self;
-    fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn nil() -> Self;
     fn unit() -> Self;
@@ -39,9 +38,6 @@ macro_rules! real {
         impl Real for $t {
             fn exp(self) -> Self {
                 <$t>::exp(self)
-            }
-            fn ln(self) -> Self {
-                <$t>::ln(self)
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
