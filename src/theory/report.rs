@@ -17,23 +17,15 @@ pub const FILES: [&str; 5] = [
     "error_vs_superposition.svg",
 ];
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
+/// Writes `bytes` to `path` atomically (temporary file in the same folder, then a rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TheoryError> {
-    let io = |source| TheoryError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(io)?;
-    // tempfile creates 0600 files; results are meant to be read by others too.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).map_err(io)?;
-    }
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    crate::model::write_atomic(path, bytes).map_err(|e| match e {
+        crate::model::ModelError::Io { path, source } => TheoryError::Io { path, source },
+        other => TheoryError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })
 }
 
 fn method_color(m: Method) -> String {
