@@ -2,39 +2,17 @@
 //! records every input's hash, an unchanged rerun skips every stage, a config change reruns the
 //! stage and what depends on it, and a lost output is rebuilt alone.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
 use sails::manifest::{hash_path, RunManifest};
 use sails::model::Resid;
-use sails::sae::{Architecture, Normalization, Sae, SaeConfig};
 
 /// A random TopK SAE on `Resid::In(6)` of SmolLM2 (d_model 576), in SAELens layout.
 fn write_sae(dir: &Path) {
-    let (d_in, d_sae) = (576, 64);
-    let mut g = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(11);
-    let w: Vec<f32> = sails::linalg::standard_normals(&mut g, d_in * d_sae)
-        .iter()
-        .map(|v| (*v * 0.05) as f32)
-        .collect();
-    let w_enc = Tensor::from_vec(w, (d_in, d_sae), &Device::Cpu).unwrap();
-    let w_dec = w_enc.t().unwrap().contiguous().unwrap();
-    let cfg = SaeConfig {
-        architecture: Architecture::TopK {
-            k: 8,
-            rescale_acts_by_decoder_norm: false,
-        },
-        d_in,
-        d_sae,
-        hook: Resid::In(6),
-        apply_b_dec_to_input: false,
-        normalize_activations: Normalization::None,
-        metadata: Default::default(),
-    };
-    let zeros = |n| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
-    Sae::new(cfg, w_enc, zeros(d_sae), w_dec, zeros(d_in), None)
-        .unwrap()
+    common::random_topk_sae(Resid::In(6), 576, 64, 11)
         .save_saelens(dir)
         .unwrap();
 }

@@ -18,7 +18,7 @@ use sails::features::{
 use sails::model::load::{ChatModel, ModelSource, DEFAULT_MODEL_ASSET};
 use sails::model::lora::{Adapter, AdapterConfig};
 use sails::model::Resid;
-use sails::sae::{Architecture, Normalization, Sae, SaeConfig};
+use sails::sae::Sae;
 
 fn load() -> ChatModel {
     let path = sails::assets::ensure(DEFAULT_MODEL_ASSET).expect("default model asset");
@@ -34,28 +34,7 @@ const HOOK: Resid = Resid::In(6);
 
 /// A small random TopK SAE on `Resid::In(6)`, so the test needs no trained SAE.
 fn random_sae() -> Sae {
-    let (d_in, d_sae) = (576, 96);
-    let mut g = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
-    let w: Vec<f32> = sails::linalg::standard_normals(&mut g, d_in * d_sae)
-        .iter()
-        .map(|v| (*v * 0.05) as f32)
-        .collect();
-    let w_enc = Tensor::from_vec(w, (d_in, d_sae), &Device::Cpu).unwrap();
-    let w_dec = w_enc.t().unwrap().contiguous().unwrap();
-    let cfg = SaeConfig {
-        architecture: Architecture::TopK {
-            k: 8,
-            rescale_acts_by_decoder_norm: false,
-        },
-        d_in,
-        d_sae,
-        hook: HOOK,
-        apply_b_dec_to_input: false,
-        normalize_activations: Normalization::None,
-        metadata: Default::default(),
-    };
-    let zeros = |n| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
-    Sae::new(cfg, w_enc, zeros(d_sae), w_dec, zeros(d_in), None).unwrap()
+    common::random_topk_sae(HOOK, 576, 96, 5)
 }
 
 fn selection(indices: &[usize]) -> Selection {

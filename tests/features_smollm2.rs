@@ -5,12 +5,11 @@ mod common;
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use common::{assert_close, golden_dir};
 use sails::features::{collect, prompt_tokens, FeatureError, Pooling};
 use sails::model::load::{ChatModel, ModelSource, DEFAULT_MODEL_ASSET};
 use sails::model::Resid;
-use sails::sae::{Architecture, Normalization, Sae, SaeConfig};
 use serde_json::Value;
 
 fn model() -> &'static ChatModel {
@@ -60,32 +59,6 @@ fn content_span_is_exactly_the_user_text_in_the_reference_ids() {
     ));
 }
 
-/// A small random TopK SAE on `Resid::In(6)`, so the test needs no trained SAE.
-fn random_sae() -> Sae {
-    let (d_in, d_sae) = (576, 96);
-    let mut g = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
-    let w: Vec<f32> = sails::linalg::standard_normals(&mut g, d_in * d_sae)
-        .iter()
-        .map(|v| (*v * 0.05) as f32)
-        .collect();
-    let w_enc = Tensor::from_vec(w, (d_in, d_sae), &Device::Cpu).unwrap();
-    let w_dec = w_enc.t().unwrap().contiguous().unwrap();
-    let cfg = SaeConfig {
-        architecture: Architecture::TopK {
-            k: 8,
-            rescale_acts_by_decoder_norm: false,
-        },
-        d_in,
-        d_sae,
-        hook: Resid::In(6),
-        apply_b_dec_to_input: false,
-        normalize_activations: Normalization::None,
-        metadata: Default::default(),
-    };
-    let zeros = |n| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
-    Sae::new(cfg, w_enc, zeros(d_sae), w_dec, zeros(d_in), None).unwrap()
-}
-
 #[test]
 fn batched_pooling_matches_one_prompt_at_a_time() {
     let prompts: Vec<String> = [
@@ -97,7 +70,7 @@ fn batched_pooling_matches_one_prompt_at_a_time() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let sae = [random_sae()];
+    let sae = [common::random_topk_sae(Resid::In(6), 576, 96, 5)];
     for pooling in [Pooling::Mean, Pooling::Last, Pooling::Max] {
         let one = collect(model(), &sae, &prompts, pooling, 1, &mut |_| {}).unwrap();
         let all = collect(model(), &sae, &prompts, pooling, 4, &mut |_| {}).unwrap();

@@ -312,7 +312,15 @@ fn full_fine_tuning_weights_saved_then_applied_reproduce_the_trained_model() {
     let before = logits(&fresh);
     let n = sails::lora::apply_full_weights(&mut fresh, dir.path()).unwrap();
     assert_eq!(n, trainable.vars.len());
-    assert_eq!(logits(&fresh), logits(&trained));
+    // the trained model runs the differentiable path (its weights are Vars), the fresh one the
+    // fused inference kernels: equal up to summation order
+    common::assert_close(
+        "full weights applied",
+        &logits(&fresh),
+        &logits(&trained),
+        1e-4,
+        1e-4,
+    );
     assert_ne!(logits(&fresh), before, "the weights did change the model");
     // a weight that fits no module is an error naming it
     let bad: std::collections::HashMap<String, Tensor> = [(

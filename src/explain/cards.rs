@@ -5,9 +5,9 @@ use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{sae_for, ExplainConfig, ExplainError, Result};
-use crate::features::{prompt_tokens, FeatureScore, PromptTokens, Selection};
-use crate::model::decoder::{Forward, Logits};
-use crate::model::generate::left_pad;
+use crate::features::{
+    for_each_content_batch, prompt_tokens, FeatureScore, PromptTokens, Selection,
+};
 use crate::model::load::ChatModel;
 use crate::model::Resid;
 use crate::sae::Sae;
@@ -171,53 +171,23 @@ pub fn feature_cards(
         .map(|p| prompt_tokens(model, p))
         .collect::<std::result::Result<_, _>>()?;
     if !hooks.is_empty() && cfg.contexts > 0 {
-        let mut order: Vec<usize> = (0..corpus.len()).collect();
-        order.sort_by_key(|&i| (tokens[i].ids.len(), i));
-        let pad = model.tokenizer.pad_id().unwrap_or(0);
         let mut done = 0;
-        for batch in order.chunks(cfg.batch_size.max(1)) {
-            let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| tokens[i].ids.clone()).collect();
-            let (ids, mask) = left_pad(&seqs, pad, &device)?;
-            let t = ids.dim(1)?;
-            let out = model.decoder.forward(
-                Forward {
-                    input_ids: &ids,
-                    attention_mask: Some(&mask),
-                    logits: Logits::None,
-                    capture: &hooks,
-                    edit: None,
-                },
-                None,
-            )?;
-            // rows of the flattened (b·t) positions holding each prompt's content tokens
-            let mut index = Vec::new();
-            let mut spans = Vec::with_capacity(batch.len());
-            for (row, &i) in batch.iter().enumerate() {
-                let offset = row * t + (t - tokens[i].ids.len());
-                let first = index.len();
-                index.extend(tokens[i].content.clone().map(|p| (offset + p) as u32));
-                spans.push(first..index.len());
-            }
-            let index = Tensor::from_vec(index.clone(), index.len(), &device)?;
+        for_each_content_batch(model, &tokens, &hooks, cfg.batch_size, &mut |batch| {
             for (li, (layer, sae)) in layers.iter().enumerate() {
-                let captured = out
-                    .captured
+                let resid = batch
+                    .resid
                     .get(&layer.hook)
                     .ok_or(ExplainError::Capture { hook: layer.hook })?;
-                let resid = captured
-                    .flatten_to(1)? // (b·t, d)
-                    .to_dtype(DType::F32)?
-                    .index_select(&index, 0)?; // (n_content, d)
                 let chosen: Vec<u32> = layer.features.iter().map(|f| f.index as u32).collect();
-                let chosen = Tensor::from_vec(chosen.clone(), chosen.len(), &device)?;
+                let chosen = Tensor::from_vec(chosen.clone(), chosen.len(), resid.device())?;
                 let acts = sae
-                    .encode(&resid)? // (n_content, d_sae)
+                    .encode(resid)? // (n_content, d_sae)
                     .index_select(&chosen, 1)? // (n_content, k)
                     .t()?
                     .contiguous()?
                     .to_vec2::<f32>()?; // (k, n_content)
                 for (fi, row) in acts.iter().enumerate() {
-                    for (&i, span) in batch.iter().zip(&spans) {
+                    for (&i, span) in batch.prompts.iter().zip(&batch.spans) {
                         let per_token = &row[span.clone()];
                         let max = per_token.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                         offer(
@@ -228,9 +198,10 @@ pub fn feature_cards(
                     }
                 }
             }
-            done += batch.len();
+            done += batch.prompts.len();
             on_batch(done);
-        }
+            Ok::<(), ExplainError>(())
+        })?;
     }
 
     let unembed = model

@@ -118,34 +118,29 @@ fn pool(rows: &[Vec<f32>], pooling: Pooling) -> (Vec<f32>, Vec<bool>) {
     (pooled, fired)
 }
 
-/// Runs the frozen model over `prompts` in batches of `batch_size` (left-padded, similar lengths
-/// together) and pools, per prompt, each SAE's features and the raw residual at its layer.
-/// `on_batch(prompts_done)` is called after every batch. Prompt order is kept in the output.
-pub fn collect(
+/// One batch of prompts after the forward pass: the content-token residuals at each hook,
+/// `(n_content, d)` f32, and for each prompt (by index into the caller's list) its rows there.
+pub struct ContentBatch {
+    pub prompts: Vec<usize>,
+    pub spans: Vec<Range<usize>>,
+    pub resid: BTreeMap<Resid, Tensor>,
+}
+
+/// Runs the frozen model over `tokens` in batches of `batch_size` (left-padded, similar lengths
+/// together, the pass stopping after the deepest hook) and hands each batch's content-token
+/// residuals to `visit`. The one forward loop behind feature pooling and feature cards.
+pub fn for_each_content_batch<E: From<FeatureError>>(
     model: &ChatModel,
-    saes: &[Sae],
-    prompts: &[String],
-    pooling: Pooling,
+    tokens: &[PromptTokens],
+    hooks: &[Resid],
     batch_size: usize,
-    on_batch: &mut dyn FnMut(usize),
-) -> Result<Pooled> {
+    visit: &mut dyn FnMut(ContentBatch) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     let device = model.decoder.device().clone();
-    let d_model = model.decoder.config.hidden_size;
-    for sae in saes {
-        sae.check_against_model(d_model, model.decoder.config.num_layers)?;
-    }
-    let hooks: Vec<Resid> = saes.iter().map(Sae::hook).collect();
-    let tokens = prompts
-        .iter()
-        .map(|p| prompt_tokens(model, p))
-        .collect::<Result<Vec<_>>>()?;
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    let mut order: Vec<usize> = (0..tokens.len()).collect();
     order.sort_by_key(|&i| (tokens[i].ids.len(), i));
     let pad = model.tokenizer.pad_id().unwrap_or(0);
-    // rows[sae][prompt]
-    let mut rows: Vec<Vec<Option<PromptRow>>> = vec![vec![None; prompts.len()]; saes.len()];
-    let mut done = 0;
-    for batch in order.chunks(batch_size.max(1)) {
+    let run = |batch: &[usize]| -> Result<ContentBatch> {
         let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| tokens[i].ids.clone()).collect();
         let (ids, mask) = left_pad(&seqs, pad, &device)?;
         let t = ids.dim(1)?;
@@ -154,7 +149,7 @@ pub fn collect(
                 input_ids: &ids,
                 attention_mask: Some(&mask),
                 logits: Logits::None,
-                capture: &hooks,
+                capture: hooks,
                 edit: None,
             },
             None,
@@ -169,16 +164,59 @@ pub fn collect(
             spans.push(first..index.len());
         }
         let index = Tensor::from_vec(index.clone(), index.len(), &device)?;
-        for (s, sae) in saes.iter().enumerate() {
+        let mut resid = BTreeMap::new();
+        for &hook in hooks {
             let captured = out
                 .captured
-                .get(&sae.hook())
-                .ok_or_else(|| FeatureError::Capture { hook: sae.hook() })?;
-            let flat = captured.flatten_to(1)?.to_dtype(DType::F32)?; // (b·t, d)
-            let resid = flat.index_select(&index, 0)?; // (n_content, d)
-            let feats = sae.encode(&resid)?.to_vec2::<f32>()?; // (n_content, d_sae)
+                .get(&hook)
+                .ok_or(FeatureError::Capture { hook })?;
+            let rows = captured
+                .flatten_to(1)? // (b·t, d)
+                .to_dtype(DType::F32)?
+                .index_select(&index, 0)?; // (n_content, d)
+            resid.insert(hook, rows);
+        }
+        Ok(ContentBatch {
+            prompts: batch.to_vec(),
+            spans,
+            resid,
+        })
+    };
+    for batch in order.chunks(batch_size.max(1)) {
+        visit(run(batch)?)?;
+    }
+    Ok(())
+}
+
+/// Runs the frozen model over `prompts` and pools, per prompt, each SAE's features and the raw
+/// residual at its layer. `on_batch(prompts_done)` is called after every batch. Prompt order is
+/// kept in the output.
+pub fn collect(
+    model: &ChatModel,
+    saes: &[Sae],
+    prompts: &[String],
+    pooling: Pooling,
+    batch_size: usize,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<Pooled> {
+    let d_model = model.decoder.config.hidden_size;
+    for sae in saes {
+        sae.check_against_model(d_model, model.decoder.config.num_layers)?;
+    }
+    let hooks: Vec<Resid> = saes.iter().map(Sae::hook).collect();
+    let tokens = prompts
+        .iter()
+        .map(|p| prompt_tokens(model, p))
+        .collect::<Result<Vec<_>>>()?;
+    // rows[sae][prompt]
+    let mut rows: Vec<Vec<Option<PromptRow>>> = vec![vec![None; prompts.len()]; saes.len()];
+    let mut done = 0;
+    for_each_content_batch(model, &tokens, &hooks, batch_size, &mut |batch| {
+        for (s, sae) in saes.iter().enumerate() {
+            let resid = &batch.resid[&sae.hook()];
+            let feats = sae.encode(resid)?.to_vec2::<f32>()?; // (n_content, d_sae)
             let resid = resid.to_vec2::<f32>()?;
-            for (&i, span) in batch.iter().zip(&spans) {
+            for (&i, span) in batch.prompts.iter().zip(&batch.spans) {
                 let (features, fired) = pool(&feats[span.clone()], pooling);
                 let (resid, _) = pool(&resid[span.clone()], pooling);
                 rows[s][i] = Some(PromptRow {
@@ -188,9 +226,10 @@ pub fn collect(
                 });
             }
         }
-        done += batch.len();
+        done += batch.prompts.len();
         on_batch(done);
-    }
+        Ok::<(), FeatureError>(())
+    })?;
     let mut pooled = Pooled::default();
     for (s, sae) in saes.iter().enumerate() {
         let mut features = PooledSet::new(sae.d_sae());

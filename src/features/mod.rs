@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-pub use collect::{collect, prompt_tokens, Pooled, Pooling, PromptTokens};
+pub use collect::{
+    collect, for_each_content_batch, prompt_tokens, ContentBatch, Pooled, Pooling, PromptTokens,
+};
 pub use score::{deltas, score, top_k, FeatureScore, PooledSet};
 
 use crate::model::load::ChatModel;

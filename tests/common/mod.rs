@@ -57,3 +57,36 @@ pub fn real_positions(x: &candle_core::Tensor, mask: &[Vec<i64>]) -> Vec<f32> {
     }
     out
 }
+
+/// A random TopK SAE (k = 8, encoder weights N(0, 0.05²), decoder = encoderᵀ, zero biases) on
+/// `hook` of a model with hidden size `d_in`, for tests that need an SAE but no trained one.
+pub fn random_topk_sae(
+    hook: sails::model::Resid,
+    d_in: usize,
+    d_sae: usize,
+    seed: u64,
+) -> sails::sae::Sae {
+    use candle_core::{DType, Device, Tensor};
+    use sails::sae::{Architecture, Normalization, Sae, SaeConfig};
+    let mut g = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let w: Vec<f32> = sails::linalg::standard_normals(&mut g, d_in * d_sae)
+        .iter()
+        .map(|v| (*v * 0.05) as f32)
+        .collect();
+    let w_enc = Tensor::from_vec(w, (d_in, d_sae), &Device::Cpu).unwrap();
+    let w_dec = w_enc.t().unwrap().contiguous().unwrap();
+    let cfg = SaeConfig {
+        architecture: Architecture::TopK {
+            k: 8,
+            rescale_acts_by_decoder_norm: false,
+        },
+        d_in,
+        d_sae,
+        hook,
+        apply_b_dec_to_input: false,
+        normalize_activations: Normalization::None,
+        metadata: Default::default(),
+    };
+    let zeros = |n| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
+    Sae::new(cfg, w_enc, zeros(d_sae), w_dec, zeros(d_in), None).unwrap()
+}
