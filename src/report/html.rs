@@ -54,9 +54,10 @@ figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
   white-space: pre-wrap; word-break: break-word; background: var(--soft); border-radius: 4px;
   padding: 6px 8px; margin: 0 0 6px; line-height: 1.7; }
 .tok { border-radius: 2px; }
-.tokens { margin: 4px 0 0; font-size: 13px; }
+.tokens { margin: 4px 0 0; font-size: 13px; display: flex; flex-wrap: wrap; gap: 3px;
+  align-items: baseline; }
 .tokens code { background: var(--soft); border: 1px solid var(--line); border-radius: 3px;
-  padding: 0 4px; margin: 0 2px; white-space: pre; }
+  padding: 0 4px; white-space: pre; max-width: 100%; overflow: hidden; text-overflow: ellipsis; }
 .lbl { color: var(--muted); }
 .example { margin: 0 0 14px; }
 .prompt { font-weight: 600; white-space: pre-wrap; word-break: break-word; margin: 0 0 8px; }
