@@ -14,7 +14,7 @@ use sails::eval::Metrics;
 use sails::manifest::{RunManifest, StagePlan};
 use serde::{Deserialize, Serialize};
 
-use super::align::{remove_dir, s, sails, write_toml, AlignConfig, Layout, Runner};
+use super::align::{eval_args, remove_dir, s, sails, write_toml, AlignConfig, Layout, Runner};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -335,24 +335,12 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
                     if fresh {
                         remove_dir(&dir)?;
                     }
-                    let mut a = vec![
-                        s("eval"),
-                        s("--model"),
-                        cfg.model.clone(),
-                        s("--adapter"),
-                        s(root.join(&tag).join("train/adapter").display()),
-                        s("--suite"),
-                        s("all"),
-                        s("--out"),
-                        s(dir.display()),
-                        s("--max-new-tokens"),
-                        s(eval.max_new_tokens),
-                        s("--batch-size"),
-                        s(eval.batch_size),
-                    ];
-                    if let Some(n) = eval.limit {
-                        a.extend([s("--limit"), s(n)]);
-                    }
+                    let a = eval_args(
+                        &cfg.model,
+                        &dir,
+                        &eval,
+                        Some(root.join(&tag).join("train/adapter")),
+                    );
                     sails(&layout, &format!("{}-s{seed}-eval", method.name()), &a)
                 },
             )?;

@@ -338,12 +338,6 @@ fn print_selection(sel: &Selection) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
-}
-
 pub fn run_subspace(args: SubspaceArgs) -> anyhow::Result<ExitCode> {
     let defaults = SubspaceConfig::default();
     let cfg = SubspaceConfig {
@@ -355,7 +349,7 @@ pub fn run_subspace(args: SubspaceArgs) -> anyhow::Result<ExitCode> {
     let sel_path = args.features.join(SELECTION_FILE);
     let selection =
         Selection::load(&sel_path).with_context(|| format!("loading {}", sel_path.display()))?;
-    let features_sha = Some(sha256_file(&sel_path)?);
+    let features_sha = Some(sails::manifest::hash_file(&sel_path)?);
     let act_path = args.features.join(ACTIVATIONS_FILE);
     let subspace = match cfg.method {
         Method::Sails => {

@@ -26,7 +26,7 @@ use candle_core::{DType, Tensor};
 use nalgebra::DMatrix;
 use serde::{Deserialize, Serialize};
 
-use super::{block_input, ExplainError, FeatureDirections, Result};
+use super::{ExplainError, FeatureDirections, Result};
 use crate::lora::{READ_SIDE, WRITE_SIDE};
 use crate::model::lora::Adapter;
 use crate::model::Resid;
@@ -213,8 +213,10 @@ pub fn attribution(
 ) -> Result<Attribution> {
     let scale = adapter.config.scale();
     let r = adapter.config.r;
-    let by_block: BTreeMap<usize, &FeatureDirections> =
-        features.iter().map(|f| (block_input(f.hook), f)).collect();
+    let by_block: BTreeMap<usize, &FeatureDirections> = features
+        .iter()
+        .map(|f| (f.hook.block_input_index(), f))
+        .collect();
     let mut names: Vec<(usize, usize, Side, &String)> = adapter
         .weights
         .keys()

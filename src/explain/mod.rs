@@ -181,15 +181,6 @@ impl Explanations {
     }
 }
 
-/// The block whose read-side modules see a residual position: `In(l)` → l, `Out(l)` → l + 1
-/// (the same rule as the subspace stage's `block_input`).
-pub fn block_input(hook: Resid) -> usize {
-    match hook {
-        Resid::In(l) => l,
-        Resid::Out(l) => l + 1,
-    }
-}
-
 /// The selected features of one SAE as unit decoder directions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureDirections {
