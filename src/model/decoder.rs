@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use super::attend::{attend, KvBuffer, Scoring};
 use super::config::{Activation, DecoderConfig};
 use super::layers::{
     apply_rope, compute_dtype, needs_no_grad, repeat_kv, soft_cap, Linear, RmsNorm, Rope,
@@ -53,8 +54,7 @@ pub struct Mlp {
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
-        if self.activation == Activation::Silu && gate.track_op() && super::fused::supported(&gate)
-        {
+        if self.activation == Activation::Silu && super::fused::supported(&gate) {
             let up = self.up_proj.forward(x)?;
             return self.down_proj.forward(&super::fused::silu_mul(&gate, &up)?);
         }
@@ -153,12 +153,22 @@ pub struct ForwardOutput {
 /// Keys, values and mask of the tokens seen so far, per sequence of a batch.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    /// Per layer `(k, v)`, each `(b, kv_heads, s, head_dim)`.
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer keys and values of every cached position.
+    layers: Vec<LayerKv>,
     /// Per sequence: 1 for real keys, 0 for pads, over all `s` cached positions.
     key_mask: Vec<Vec<u8>>,
     /// Per sequence: the position id the next real token gets.
     next_position: Vec<u32>,
+}
+
+/// One layer's cache: candle tensors `(b, kv_heads, s, head_dim)` on the differentiable path, a
+/// buffer written in place on the inference path ([`attend`](super::attend)).
+#[derive(Debug, Clone, Default)]
+enum LayerKv {
+    #[default]
+    Empty,
+    Tensors(Tensor, Tensor),
+    Buffer(KvBuffer),
 }
 
 impl KvCache {
@@ -322,7 +332,7 @@ impl Decoder {
         let mut scratch = KvCache::new();
         let cache = cache.unwrap_or(&mut scratch);
         if cache.layers.is_empty() {
-            cache.layers = vec![None; cfg.num_layers];
+            cache.layers = vec![LayerKv::Empty; cfg.num_layers];
             cache.key_mask = vec![Vec::new(); b];
             cache.next_position = vec![0; b];
         } else if cache.key_mask.len() != b {
@@ -443,7 +453,7 @@ impl Decoder {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut LayerKv,
     ) -> Result<Tensor, ModelError> {
         let _span = tracing::trace_span!("block", index).entered();
         let attn_in = block.input_layernorm.forward(x)?;
@@ -477,7 +487,7 @@ impl Decoder {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut LayerKv,
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
@@ -500,18 +510,56 @@ impl Decoder {
             .transpose(1, 2)?;
         let q = apply_rope(&q.contiguous()?, cos, sin)?;
         let k = apply_rope(&k.contiguous()?, cos, sin)?;
-        let (k, v) = match cache.take() {
-            Some((k_past, v_past)) => (
+        let v = v.contiguous()?;
+        let attn_cap = cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping);
+        if needs_no_grad(&[&q, &k, &v])
+            && q.dtype() == DType::F32
+            && q.device().is_cpu()
+            && !matches!(cache, LayerKv::Tensors(..))
+        {
+            let mut buffer = match std::mem::take(cache) {
+                LayerKv::Buffer(buffer) => buffer,
+                _ => KvBuffer::new(b, kv, hd),
+            };
+            buffer.append(
+                &k.flatten_all()?.to_vec1::<f32>()?,
+                &v.flatten_all()?.to_vec1::<f32>()?,
+                t,
+            );
+            let scoring = Scoring {
+                scale: cfg.query_scale as f32,
+                soft_cap: attn_cap.map(|c| c as f32),
+            };
+            let out = attend(
+                &q.flatten_all()?.to_vec1::<f32>()?,
+                h,
+                t,
+                buffer.keys(),
+                &mask.flatten_all()?.to_vec1::<f32>()?,
+                scoring,
+            );
+            *cache = LayerKv::Buffer(buffer);
+            let out = Tensor::from_vec(out, (b, t, h * hd), x.device())?;
+            return Ok(attn.o_proj.forward(&out)?);
+        }
+        let (k, v) = match std::mem::take(cache) {
+            LayerKv::Tensors(k_past, v_past) => (
                 Tensor::cat(&[&k_past, &k], 2)?,
-                Tensor::cat(&[&v_past, &v.contiguous()?], 2)?,
+                Tensor::cat(&[&v_past, &v], 2)?,
             ),
-            None => (k, v.contiguous()?),
+            LayerKv::Buffer(buffer) => {
+                let (k_past, v_past) = buffer.to_tensors(x.device())?;
+                (
+                    Tensor::cat(&[&k_past, &k], 2)?,
+                    Tensor::cat(&[&v_past, &v], 2)?,
+                )
+            }
+            LayerKv::Empty => (k, v),
         };
-        *cache = Some((k.clone(), v.clone()));
+        *cache = LayerKv::Tensors(k.clone(), v.clone());
         // (b, h, s, hd): query head i reads KV head i / groups.
         let k = repeat_kv(&k, cfg.num_kv_groups())?;
         let v = repeat_kv(&v, cfg.num_kv_groups())?;
-        let attn_cap = cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping);
         if attn_cap.is_none() && q.track_op() && super::fused::supported(&q) {
             // Training: scale, mask and softmax as one op with its own backward.
             let probs = super::fused::masked_softmax(&q.matmul(&k.t()?)?, mask, cfg.query_scale)?;

@@ -50,10 +50,14 @@ pub fn skinny_matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Ten
         product_t(&cpu.as_slice::<f32>()?[start..start + n * k], &xs, m, k, n)
     };
     drop(storage);
-    Tensor::from_vec(out_t, (n, m), x.device())?
-        .t()?
-        .contiguous()
-        .map(Some)
+    // Back to `(m, n)`: a plain loop over a few thousand floats, cheaper than a strided copy op.
+    let mut out = vec![0f32; m * n];
+    for (o, column) in out_t.chunks_exact(m).enumerate() {
+        for (i, &y) in column.iter().enumerate() {
+            out[i * n + o] = y;
+        }
+    }
+    Tensor::from_vec(out, (m, n), x.device()).map(Some)
 }
 
 /// `(n, m)`: the product computed transposed, so each task owns a contiguous block of outputs.

@@ -70,6 +70,16 @@ pub fn generate(
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
+    on_token: impl FnMut(usize, u32) + Send,
+) -> Result<Vec<Generation>, ModelError> {
+    rayon::scope(|_| generate_in_pool(model, tokenizer, prompts, cfg, on_token))
+}
+
+fn generate_in_pool(
+    model: &Decoder,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<Generation>, ModelError> {
     if prompts.is_empty() {

@@ -194,7 +194,7 @@ impl Rope {
 
 /// `x·cos + rotate_half(x)·sin` on `x: (b, h, t, d)`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    if x.track_op() && super::fused::supported(x) {
+    if super::fused::supported(x) {
         return super::fused::rope(x, cos, sin);
     }
     let half = x.dim(D::Minus1)? / 2;

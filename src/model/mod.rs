@@ -2,6 +2,7 @@
 //! safetensors directories, hub ids from the local cache), tokenize, render chat templates,
 //! run a differentiable forward pass with residual-stream capture and LoRA slots, generate.
 
+pub mod attend;
 pub mod chat;
 pub mod config;
 pub mod decoder;
