@@ -131,7 +131,7 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, seed: u64) -> Result<Traina
         let (inp, out) = (linear.in_features(), linear.out_features());
         if let LoraInit::Full = cfg.init {
             let var = Var::from_tensor(&linear.weight.to_dtype(DType::F32)?.copy()?)?;
-            linear.weight = var.as_tensor().clone();
+            linear.set_weight(var.as_tensor().clone())?;
             vars.insert(format!("{name}.weight"), var);
             continue;
         }

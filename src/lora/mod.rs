@@ -307,7 +307,8 @@ pub fn apply_full_weights(model: &mut crate::model::decoder::Decoder, dir: &Path
                     ),
                 ));
             }
-            linear.weight = t.to_dtype(linear.weight.dtype())?;
+            let t = t.to_dtype(linear.weight.dtype())?;
+            linear.set_weight(t)?;
             replaced += 1;
         }
     }

@@ -9,13 +9,16 @@
 //! `Resid::Out(l)` its raw output. Capture and edit hooks act on those positions.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::attend::{attend, KvBuffer, Scoring};
+use super::blocks::BlockRows;
 use super::config::{Activation, DecoderConfig};
 use super::layers::{
-    apply_rope, compute_dtype, needs_no_grad, repeat_kv, soft_cap, Linear, RmsNorm, Rope,
+    apply_rope, compute_dtype, needs_no_grad, repeat_kv, soft_cap, DecodeWeight, Linear, RmsNorm,
+    Rope,
 };
 use super::weights::WeightMap;
 use super::{ModelError, Resid};
@@ -89,8 +92,10 @@ pub struct Decoder {
     pub norm: RmsNorm,
     /// `None` when tied to `embed_tokens`.
     pub lm_head: Option<Tensor>,
-    /// Lower-precision copy of the output projection for decode steps.
-    head_decode_weight: Option<Tensor>,
+    /// What decode steps stream for the output projection.
+    head_decode_weight: Option<DecodeWeight>,
+    /// The file's quantised blocks of the output projection (see [`Linear::source_blocks`]).
+    head_blocks: Option<Arc<BlockRows>>,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -103,6 +108,8 @@ pub enum DecodeWeights {
     #[default]
     F32,
     Bf16,
+    /// The GGUF file's own Q4_1 / Q8_0 blocks where the weights came from them (f32 elsewhere).
+    Gguf,
 }
 
 /// Which logits a forward pass computes (the vocabulary projection dominates short prompts).
@@ -210,25 +217,37 @@ impl Decoder {
                 eps: cfg.rms_norm_eps,
             })
         };
-        let linear = |w: &mut WeightMap,
-                      name: &str,
-                      out: usize,
-                      inp: usize,
-                      bias: bool|
-         -> Result<Linear, ModelError> {
-            let weight = w
-                .take(&format!("{name}.weight"), &[out, inp])?
-                .to_dtype(dtype)?;
-            let bias = if bias {
-                Some(w.take(&format!("{name}.bias"), &[out])?.to_dtype(dtype)?)
-            } else {
-                None
+        let linear =
+            |w: &mut WeightMap,
+             name: &str,
+             out: usize,
+             inp: usize,
+             bias: bool|
+             -> Result<Linear, ModelError> {
+                let weight = w
+                    .take(&format!("{name}.weight"), &[out, inp])?
+                    .to_dtype(dtype)?;
+                let bias = if bias {
+                    Some(w.take(&format!("{name}.bias"), &[out])?.to_dtype(dtype)?)
+                } else {
+                    None
+                };
+                let blocks = w.take_blocks(&format!("{name}.weight"), out, inp);
+                Ok(Linear::new(weight, bias)
+                    .with_source_blocks(blocks.filter(|_| dtype == DType::F32)))
             };
-            Ok(Linear::new(weight, bias))
-        };
         let embed_tokens = weights
             .take("model.embed_tokens.weight", &[cfg.vocab_size, d])?
             .to_dtype(dtype)?;
+        let head_name = if cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let head_blocks = weights
+            .take_blocks(head_name, cfg.vocab_size, d)
+            .filter(|_| dtype == DType::F32)
+            .map(Arc::new);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -298,6 +317,7 @@ impl Decoder {
             norm: norm_out,
             lm_head,
             head_decode_weight: None,
+            head_blocks,
             rope,
             dtype,
             device: device.clone(),
@@ -610,21 +630,26 @@ impl Decoder {
         Ok(Tensor::from_vec(bias, (b, 1, t, s), &self.device)?)
     }
 
-    /// Chooses the weights decode steps read: `F32` (exact, the default) or `Bf16`, a bf16 copy of
-    /// every projection that halves the memory streamed per generated token. Training and any
-    /// pass that needs gradients always use the f32 weights.
+    /// Chooses the weights decode steps read: `F32` (the default), `Bf16`, a bf16 copy of every
+    /// projection that halves the memory streamed per generated token, or `Gguf`, the file's
+    /// own quantised blocks for every weight that was dequantised from them and is unchanged
+    /// since (bit-identical to f32 through the same kernel, 5–8.5 bits per weight). Training and
+    /// any pass that needs gradients always use the f32 weights.
     pub fn set_decode_weights(&mut self, precision: DecodeWeights) -> Result<(), ModelError> {
-        let convert = |w: &Tensor| -> candle_core::Result<Option<Tensor>> {
-            match precision {
-                DecodeWeights::F32 => Ok(None),
-                DecodeWeights::Bf16 => w.to_dtype(DType::BF16).map(Some),
-            }
+        let choose = |w: &Tensor,
+                      blocks: Option<&Arc<BlockRows>>|
+         -> candle_core::Result<Option<DecodeWeight>> {
+            Ok(match precision {
+                DecodeWeights::F32 => None,
+                DecodeWeights::Bf16 => Some(DecodeWeight::Dense(w.to_dtype(DType::BF16)?)),
+                DecodeWeights::Gguf => blocks.cloned().map(DecodeWeight::Blocks),
+            })
         };
         for (_, linear) in self.linear_layers_mut() {
-            linear.decode_weight = convert(&linear.weight)?;
+            linear.decode_weight = choose(&linear.weight, linear.source_blocks())?;
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        self.head_decode_weight = convert(head)?;
+        self.head_decode_weight = choose(head, self.head_blocks.as_ref())?;
         Ok(())
     }
 

@@ -6,6 +6,8 @@
 
 use candle_core::{DType, Device, Storage, Tensor};
 use half::bf16;
+
+use super::blocks::{BlockFormat, BlockRows, BLOCK};
 use rayon::prelude::*;
 
 /// Rows of `x` for which this kernel beats the general product on this class of CPU (with a
@@ -45,23 +47,50 @@ pub fn skinny_matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Ten
     };
     let start = layout.start_offset();
     let out_t = if w.dtype() == DType::BF16 {
-        product_t(&cpu.as_slice::<bf16>()?[start..start + n * k], &xs, m, k, n)
+        let ws = &cpu.as_slice::<bf16>()?[start..start + n * k];
+        product_t(n, m, |o, y| dot_rows(&ws[o * k..(o + 1) * k], &xs, k, y))
     } else {
-        product_t(&cpu.as_slice::<f32>()?[start..start + n * k], &xs, m, k, n)
+        let ws = &cpu.as_slice::<f32>()?[start..start + n * k];
+        product_t(n, m, |o, y| dot_rows(&ws[o * k..(o + 1) * k], &xs, k, y))
     };
     drop(storage);
-    // Back to `(m, n)`: a plain loop over a few thousand floats, cheaper than a strided copy op.
+    transposed(&out_t, m, n, x.device()).map(Some)
+}
+
+/// `y = x Wᵀ` with `W` in quantised blocks, for `x: (m, k)` f32 on the CPU with `1 ≤ m ≤
+/// MAX_ROWS`; `None` otherwise. Bit-identical to [`skinny_matmul_t`] on the dequantised weight.
+pub fn blocks_matmul_t(x: &Tensor, w: &BlockRows) -> candle_core::Result<Option<Tensor>> {
+    let Ok((m, k)) = x.dims2() else {
+        return Ok(None);
+    };
+    if k != w.cols || !(1..=MAX_ROWS).contains(&m) || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    if !matches!(x.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let out_t = product_t(w.rows, m, |o, y| {
+        dot_rows_blocks(w.row(o), w.format, &xs, k, y)
+    });
+    transposed(&out_t, m, w.rows, x.device()).map(Some)
+}
+
+/// `(n, m)` → an `(m, n)` tensor: a plain loop over a few thousand floats, cheaper than a
+/// strided copy op.
+fn transposed(out_t: &[f32], m: usize, n: usize, device: &Device) -> candle_core::Result<Tensor> {
     let mut out = vec![0f32; m * n];
     for (o, column) in out_t.chunks_exact(m).enumerate() {
         for (i, &y) in column.iter().enumerate() {
             out[i * n + o] = y;
         }
     }
-    Tensor::from_vec(out, (m, n), x.device()).map(Some)
+    Tensor::from_vec(out, (m, n), device)
 }
 
-/// `(n, m)`: the product computed transposed, so each task owns a contiguous block of outputs.
-fn product_t<E: Weight>(ws: &[E], xs: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+/// `(n, m)`: the product computed transposed, so each task owns a contiguous block of outputs;
+/// `dot(o, y)` writes weight row `o` dotted with every row of `x` into `y`.
+fn product_t(n: usize, m: usize, dot: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
     out_t
         .par_chunks_mut(ROWS_PER_TASK * m)
@@ -69,8 +98,7 @@ fn product_t<E: Weight>(ws: &[E], xs: &[f32], m: usize, k: usize, n: usize) -> V
         .for_each(|(task, out)| {
             let first = task * ROWS_PER_TASK;
             for (j, y) in out.chunks_mut(m).enumerate() {
-                let row = &ws[(first + j) * k..(first + j + 1) * k];
-                dot_rows(row, xs, k, y);
+                dot(first + j, y);
             }
         });
     out_t
@@ -109,28 +137,81 @@ impl Weight for bf16 {
     }
 }
 
-/// `y[i] = row · x_i` for every row `x_i` of `xs` (`m × k`).
-fn dot_rows<E: Weight>(row: &[E], xs: &[f32], k: usize, y: &mut [f32]) {
+/// Whether the AVX2 kernels can run here.
+fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // At most 8 rows at a time keep all accumulators in registers.
-        for (group, out) in y.chunks_mut(8).enumerate() {
-            let xs = &xs[group * 8 * k..];
-            // SAFETY: the features the kernels are compiled for were just detected, and every
-            // index they read is below `k` within `row` and below `out.len() · k` within `xs`.
-            unsafe {
-                match out.len() {
-                    1 => avx2::dot_rows::<E, 1>(row, xs, k, out),
-                    2 => avx2::dot_rows::<E, 2>(row, xs, k, out),
-                    3 => avx2::dot_rows::<E, 3>(row, xs, k, out),
-                    4 => avx2::dot_rows::<E, 4>(row, xs, k, out),
-                    5 => avx2::dot_rows::<E, 5>(row, xs, k, out),
-                    6 => avx2::dot_rows::<E, 6>(row, xs, k, out),
-                    7 => avx2::dot_rows::<E, 7>(row, xs, k, out),
-                    _ => avx2::dot_rows::<E, 8>(row, xs, k, out),
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Runs `kernel::<M, A>` on groups of at most 8 rows of `xs`: `M` rows per call and `A`
+/// accumulators per row. A single chain of fused multiply-adds is bound by their latency, so
+/// few rows get several independent accumulators; eight rows already give eight chains, and
+/// more would not fit in the sixteen vector registers.
+macro_rules! by_row_groups {
+    ($y:expr, $xs:expr, $k:expr, |$m:ident, $a:ident, $xs_g:ident, $out:ident| $call:expr) => {
+        for (group, $out) in $y.chunks_mut(8).enumerate() {
+            let $xs_g = &$xs[group * 8 * $k..];
+            match $out.len() {
+                1 => {
+                    const $m: usize = 1;
+                    const $a: usize = 4;
+                    $call
+                }
+                2 => {
+                    const $m: usize = 2;
+                    const $a: usize = 4;
+                    $call
+                }
+                3 => {
+                    const $m: usize = 3;
+                    const $a: usize = 2;
+                    $call
+                }
+                4 => {
+                    const $m: usize = 4;
+                    const $a: usize = 2;
+                    $call
+                }
+                5 => {
+                    const $m: usize = 5;
+                    const $a: usize = 1;
+                    $call
+                }
+                6 => {
+                    const $m: usize = 6;
+                    const $a: usize = 1;
+                    $call
+                }
+                7 => {
+                    const $m: usize = 7;
+                    const $a: usize = 1;
+                    $call
+                }
+                _ => {
+                    const $m: usize = 8;
+                    const $a: usize = 1;
+                    $call
                 }
             }
         }
+    };
+}
+
+/// `y[i] = row · x_i` for every row `x_i` of `xs` (`m × k`).
+fn dot_rows<E: Weight>(row: &[E], xs: &[f32], k: usize, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the features the kernels are compiled for were just detected, and every
+        // index they read is below `k` within `row` and below `out.len() · k` within `xs`.
+        by_row_groups!(y, xs, k, |M, A, xs_g, out| unsafe {
+            avx2::dot_rows::<E, M, A>(row, xs_g, k, out)
+        });
         return;
     }
     for (i, out) in y.iter_mut().enumerate() {
@@ -142,42 +223,138 @@ fn dot_rows<E: Weight>(row: &[E], xs: &[f32], k: usize, y: &mut [f32]) {
     }
 }
 
+/// `y[i] = row · x_i` for a row of quantised blocks.
+fn dot_rows_blocks(row: &[u8], format: BlockFormat, xs: &[f32], k: usize, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as in `dot_rows`; the row holds `k / 32` whole blocks of `format`.
+        by_row_groups!(y, xs, k, |M, A, xs_g, out| unsafe {
+            avx2::dot_rows_blocks::<M, A>(row, format, xs_g, k, out)
+        });
+        return;
+    }
+    let blocks = BlockRows::new(format, 1, k, row.to_vec());
+    let weights = blocks.map(|b| b.dequantize_row(0)).unwrap_or_default();
+    dot_rows(&weights, xs, k, y);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::Weight;
+    use super::{BlockFormat, Weight, BLOCK};
     use std::arch::x86_64::*;
 
-    /// One weight row against `M` rows of `xs`: each 8-float chunk of the weight is loaded once
-    /// and multiplied into `M` accumulators.
+    /// A row's `A` accumulators summed in a fixed order, then its eight lanes (both kernels
+    /// use it, so their sums agree bit for bit).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows<E: Weight, const M: usize>(
+    unsafe fn reduce<const A: usize>(acc: &[__m256; A]) -> f32 {
+        let a = match A {
+            1 => acc[0],
+            2 => _mm256_add_ps(acc[0], acc[1]),
+            _ => _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
+        };
+        let hi = _mm256_extractf128_ps(a, 1);
+        let quad = _mm_add_ps(_mm256_castps256_ps128(a), hi);
+        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+        let one = _mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1));
+        _mm_cvtss_f32(one)
+    }
+
+    /// One weight row against `M` rows of `xs`: each 8-float chunk of the weight is loaded once
+    /// and multiplied into `M` accumulators; chunk `c` goes to accumulator `c mod A`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rows<E: Weight, const M: usize, const A: usize>(
         row: &[E],
         xs: &[f32],
         k: usize,
         y: &mut [f32],
     ) {
         let whole = k / 8 * 8;
-        let mut acc = [_mm256_setzero_ps(); M];
+        let mut acc = [[_mm256_setzero_ps(); A]; M];
         let w_ptr = row.as_ptr();
         let x_ptr = xs.as_ptr();
         let mut j = 0;
+        while j + 8 * A <= whole {
+            for a in 0..A {
+                let w = E::load8(w_ptr.add(j + 8 * a));
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let x = _mm256_loadu_ps(x_ptr.add(i * k + j + 8 * a));
+                    acc_i[a] = _mm256_fmadd_ps(w, x, acc_i[a]);
+                }
+            }
+            j += 8 * A;
+        }
+        let mut a = 0;
         while j < whole {
             let w = E::load8(w_ptr.add(j));
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(x_ptr.add(i * k + j)), *a);
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                acc_i[a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x_ptr.add(i * k + j)), acc_i[a]);
             }
             j += 8;
+            a += 1;
         }
-        for (i, a) in acc.iter().enumerate() {
-            let hi = _mm256_extractf128_ps(*a, 1);
-            let quad = _mm_add_ps(_mm256_castps256_ps128(*a), hi);
-            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-            let one = _mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1));
-            let mut sum = _mm_cvtss_f32(one);
+        for (i, acc_i) in acc.iter().enumerate() {
+            let mut sum = reduce(acc_i);
             for t in whole..k {
                 sum += row[t].to_f32() * xs[i * k + t];
             }
             y[i] = sum;
+        }
+    }
+
+    /// One row of quantised blocks against `M` rows of `xs`. Each block is widened to four
+    /// vectors of f32 weights with candle's roundings (`q·d`, then `+ m`) and accumulated as
+    /// [`dot_rows`] does, so the result equals the f32 kernel's on the dequantised row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows_blocks<const M: usize, const A: usize>(
+        row: &[u8],
+        format: BlockFormat,
+        xs: &[f32],
+        k: usize,
+        y: &mut [f32],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); A]; M];
+        let x_ptr = xs.as_ptr();
+        let low = _mm_set1_epi8(0x0F);
+        for (b, block) in row.chunks_exact(format.bytes_per_block()).enumerate() {
+            let p = block.as_ptr();
+            // d (and m for Q4_1): the block's leading f16 values, widened by the F16C unit.
+            let head = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+            let d = _mm256_broadcastss_ps(head);
+            let w: [__m256; 4] = match format {
+                BlockFormat::Q4_1 => {
+                    let m = _mm256_broadcastss_ps(_mm_movehdup_ps(head));
+                    let q = _mm_loadu_si128(p.add(4) as *const __m128i);
+                    let lo = _mm_and_si128(q, low);
+                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+                    let widen = |v: __m128i| {
+                        let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                        _mm256_add_ps(_mm256_mul_ps(q, d), m)
+                    };
+                    [
+                        widen(lo),
+                        widen(_mm_srli_si128(lo, 8)),
+                        widen(hi),
+                        widen(_mm_srli_si128(hi, 8)),
+                    ]
+                }
+                BlockFormat::Q8_0 => {
+                    let widen = |at: usize| {
+                        let v = _mm_loadl_epi64(p.add(2 + at) as *const __m128i);
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d)
+                    };
+                    [widen(0), widen(8), widen(16), widen(24)]
+                }
+            };
+            let j = b * BLOCK;
+            for (c, wc) in w.iter().enumerate() {
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let x = _mm256_loadu_ps(x_ptr.add(i * k + j + 8 * c));
+                    acc_i[c % A] = _mm256_fmadd_ps(*wc, x, acc_i[c % A]);
+                }
+            }
+        }
+        for (i, acc_i) in acc.iter().enumerate() {
+            y[i] = reduce(acc_i);
         }
     }
 }
@@ -260,6 +437,60 @@ mod tests {
     }
 
     #[test]
+    fn quantised_blocks_give_the_f32_kernels_result_bit_for_bit() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let mut rng = StdRng::seed_from_u64(5);
+        // 136 output rows: two rayon tasks and a partial one; k = 96: three blocks per row.
+        let (k, n) = (96, 136);
+        let w: Vec<f32> = (0..n * k)
+            .map(|_| rng.random::<f32>() * 0.2 - 0.1)
+            .collect();
+        let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        for (dtype, format) in [
+            (GgmlDType::Q4_1, BlockFormat::Q4_1),
+            (GgmlDType::Q8_0, BlockFormat::Q8_0),
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let dequantised = q.dequantize(&Device::Cpu).unwrap();
+            let blocks = BlockRows::new(format, n, k, q.data().unwrap().to_vec()).unwrap();
+            let wd: Vec<f32> = dequantised.flatten_all().unwrap().to_vec1().unwrap();
+            for m in 1..=MAX_ROWS {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+                    .collect();
+                let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+                let got = blocks_matmul_t(&xt, &blocks)
+                    .unwrap()
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                // The f32 kernel on the dequantised weight (it declines one row, so call it
+                // through the row function directly).
+                let mut want = vec![vec![0f32; n]; m];
+                for o in 0..n {
+                    let mut y = vec![0f32; m];
+                    dot_rows(&wd[o * k..(o + 1) * k], &x, k, &mut y);
+                    for i in 0..m {
+                        want[i][o] = y[i];
+                    }
+                }
+                assert_eq!(got, want, "{format:?}, {m} rows");
+                for i in 0..m {
+                    for o in 0..n {
+                        let exact: f64 = (0..k)
+                            .map(|j| x[i * k + j] as f64 * wd[o * k + j] as f64)
+                            .sum();
+                        assert!(
+                            (got[i][o] as f64 - exact).abs() < 1e-5,
+                            "{format:?} ({i}, {o})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn declines_what_it_does_not_handle() {
         let w = Tensor::ones((4, 8), DType::F32, &Device::Cpu).unwrap();
         let tall = Tensor::ones((MAX_ROWS + 1, 8), DType::F32, &Device::Cpu).unwrap();
@@ -270,5 +501,45 @@ mod tests {
         assert!(skinny_matmul_t(&f64x, &w.to_dtype(DType::F64).unwrap())
             .unwrap()
             .is_none());
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use std::time::Instant;
+
+    /// Interleaved timing of the decode kernels on an MLP-sized weight:
+    /// `cargo test --release --lib model::gemv::timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn decode_kernels() {
+        let (n, k) = (1536 * 8, 576);
+        let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
+        let bf = w.to_dtype(DType::BF16).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let blocks = BlockRows::new(BlockFormat::Q4_1, n, k, q.data().unwrap().to_vec()).unwrap();
+        for m in [1, 2, 4, 8, 16] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+            let (mut t_bf, mut t_q, mut t_f) = (0f64, 0f64, 0f64);
+            for _ in 0..20 {
+                let s = Instant::now();
+                skinny_matmul_t(&x, &bf).unwrap();
+                t_bf += s.elapsed().as_secs_f64();
+                let s = Instant::now();
+                blocks_matmul_t(&x, &blocks).unwrap();
+                t_q += s.elapsed().as_secs_f64();
+                let s = Instant::now();
+                x.matmul(&w.t().unwrap()).unwrap();
+                t_f += s.elapsed().as_secs_f64();
+            }
+            println!(
+                "m={m:2}: bf16 {:.0} µs, q4_1 {:.0} µs, candle f32 {:.0} µs",
+                t_bf / 20.0 * 1e6,
+                t_q / 20.0 * 1e6,
+                t_f / 20.0 * 1e6
+            );
+        }
     }
 }

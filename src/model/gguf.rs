@@ -29,7 +29,9 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::blocks::{BlockFormat, BlockRows};
 use super::config::{Activation, Architecture, DecoderConfig};
+use super::weights::WeightMap;
 
 #[derive(Debug, Error)]
 pub enum GgufError {
@@ -638,16 +640,43 @@ impl GgufFile {
     /// (un-permuted for architectures whose converter permuted them, see [`qk_permuted`]).
     /// A tensor without a Hugging Face equivalent is an error, not skipped.
     pub fn load_hf_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        Ok(self.load_hf(device, false)?.0)
+    }
+
+    /// The weights for [`Decoder::load`](super::decoder::Decoder::load): the f32 tensors of
+    /// [`Self::load_hf_tensors`] plus, for 2-D tensors stored as Q4_1 or Q8_0, the blocks
+    /// themselves (rows in the same order), which decode steps can stream instead.
+    pub fn load_weight_map(&self, device: &Device) -> Result<WeightMap> {
+        let (tensors, blocks) = self.load_hf(device, true)?;
+        Ok(WeightMap::new(tensors, self.path.clone()).with_blocks(blocks))
+    }
+
+    fn load_hf(
+        &self,
+        device: &Device,
+        keep_blocks: bool,
+    ) -> Result<(HashMap<String, Tensor>, HashMap<String, BlockRows>)> {
         let p = self.model_params()?;
         let mut file = self.reopen()?;
         let mut out = HashMap::with_capacity(self.content.tensor_infos.len());
+        let mut blocks = HashMap::new();
         for name in self.tensor_names() {
             let hf = hf_name(name).ok_or_else(|| GgufError::Tensor {
                 path: self.path.clone(),
                 name: name.into(),
                 message: "no Hugging Face equivalent known".into(),
             })?;
-            let mut t = self.tensor_f32_from(&mut file, name, device)?;
+            let q = self.read_qtensor(&mut file, name, device)?;
+            let mut t = q
+                .dequantize(device)
+                .map_err(|e| self.tensor_error(name, e))?;
+            let mut stored = match (keep_blocks, BlockFormat::from_ggml(q.dtype()), t.dims()) {
+                (true, Some(format), &[rows, cols]) => {
+                    let bytes = q.data().map_err(|e| self.tensor_error(name, e))?;
+                    BlockRows::new(format, rows, cols, bytes.into_owned())
+                }
+                _ => None,
+            };
             if p.qk_permuted {
                 let heads = if name.contains(".attn_q.") {
                     Some(p.num_heads)
@@ -664,12 +693,29 @@ impl GgufFile {
                             message,
                         }
                     })?;
+                    stored =
+                        stored.map(|b| b.with_row_order(&unpermuted_row_order(heads, p.head_dim)));
                 }
+            }
+            if let Some(b) = stored {
+                blocks.insert(hf.clone(), b);
             }
             out.insert(hf, t);
         }
-        Ok(out)
+        Ok((out, blocks))
     }
+}
+
+/// For [`unpermute_rows`]: HF row `h·hd + s·hd/2 + i` comes from GGUF row `h·hd + 2i + s`.
+fn unpermuted_row_order(heads: usize, head_dim: usize) -> Vec<usize> {
+    let half = head_dim / 2;
+    (0..heads * head_dim)
+        .map(|r| {
+            let (h, within) = (r / head_dim, r % head_dim);
+            let (s, i) = (within / half, within % half);
+            h * head_dim + 2 * i + s
+        })
+        .collect()
 }
 
 /// Reads until `buf` is full or the file ends; returns the bytes read.

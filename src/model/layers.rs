@@ -1,7 +1,11 @@
 //! The building blocks of the decoder, written with differentiable candle ops only (candle's
 //! fused `rms_norm`, `rope` and `softmax_last_dim` record no backward; see DESIGN.md §3).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Tensor, D};
+
+use super::blocks::BlockRows;
 
 /// A LoRA pair on a linear layer: `Δy = scale · (x Aᵀ) Bᵀ`, `A: (r, in)`, `B: (out, r)`.
 /// `A` and `B` may be the tensors of training `Var`s, so gradients reach them.
@@ -24,15 +28,26 @@ impl LoraSlot {
     }
 }
 
+/// What a decode step (few rows, no gradient) streams instead of the f32 weight.
+#[derive(Debug, Clone)]
+pub enum DecodeWeight {
+    /// A lower-precision copy (bf16): close to the weight, not equal.
+    Dense(Tensor),
+    /// The quantised blocks the weight was dequantised from: the same numbers, fewer bytes.
+    Blocks(Arc<BlockRows>),
+}
+
 /// `y = x Wᵀ + b (+ LoRA)`. `weight: (out, in)` as in PyTorch.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraSlot>,
-    /// A lower-precision copy of `weight` for decode steps that need no gradient (see
-    /// `Decoder::set_decode_weights`); `None` decodes from `weight` itself.
-    pub decode_weight: Option<Tensor>,
+    /// Used by decode steps that need no gradient (see `Decoder::set_decode_weights`); `None`
+    /// decodes from `weight` itself.
+    pub decode_weight: Option<DecodeWeight>,
+    /// The file's quantised blocks that `weight` is exactly the dequantisation of, while it is.
+    source_blocks: Option<Arc<BlockRows>>,
 }
 
 impl Linear {
@@ -42,7 +57,32 @@ impl Linear {
             bias,
             lora: None,
             decode_weight: None,
+            source_blocks: None,
         }
+    }
+
+    /// A layer whose weight was dequantised from `blocks`.
+    pub fn with_source_blocks(mut self, blocks: Option<BlockRows>) -> Self {
+        self.source_blocks = blocks.map(Arc::new);
+        self
+    }
+
+    pub fn source_blocks(&self) -> Option<&Arc<BlockRows>> {
+        self.source_blocks.as_ref()
+    }
+
+    /// Replaces the weight. A lower-precision decode copy is remade from the new weight; the
+    /// file's blocks no longer describe it, so they are dropped.
+    pub fn set_weight(&mut self, weight: Tensor) -> candle_core::Result<()> {
+        self.decode_weight = match self.decode_weight.take() {
+            Some(DecodeWeight::Dense(copy)) => {
+                Some(DecodeWeight::Dense(weight.to_dtype(copy.dtype())?))
+            }
+            _ => None,
+        };
+        self.source_blocks = None;
+        self.weight = weight;
+        Ok(())
     }
 
     pub fn in_features(&self) -> usize {
@@ -57,7 +97,11 @@ impl Linear {
 /// `(.., in) @ (out, in)ᵀ` without copying the transposed weight. A decode step (few rows,
 /// nothing to differentiate) takes the memory-bound kernel in `gemv`, from `decode_weight` when
 /// there is one.
-fn matmul_t(x: &Tensor, w: &Tensor, decode_weight: Option<&Tensor>) -> candle_core::Result<Tensor> {
+fn matmul_t(
+    x: &Tensor,
+    w: &Tensor,
+    decode_weight: Option<&DecodeWeight>,
+) -> candle_core::Result<Tensor> {
     let (lead, k) = match x.dims() {
         [b, t, k] => (vec![*b, *t], *k),
         [m, k] => (vec![*m], *k),
@@ -67,10 +111,15 @@ fn matmul_t(x: &Tensor, w: &Tensor, decode_weight: Option<&Tensor>) -> candle_co
     shape.push(w.dim(0)?);
     let x2 = x.reshape((lead.iter().product::<usize>(), k))?;
     if needs_no_grad(&[x, w]) {
-        for weight in decode_weight.into_iter().chain([w]) {
-            if let Some(y) = super::gemv::skinny_matmul_t(&x2, weight)? {
-                return y.reshape(shape);
-            }
+        let decoded = match decode_weight {
+            Some(DecodeWeight::Blocks(blocks)) => super::gemv::blocks_matmul_t(&x2, blocks)?,
+            Some(DecodeWeight::Dense(copy)) => super::gemv::skinny_matmul_t(&x2, copy)?,
+            None => None,
+        };
+        if let Some(y) =
+            decoded.map_or_else(|| super::gemv::skinny_matmul_t(&x2, w), |y| Ok(Some(y)))?
+        {
+            return y.reshape(shape);
         }
     }
     if w.track_op() {

@@ -127,7 +127,7 @@ impl ChatModel {
                 let file = GgufFile::open(path)?;
                 let config = file.decoder_config()?;
                 let tokenizer = Tokenizer::from_gguf_metadata(file.metadata(), path)?;
-                let mut weights = WeightMap::new(file.load_hf_tensors(device)?, path.clone());
+                let mut weights = file.load_weight_map(device)?;
                 (
                     Decoder::load(config, &mut weights, device, dtype)?,
                     tokenizer,

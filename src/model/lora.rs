@@ -307,11 +307,9 @@ pub fn merge_into(model: &mut Decoder) -> Result<usize, ModelError> {
     for (_, linear) in model.linear_layers_mut() {
         if let Some(slot) = linear.lora.take() {
             let delta = slot.delta_weight()?.to_dtype(linear.weight.dtype())?;
-            linear.weight = (&linear.weight + delta)?;
-            // A decode copy of the old weight would silently drop the merged update.
-            if let Some(copy) = &linear.decode_weight {
-                linear.decode_weight = Some(linear.weight.to_dtype(copy.dtype())?);
-            }
+            // Through `set_weight`: a decode copy of the old weight would silently drop the update.
+            let merged_weight = (&linear.weight + delta)?;
+            linear.set_weight(merged_weight)?;
             merged += 1;
         }
     }

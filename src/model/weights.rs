@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::blocks::BlockRows;
 use super::ModelError;
 
 /// Tensors by Hugging Face name. `take` removes them; `finish` refuses leftovers.
 #[derive(Debug)]
 pub struct WeightMap {
     tensors: HashMap<String, Tensor>,
+    /// Quantised blocks some tensors were dequantised from (GGUF), by the same names.
+    blocks: HashMap<String, BlockRows>,
     /// Where the tensors came from, for error messages.
     source: PathBuf,
 }
@@ -21,7 +24,24 @@ const IGNORABLE_SUFFIXES: &[&str] = &["rotary_emb.inv_freq"];
 
 impl WeightMap {
     pub fn new(tensors: HashMap<String, Tensor>, source: PathBuf) -> Self {
-        Self { tensors, source }
+        Self {
+            tensors,
+            blocks: HashMap::new(),
+            source,
+        }
+    }
+
+    pub fn with_blocks(mut self, blocks: HashMap<String, BlockRows>) -> Self {
+        self.blocks = blocks;
+        self
+    }
+
+    /// Removes and returns the blocks `name` was dequantised from, when they are a
+    /// `(rows, cols)` matrix.
+    pub fn take_blocks(&mut self, name: &str, rows: usize, cols: usize) -> Option<BlockRows> {
+        self.blocks
+            .remove(name)
+            .filter(|b| b.rows == rows && b.cols == cols)
     }
 
     /// Loads every `*.safetensors` file of a Hugging Face model directory (one file or shards
