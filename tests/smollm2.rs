@@ -247,12 +247,13 @@ fn corrupt_gguf_files_give_clear_errors() {
     );
 }
 
-#[test]
-fn bf16_decode_weights_stay_close_to_reference() {
+/// Greedy continuations of the six golden prompts with the given decode weights, and how many
+/// are identical to the float64 reference.
+fn greedy_with_decode_weights(
+    weights: sails::model::decoder::DecodeWeights,
+) -> (usize, Vec<usize>) {
     let mut m = ChatModel::load(&ModelSource::Gguf(gguf_path()), &Device::Cpu, DType::F32).unwrap();
-    m.decoder
-        .set_decode_weights(sails::model::decoder::DecodeWeights::Bf16)
-        .unwrap();
+    m.decoder.set_decode_weights(weights).unwrap();
     let prompts = golden("prompts.json");
     let items = prompts["prompts"].as_array().unwrap();
     let ids: Vec<Vec<u32>> = items.iter().map(|p| u32s(&p["input_ids"])).collect();
@@ -268,7 +269,46 @@ fn bf16_decode_weights_stay_close_to_reference() {
         identical += usize::from(g.ids == want);
         agree_prefix.push(g.ids.iter().zip(&want).take_while(|(a, b)| a == b).count());
     }
+    (identical, agree_prefix)
+}
+
+#[test]
+fn bf16_decode_weights_stay_close_to_reference() {
+    let (identical, agree_prefix) =
+        greedy_with_decode_weights(sails::model::decoder::DecodeWeights::Bf16);
     eprintln!("bf16 decode: {identical}/6 greedy continuations identical; agreeing prefix lengths {agree_prefix:?}");
     // Measured on this machine class: 6/6 identical (the smallest reference margin is 0.033).
     assert_eq!(identical, 6, "agreeing prefixes {agree_prefix:?}");
+}
+
+#[test]
+fn gguf_block_decode_weights_give_the_reference_continuations() {
+    // The blocks are the exact source of the f32 weights, so nothing but summation order differs.
+    let (identical, agree_prefix) =
+        greedy_with_decode_weights(sails::model::decoder::DecodeWeights::Gguf);
+    assert_eq!(identical, 6, "agreeing prefixes {agree_prefix:?}");
+}
+
+#[test]
+fn gguf_block_decode_weights_cover_every_projection_and_the_head() {
+    let mut m = ChatModel::load(&ModelSource::Gguf(gguf_path()), &Device::Cpu, DType::F32).unwrap();
+    m.decoder
+        .set_decode_weights(sails::model::decoder::DecodeWeights::Gguf)
+        .unwrap();
+    let layers = m.decoder.linear_layers();
+    assert_eq!(layers.len(), 30 * 7);
+    for (name, linear) in &layers {
+        assert!(
+            matches!(
+                linear.decode_weight,
+                Some(sails::model::layers::DecodeWeight::Blocks(_))
+            ),
+            "{name} decodes from f32"
+        );
+    }
+    // Merging an update makes the blocks stale: that layer falls back to its f32 weight.
+    let (_, linear) = m.decoder.linear_layers_mut().into_iter().next().unwrap();
+    let w = (&linear.weight * 1.01).unwrap();
+    linear.set_weight(w).unwrap();
+    assert!(linear.decode_weight.is_none() && linear.source_blocks().is_none());
 }
