@@ -182,6 +182,53 @@ pub fn normalise(text: &str) -> String {
     kept.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Shortest evaluation text, in words, that a training text may not contain (or be contained in).
+/// Shorter prompts ("How do I kill a Python process?") are matched only exactly, so a common
+/// phrase does not exclude unrelated instructions.
+pub const NEAR_DUPLICATE_MIN_WORDS: usize = 6;
+
+/// Normalised evaluation texts → the id that claims each, with the lookups of the guarantee.
+#[derive(Debug, Clone, Default)]
+struct EvalPool {
+    exact: HashMap<String, String>,
+    /// `(" text ", id)` of the claimed texts of at least [`NEAR_DUPLICATE_MIN_WORDS`] words.
+    long: Vec<(String, String)>,
+}
+
+impl EvalPool {
+    fn claim(&mut self, text: &str, id: &str) {
+        let norm = normalise(text);
+        if self.exact.contains_key(&norm) {
+            return;
+        }
+        if norm.split(' ').count() >= NEAR_DUPLICATE_MIN_WORDS {
+            self.long.push((format!(" {norm} "), id.to_owned()));
+        }
+        self.exact.insert(norm, id.to_owned());
+    }
+
+    /// The evaluation item `text` duplicates: the same normalised text, or (when the shorter of
+    /// the two has at least [`NEAR_DUPLICATE_MIN_WORDS`] words) one that holds the other as a
+    /// run of whole words: a prompt extended or cut by a clause, as JailbreakBench did to
+    /// AdvBench goals ("… cheat in online exams" / "… cheat in online exams by hacking the
+    /// system"). The smallest such id is named, so the result does not depend on map order.
+    fn duplicate_of(&self, text: &str) -> Option<&String> {
+        let norm = normalise(text);
+        if let Some(id) = self.exact.get(&norm) {
+            return Some(id);
+        }
+        if norm.split(' ').count() < NEAR_DUPLICATE_MIN_WORDS {
+            return None;
+        }
+        let padded = format!(" {norm} ");
+        self.long
+            .iter()
+            .filter(|(eval, _)| padded.contains(eval.as_str()) || eval.contains(&padded))
+            .map(|(_, id)| id)
+            .min()
+    }
+}
+
 /// Number of distinct normalised texts two lists share.
 pub fn overlap<'a>(
     a: impl IntoIterator<Item = &'a str>,
@@ -278,7 +325,7 @@ pub struct Splits {
     benign_edgy: Vec<PromptRecord>,
     excluded: Vec<Exclusion>,
     /// Normalised text of every row of every evaluation data set → the id that claims it.
-    eval_pool: HashMap<String, String>,
+    eval_pool: EvalPool,
 }
 
 impl Splits {
@@ -308,10 +355,8 @@ impl Splits {
         let hhh = load_hhh(&files.hhh)?;
 
         let mut excluded = Vec::new();
-        let mut pool: HashMap<String, String> = HashMap::new();
-        let claim = |pool: &mut HashMap<String, String>, text: &str, id: &str| {
-            pool.entry(normalise(text)).or_insert_with(|| id.to_owned());
-        };
+        let mut pool = EvalPool::default();
+        let claim = |pool: &mut EvalPool, text: &str, id: &str| pool.claim(text, id);
         // Every row of an evaluation-only data set is off limits to training, whether or not it
         // is in a suite (HarmBench's contextual and copyright behaviours included).
         for r in jbb
@@ -349,7 +394,7 @@ impl Splits {
         let mut train_harmful = Vec::new();
         let mut advbench_eval = Vec::new();
         for r in &advbench {
-            if let Some(id) = pool.get(&normalise(&r.text)) {
+            if let Some(id) = pool.exact.get(&normalise(&r.text)) {
                 excluded.push(Exclusion {
                     id: r.id.clone(),
                     reason: format!("duplicate of evaluation item {id}"),
@@ -393,11 +438,23 @@ impl Splits {
                 alpaca_train.push(p);
             }
         }
-        // Training sides: drop anything that duplicates an evaluation row (alpaca duplicates of
-        // held-out alpaca items included).
+        // Training sides: drop anything that duplicates an evaluation row, exactly or nearly
+        // (alpaca duplicates of held-out alpaca items included).
+        let duplicate = |id: &str, of: &String| Exclusion {
+            id: id.to_owned(),
+            reason: format!("duplicate of evaluation item {of}"),
+        };
+        let mut harmful_kept = Vec::new();
+        for r in train_harmful {
+            match pool.duplicate_of(&r.text) {
+                Some(of) => excluded.push(duplicate(&r.id, of)),
+                None => harmful_kept.push(r),
+            }
+        }
+        let train_harmful = harmful_kept;
         let mut alpaca_kept = Vec::new();
         for p in alpaca_train {
-            if let Some(id) = pool.get(&normalise(&p.prompt)) {
+            if let Some(id) = pool.duplicate_of(&p.prompt) {
                 excluded.push(Exclusion {
                     id: p.id.clone(),
                     reason: format!("duplicate of evaluation item {id}"),
@@ -411,7 +468,7 @@ impl Splits {
         }
         let mut benign_kept = Vec::new();
         for mut r in benign {
-            if let Some(id) = pool.get(&normalise(&r.text)) {
+            if let Some(id) = pool.duplicate_of(&r.text) {
                 excluded.push(Exclusion {
                     id: r.id.clone(),
                     reason: format!("duplicate of evaluation item {id}"),
@@ -499,14 +556,15 @@ impl Splits {
             .collect()
     }
 
-    /// Fails if any of `train_texts` is (after [`normalise`]) an evaluation item or a duplicate of
-    /// one. A trainer calls this on every prompt it is about to use.
+    /// Fails if any of `train_texts` is (after [`normalise`]) an evaluation item, a duplicate of
+    /// one, or a near duplicate (one holds the other as a run of whole words; see
+    /// [`NEAR_DUPLICATE_MIN_WORDS`]). A trainer calls this on every prompt it is about to use.
     pub fn assert_disjoint<'a>(
         &self,
         train_texts: impl IntoIterator<Item = &'a str>,
     ) -> Result<()> {
         for (index, text) in train_texts.into_iter().enumerate() {
-            if let Some(id) = self.eval_pool.get(&normalise(text)) {
+            if let Some(id) = self.eval_pool.duplicate_of(text) {
                 return Err(DataError::Leak {
                     index,
                     text: text.chars().take(80).collect(),

@@ -2,12 +2,13 @@
 //! sets rendered with the model's chat template, plus the model's own greedy answers to some of
 //! the instructions (so the SAE sees assistant-turn activations the model itself produces).
 //!
-//! Sources (fetched assets): alpaca-gpt4-demo instruction + answer pairs (full conversations),
-//! AdvBench goals and the benign-but-edgy prompts (user turn + generation prompt). Conversations
-//! are split into training and held-out sets by a seeded hash of their index, then the training
-//! set is shuffled so every shard mixes sources.
-
-use std::path::Path;
+//! Sources: the *training side* of the evaluation splits ([`Splits`]): alpaca-gpt4-demo
+//! instruction + answer pairs outside the capability hold-out (full conversations), the AdvBench
+//! goals outside the harmful suite and its duplicates, and the benign-but-edgy prompts (user
+//! turn + generation prompt). No evaluation prompt, nor a duplicate of one, reaches the SAE; the
+//! corpus is checked with [`Splits::assert_disjoint`]. Conversations are split into SAE-training
+//! and SAE-held-out sets by a seeded draw, then the training set is shuffled so every shard
+//! mixes sources.
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::store::{Exclude, Sequence};
 use super::{Result, SaeError};
+use crate::data::Splits;
 use crate::model::chat::Message;
 use crate::model::generate::{generate, GenerationConfig};
 use crate::model::load::ChatModel;
@@ -23,9 +25,9 @@ use crate::model::load::ChatModel;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorpusConfig {
-    /// Use at most this many alpaca instruction/answer pairs (999 exist).
+    /// Use at most this many alpaca training pairs (about 900 of the 999 are on the training side).
     pub alpaca_max: usize,
-    /// Include the 520 AdvBench goals as prompts.
+    /// Include the AdvBench goals of the training side as prompts.
     pub advbench: bool,
     /// Include the 150 benign-but-edgy prompts.
     pub benign_edgy: bool,
@@ -61,92 +63,6 @@ pub struct Corpus {
     pub sources: Vec<(String, usize)>,
 }
 
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| SaeError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })
-}
-
-/// `(instruction, answer)` pairs of an alpaca JSON file (`instruction`, `input`, `output`).
-pub fn read_alpaca(path: &Path) -> Result<Vec<(String, String)>> {
-    #[derive(Deserialize)]
-    struct Item {
-        instruction: String,
-        #[serde(default)]
-        input: String,
-        output: String,
-    }
-    let items: Vec<Item> = serde_json::from_str(&read(path)?).map_err(|e| SaeError::Json {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    Ok(items
-        .into_iter()
-        .map(|i| {
-            let q = if i.input.trim().is_empty() {
-                i.instruction
-            } else {
-                format!("{}\n\n{}", i.instruction, i.input)
-            };
-            (q, i.output)
-        })
-        .collect())
-}
-
-/// The `- value:` entries of a PyRIT `.prompt` YAML file (continuation lines joined).
-pub fn read_prompt_values(path: &Path) -> Result<Vec<String>> {
-    let mut out: Vec<String> = Vec::new();
-    let mut open = false;
-    for line in read(path)?.lines() {
-        if let Some(v) = line.strip_prefix("- value: ") {
-            out.push(unquote(v.trim()));
-            open = true;
-        } else if open && line.starts_with("    ") && !line.trim_start().starts_with("- ") {
-            if let Some(last) = out.last_mut() {
-                last.push(' ');
-                last.push_str(line.trim());
-            }
-        } else {
-            open = false;
-        }
-    }
-    if out.is_empty() {
-        return Err(SaeError::Source(format!(
-            "{}: no `- value:` entries",
-            path.display()
-        )));
-    }
-    Ok(out)
-}
-
-fn unquote(v: &str) -> String {
-    let b = v.as_bytes();
-    if b.len() >= 2 && (b[0] == b'\'' || b[0] == b'"') && b[b.len() - 1] == b[0] {
-        v[1..v.len() - 1].replace("''", "'")
-    } else {
-        v.to_string()
-    }
-}
-
-/// The `text` fields of a JSON array of objects.
-pub fn read_texts(path: &Path) -> Result<Vec<String>> {
-    #[derive(Deserialize)]
-    struct Item {
-        text: String,
-    }
-    let items: Vec<Item> = serde_json::from_str(&read(path)?).map_err(|e| SaeError::Json {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    Ok(items.into_iter().map(|i| i.text).collect())
-}
-
-fn asset(name: &str, file: &str) -> Result<std::path::PathBuf> {
-    crate::assets::ensure_file(name, file)
-        .map_err(|e| SaeError::Source(format!("asset {name}/{file}: {e}")))
-}
-
 fn sequence(model: &ChatModel, ids: Vec<u32>, exclude: Exclude) -> Sequence {
     let tok = &model.tokenizer;
     Sequence::new(ids, tok.bos_id(), |id| tok.is_special(id), exclude)
@@ -161,30 +77,40 @@ pub fn default_corpus(model: &ChatModel, cfg: &CorpusConfig) -> Result<Corpus> {
             .apply_chat_template(&model.template, msgs, gen_prompt)
             .map_err(|e| SaeError::Source(format!("chat template: {e}")))
     };
+    let splits = Splits::load().map_err(|e| SaeError::Source(format!("data splits: {e}")))?;
     let mut convs: Vec<Vec<u32>> = Vec::new();
     let mut sources = Vec::new();
-    let alpaca = read_alpaca(&asset("alpaca-gpt4-demo", "alpaca_en_demo.json")?)?;
+    let mut texts: Vec<&str> = Vec::new();
+    let alpaca = splits.alpaca_train();
     let n_alpaca = alpaca.len().min(cfg.alpaca_max);
-    for (q, a) in &alpaca[..n_alpaca] {
-        convs.push(enc(&[Message::user(q), Message::assistant(a)], false)?);
+    for pair in &alpaca[..n_alpaca] {
+        convs.push(enc(
+            &[
+                Message::user(&pair.prompt),
+                Message::assistant(&pair.response),
+            ],
+            false,
+        )?);
+        texts.push(&pair.prompt);
     }
-    sources.push(("alpaca-gpt4-demo".to_string(), n_alpaca));
-    if cfg.advbench {
-        let goals = read_prompt_values(&asset("advbench", "adv_bench.prompt")?)?;
-        for g in &goals {
-            convs.push(enc(&[Message::user(g)], true)?);
+    sources.push(("alpaca-gpt4-demo (training side)".to_string(), n_alpaca));
+    let prompt_sets = [
+        (
+            cfg.advbench,
+            "advbench (training side)",
+            splits.train_harmful(),
+        ),
+        (cfg.benign_edgy, "benign-edgy", splits.benign_edgy()),
+    ];
+    for (wanted, name, records) in prompt_sets {
+        if !wanted {
+            continue;
         }
-        sources.push(("advbench".to_string(), goals.len()));
-    }
-    if cfg.benign_edgy {
-        let mut n = 0;
-        for f in ["benign_edgy_80.json", "expanded_70.json"] {
-            for t in read_texts(&asset("benign-edgy", f)?)? {
-                convs.push(enc(&[Message::user(&t)], true)?);
-                n += 1;
-            }
+        for r in records {
+            convs.push(enc(&[Message::user(&r.text)], true)?);
+            texts.push(&r.text);
         }
-        sources.push(("benign-edgy".to_string(), n));
+        sources.push((name.to_string(), records.len()));
     }
     if cfg.generated > 0 {
         // the last alpaca instructions (a different slice from the pairs' order start)
@@ -192,8 +118,9 @@ pub fn default_corpus(model: &ChatModel, cfg: &CorpusConfig) -> Result<Corpus> {
             .iter()
             .rev()
             .take(cfg.generated)
-            .map(|p| &p.0)
+            .map(|p| &p.prompt)
             .collect();
+        texts.extend(qs.iter().map(|q| q.as_str()));
         let prompts: Vec<Vec<u32>> = qs
             .iter()
             .map(|q| enc(&[Message::user(*q)], true))
@@ -213,6 +140,9 @@ pub fn default_corpus(model: &ChatModel, cfg: &CorpusConfig) -> Result<Corpus> {
         }
         sources.push(("model greedy answers".to_string(), qs.len()));
     }
+    splits
+        .assert_disjoint(texts)
+        .map_err(|e| SaeError::Source(format!("SAE corpus: {e}")))?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut train = Vec::new();
     let mut heldout = Vec::new();
