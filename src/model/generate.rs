@@ -72,6 +72,8 @@ pub fn generate(
     cfg: &GenerationConfig,
     on_token: impl FnMut(usize, u32) + Send,
 ) -> Result<Vec<Generation>, ModelError> {
+    // On a rayon worker, the many small parallel loops of a decode step fork inside the pool
+    // instead of handing each one over from outside and sleeping until it is done.
     rayon::scope(|_| generate_in_pool(model, tokenizer, prompts, cfg, on_token))
 }
 
