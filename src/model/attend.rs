@@ -144,9 +144,15 @@ pub fn attend(
         || vec![0f32; keys.len],
         |weights, (row, out_row)| {
             let (bi, ti) = (row / t, row % t);
-            let bias_row = &bias[row * keys.len..(row + 1) * keys.len];
             for h in 0..heads {
-                let query = &q[((bi * heads + h) * t + ti) * hd..][..hd];
+                let head = Head {
+                    query: &q[((bi * heads + h) * t + ti) * hd..][..hd],
+                    // Query head h reads KV head h / groups.
+                    kv_row: bi * keys.kv_heads + h / (heads / keys.kv_heads),
+                    bias: &bias[row * keys.len..(row + 1) * keys.len],
+                    keys,
+                    scoring,
+                };
                 let out_head = &mut out_row[h * hd..(h + 1) * hd];
                 #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx2")
@@ -154,60 +160,48 @@ pub fn attend(
                 {
                     // SAFETY: the features were just detected; the function indexes only
                     // within the slices it is given.
-                    unsafe {
-                        attend_head_avx2(
-                            query, bi, h, heads, keys, bias_row, scoring, weights, out_head,
-                        )
-                    };
+                    unsafe { attend_head_avx2(&head, weights, out_head) };
                     continue;
                 }
-                attend_head(
-                    query, bi, h, heads, keys, bias_row, scoring, weights, out_head,
-                );
+                attend_head(&head, weights, out_head);
             }
         },
     );
     out
 }
 
+/// One head of one query row: what [`attend_head`] reads.
+struct Head<'a> {
+    query: &'a [f32],
+    /// The `(sequence, KV head)` row of the cache this head reads.
+    kv_row: usize,
+    /// The row's additive mask over the cached positions.
+    bias: &'a [f32],
+    keys: Keys<'a>,
+    scoring: Scoring,
+}
+
 /// [`attend_head`] compiled for AVX2, so its loops vectorise eight lanes wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_head_avx2(
-    query: &[f32],
-    bi: usize,
-    h: usize,
-    heads: usize,
-    keys: Keys<'_>,
-    bias_row: &[f32],
-    scoring: Scoring,
-    weights: &mut [f32],
-    out: &mut [f32],
-) {
-    attend_head(query, bi, h, heads, keys, bias_row, scoring, weights, out)
+unsafe fn attend_head_avx2(head: &Head<'_>, weights: &mut [f32], out: &mut [f32]) {
+    attend_head(head, weights, out)
 }
 
-/// One query row of one head: `out += Σ_j softmax_j · v_j`.
+/// `out += Σ_j softmax_j · v_j` for one head of one query row; `weights` is scratch.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_head(
-    query: &[f32],
-    bi: usize,
-    h: usize,
-    heads: usize,
-    keys: Keys<'_>,
-    bias_row: &[f32],
-    scoring: Scoring,
-    weights: &mut [f32],
-    out: &mut [f32],
-) {
+fn attend_head(head: &Head<'_>, weights: &mut [f32], out: &mut [f32]) {
+    let Head {
+        query,
+        kv_row,
+        bias,
+        keys,
+        scoring,
+    } = *head;
     let hd = keys.head_dim;
-    // Query head h reads KV head h / groups.
-    let kv_row = bi * keys.kv_heads + h / (heads / keys.kv_heads);
     let at = |j: usize| (kv_row * keys.stride + j) * hd;
     let mut max = f32::NEG_INFINITY;
-    for (j, (w, &b)) in weights.iter_mut().zip(bias_row).enumerate() {
+    for (j, (w, &b)) in weights.iter_mut().zip(bias).enumerate() {
         if b <= EXCLUDED {
             *w = f32::NEG_INFINITY;
             continue;
