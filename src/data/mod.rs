@@ -394,6 +394,8 @@ impl Splits {
         let mut train_harmful = Vec::new();
         let mut advbench_eval = Vec::new();
         for r in &advbench {
+            // Exact duplicates leave before the held-out draw; near duplicates are dropped from
+            // the training side below, so the evaluation suites do not depend on that rule.
             if let Some(id) = pool.exact.get(&normalise(&r.text)) {
                 excluded.push(Exclusion {
                     id: r.id.clone(),

@@ -81,23 +81,28 @@ impl BlockRows {
 
     /// Row `r` as f32, exactly as candle dequantises it.
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.cols);
-        for block in self.row(r).chunks_exact(self.format.bytes_per_block()) {
-            let d = half_at(block, 0);
-            match self.format {
-                BlockFormat::Q4_1 => {
-                    let m = half_at(block, 2);
-                    let qs = &block[4..20];
-                    out.extend(qs.iter().map(|q| f32::from(q & 0x0F) * d + m));
-                    out.extend(qs.iter().map(|q| f32::from(q >> 4) * d + m));
-                }
-                BlockFormat::Q8_0 => {
-                    out.extend(block[2..34].iter().map(|&q| f32::from(q as i8) * d));
-                }
+        dequantize(self.format, self.row(r))
+    }
+}
+
+/// Whole blocks of `format` as f32, exactly as candle dequantises them.
+pub fn dequantize(format: BlockFormat, blocks: &[u8]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(blocks.len() / format.bytes_per_block() * BLOCK);
+    for block in blocks.chunks_exact(format.bytes_per_block()) {
+        let d = half_at(block, 0);
+        match format {
+            BlockFormat::Q4_1 => {
+                let m = half_at(block, 2);
+                let qs = &block[4..20];
+                out.extend(qs.iter().map(|q| f32::from(q & 0x0F) * d + m));
+                out.extend(qs.iter().map(|q| f32::from(q >> 4) * d + m));
+            }
+            BlockFormat::Q8_0 => {
+                out.extend(block[2..34].iter().map(|&q| f32::from(q as i8) * d));
             }
         }
-        out
     }
+    out
 }
 
 /// The little-endian f16 at `at`, widened.

@@ -34,6 +34,13 @@ const LINEAR_NAMES: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// An additive attention mask, built once per forward pass: the values for the inference
+/// kernel and the same numbers as a `(b, 1, t, s)` tensor for the differentiable path.
+struct AttentionBias {
+    values: Vec<f32>,
+    tensor: Tensor,
+}
+
 /// Large finite negative for masked scores: `-inf` would turn a pad row into NaN, and NaN keys
 /// poison every query that multiplies them, even masked ones.
 const MASKED: f32 = -1.0e30;
@@ -472,7 +479,7 @@ impl Decoder {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: &AttentionBias,
         cache: &mut LayerKv,
     ) -> Result<Tensor, ModelError> {
         let _span = tracing::trace_span!("block", index).entered();
@@ -506,7 +513,7 @@ impl Decoder {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: &AttentionBias,
         cache: &mut LayerKv,
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.config;
@@ -555,7 +562,7 @@ impl Decoder {
                 h,
                 t,
                 buffer.keys(),
-                &mask.flatten_all()?.to_vec1::<f32>()?,
+                &mask.values,
                 scoring,
             );
             *cache = LayerKv::Buffer(buffer);
@@ -582,7 +589,8 @@ impl Decoder {
         let v = repeat_kv(&v, cfg.num_kv_groups())?;
         if attn_cap.is_none() && q.track_op() && super::fused::supported(&q) {
             // Training: scale, mask and softmax as one op with its own backward.
-            let probs = super::fused::masked_softmax(&q.matmul(&k.t()?)?, mask, cfg.query_scale)?;
+            let probs =
+                super::fused::masked_softmax(&q.matmul(&k.t()?)?, &mask.tensor, cfg.query_scale)?;
             let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))?;
             return Ok(attn.o_proj.forward(&out)?);
         }
@@ -593,7 +601,7 @@ impl Decoder {
         let compute = compute_dtype(self.dtype);
         let scores = scores
             .to_dtype(compute)?
-            .broadcast_add(&mask.to_dtype(compute)?)?;
+            .broadcast_add(&mask.tensor.to_dtype(compute)?)?;
         let probs = if needs_no_grad(&[&scores]) {
             candle_nn::ops::softmax_last_dim(&scores)?
         } else {
@@ -612,7 +620,7 @@ impl Decoder {
         past: usize,
         t: usize,
         window: Option<usize>,
-    ) -> Result<Tensor, ModelError> {
+    ) -> Result<AttentionBias, ModelError> {
         let b = key_mask.len();
         let s = past + t;
         let mut bias = vec![MASKED; b * t * s];
@@ -627,7 +635,11 @@ impl Decoder {
                 }
             }
         }
-        Ok(Tensor::from_vec(bias, (b, 1, t, s), &self.device)?)
+        let tensor = Tensor::from_slice(&bias, (b, 1, t, s), &self.device)?;
+        Ok(AttentionBias {
+            values: bias,
+            tensor,
+        })
     }
 
     /// Chooses the weights decode steps read: `F32` (the default), `Bf16`, a bf16 copy of every

@@ -233,9 +233,7 @@ fn dot_rows_blocks(row: &[u8], format: BlockFormat, xs: &[f32], k: usize, y: &mu
         });
         return;
     }
-    let blocks = BlockRows::new(format, 1, k, row.to_vec());
-    let weights = blocks.map(|b| b.dequantize_row(0)).unwrap_or_default();
-    dot_rows(&weights, xs, k, y);
+    dot_rows(&super::blocks::dequantize(format, row), xs, k, y);
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -116,9 +116,11 @@ fn matmul_t(
             Some(DecodeWeight::Dense(copy)) => super::gemv::skinny_matmul_t(&x2, copy)?,
             None => None,
         };
-        if let Some(y) =
-            decoded.map_or_else(|| super::gemv::skinny_matmul_t(&x2, w), |y| Ok(Some(y)))?
-        {
+        let y = match decoded {
+            Some(y) => Some(y),
+            None => super::gemv::skinny_matmul_t(&x2, w)?,
+        };
+        if let Some(y) = y {
             return y.reshape(shape);
         }
     }
