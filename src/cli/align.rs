@@ -26,9 +26,9 @@ use super::sae::SaeRunConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PresetArg {
-    /// The whole pipeline in about 11 minutes on 2 CPU cores (656 s measured, release build,
-    /// assets cached): one small SAE trained on a few
-    /// thousand tokens, 64 prompts per set, a short training run, 24 items per evaluation suite.
+    /// The whole pipeline in about 5 minutes on 2 CPU cores (303 s measured, release build,
+    /// assets cached): one small SAE trained on a few thousand tokens, 64 prompts per set, a
+    /// short training run, 24 items per evaluation suite.
     Quick,
     /// The best this machine allows: the default SAEs (4 layers, trained once into
     /// $SAILS_HOME and reused), every training prompt, the full evaluation (a few hours on CPU).

@@ -13,7 +13,7 @@ use super::model_args::ModelArgs;
 use sails::model::load::ChatModel;
 use sails::model::Resid;
 use sails::sae::corpus::{default_corpus, CorpusConfig};
-use sails::sae::eval::{evaluate, table, EvalBatching, SaeEvalReport};
+use sails::sae::eval::{evaluate, evaluated_tokens, table, EvalBatching, SaeEvalReport};
 use sails::sae::store::{self, Sequence, ShardedActivations, StoreConfig};
 use sails::sae::train::{train_topk, SaeTrainConfig, TrainReport};
 use sails::sae::{hook_name, parse_hook, Sae};
@@ -76,18 +76,20 @@ pub struct SaeRunConfig {
 }
 
 impl SaeRunConfig {
-    /// SmolLM2-135M defaults: Resid::In at 6, 12, 18, 24 of 30 blocks; 8×576 latents, k = 32;
-    /// the whole default corpus (≈0.33M content tokens) collected once, 2M training tokens per
-    /// layer (about six passes), a dead-latent window small enough for the auxiliary loss to act.
+    /// SmolLM2-135M defaults: Resid::In at 6, 12, 18, 24 of 30 blocks; 8×576 latents, k = 64;
+    /// the whole default corpus (≈0.19M content tokens) collected once, 1.5M training tokens per
+    /// layer, a dead-latent window small enough for the auxiliary loss to act.
     pub fn preset_default() -> Self {
         SaeRunConfig {
             corpus: CorpusConfig::default(),
             store: StoreConfig::default(),
             train: SaeTrainConfig {
                 d_sae: 4608,
-                k: 32,
+                // k = 32 left held-out explained variance at 0.83 (layer 12); 64 is the L0 budget
+                k: 64,
                 batch_size: 4096,
-                total_tokens: 2_000_000,
+                // ~8 passes over the training side of the splits (~190k tokens)
+                total_tokens: 1_500_000,
                 lr: 1e-3,
                 lr_warmup_steps: 50,
                 dead_tokens_threshold: 200_000,
@@ -108,8 +110,9 @@ pub enum Preset {
 
 /// Collect activations and train TopK SAEs.
 ///
-/// Builds the default corpus (alpaca-gpt4-demo conversations, AdvBench and benign-edgy prompts,
-/// the model's own greedy answers to some instructions; BOS and special positions excluded),
+/// Builds the default corpus from the training side of the splits only (alpaca-gpt4-demo
+/// conversations, AdvBench training goals and benign-edgy prompts, the model's own greedy answers
+/// to some instructions; BOS and special positions excluded),
 /// caches the residual activations at the chosen layers in <out>/store (resumable), trains one
 /// SAE per layer into <out>/<hook>/ (SAELens format; resumes from <out>/<hook>/checkpoint) and
 /// evaluates each on the held-out conversations. Layers already trained are skipped, so the
@@ -205,6 +208,14 @@ pub fn parse_layer(s: &str) -> anyhow::Result<Resid> {
 }
 
 /// The default preset's run folder for `model`.
+/// The evaluation an unchanged SAE already has, if it covered this many held-out tokens
+/// (re-running the preset, as `sails align` does, then costs no model passes).
+fn saved_eval(sae_dir: &Path, heldout_tokens: u64) -> Option<SaeEvalReport> {
+    let bytes = std::fs::read(sae_dir.join("eval.json")).ok()?;
+    let r: SaeEvalReport = serde_json::from_slice(&bytes).ok()?;
+    (r.tokens == heldout_tokens).then_some(r)
+}
+
 pub fn preset_dir(model: &str) -> PathBuf {
     let name = if model == "default" {
         "smollm2-135m-instruct".to_string()
@@ -373,6 +384,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|s| parse_layer(s))
         .collect::<anyhow::Result<_>>()?;
+    let heldout_tokens = evaluated_tokens(&heldout, EvalBatching::default());
     let mut results = Vec::new();
     for &hook in &cfg.store.layers {
         if !only.is_empty() && !only.contains(&hook) {
@@ -411,17 +423,33 @@ fn run_train(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 &sae_dir.join("train_report.json"),
                 &serde_json::to_vec_pretty(&report)?,
             )?;
+            let last = report.last.as_ref().map_or(String::new(), |l| {
+                format!(
+                    "; last batch: loss {:.4}, L0 {:.1}, explained variance {:.3}, dead {:.1} %",
+                    l.loss,
+                    l.l0,
+                    l.explained_variance,
+                    100.0 * l.dead_frac
+                )
+            });
             eprintln!(
-                "{}: {} steps, {:.0} tokens/s, last {:?}",
+                "{}: {} steps, {:.0} tokens/s{last}",
                 hook_name(hook),
                 report.steps,
                 report.tokens_per_s,
-                report.last
             );
             (sae, Some(report))
         };
         let eval = if args.no_eval {
             None
+        } else if let Some(r) = report
+            .is_none()
+            .then(|| saved_eval(&sae_dir, heldout_tokens))
+            .flatten()
+        {
+            eprintln!("{}: evaluation up to date (eval.json)", hook_name(hook));
+            eprint!("{}", table(std::slice::from_ref(&r)));
+            Some(r)
         } else {
             let r = evaluate(&model.decoder, &sae, &heldout, EvalBatching::default())?;
             sails::model::write_atomic(
@@ -574,7 +602,45 @@ mod tests {
             cfg.store.layers,
             vec![Resid::In(6), Resid::In(12), Resid::In(18), Resid::In(24)]
         );
-        assert_eq!((cfg.train.d_sae, cfg.train.k), (4608, 32));
+        assert_eq!((cfg.train.d_sae, cfg.train.k), (4608, 64));
+    }
+
+    #[test]
+    fn a_saved_evaluation_is_reused_only_for_the_same_held_out_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(saved_eval(dir.path(), 100).is_none(), "no eval.json yet");
+        std::fs::write(dir.path().join("eval.json"), b"{ truncated").unwrap();
+        assert!(saved_eval(dir.path(), 100).is_none(), "corrupt eval.json");
+        let report = SaeEvalReport {
+            hook: "blocks.12.hook_resid_pre".into(),
+            d_sae: 4608,
+            tokens: 100,
+            l0: 61.5,
+            explained_variance: 0.87,
+            mean_cosine: 0.97,
+            dead_frac: 0.001,
+            dense_frac: 0.002,
+            splice: sails::sae::eval::SpliceResult {
+                ce_clean: 2.5,
+                ce_spliced: 2.7,
+                ce_zero_ablation: 13.7,
+                ce_loss_recovered: 0.98,
+                kl_spliced: 0.25,
+                kl_zero_ablation: 11.9,
+                predicted_tokens: 103,
+            },
+            formula: sails::sae::eval::CE_RECOVERED_FORMULA.into(),
+        };
+        std::fs::write(
+            dir.path().join("eval.json"),
+            serde_json::to_vec(&report).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(saved_eval(dir.path(), 100), Some(report));
+        assert!(
+            saved_eval(dir.path(), 101).is_none(),
+            "other held-out tokens"
+        );
     }
 
     #[test]

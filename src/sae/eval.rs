@@ -90,6 +90,13 @@ struct Batch {
     t: usize,
 }
 
+/// Held-out tokens [`evaluate`] measures on: kept positions within `max_seq_len`.
+pub fn evaluated_tokens(seqs: &[Sequence], b: EvalBatching) -> u64 {
+    seqs.iter()
+        .map(|s| s.keep.iter().take(b.max_seq_len).filter(|&&k| k).count() as u64)
+        .sum()
+}
+
 fn batches(seqs: &[Sequence], b: EvalBatching, device: &Device) -> Result<Vec<Batch>> {
     let mut out = Vec::new();
     let mut next = 0;
