@@ -108,6 +108,7 @@ impl AlignConfig {
                 sae.store.layers = vec![Resid::In(12)];
                 sae.store.token_budget = 6_000;
                 sae.train.d_sae = 2304;
+                sae.train.k = 32;
                 sae.train.total_tokens = 150_000;
                 sae.train.batch_size = 2048;
                 sae.train.lr_warmup_steps = 10;
