@@ -401,6 +401,29 @@ fn selected<T>(items: &[T], limit: Option<usize>) -> &[T] {
     &items[..limit.unwrap_or(items.len()).min(items.len())]
 }
 
+/// Judges again the saved responses that lack a verdict of one of `judges` (a newer phrase list,
+/// an added LLM judge), so an upgraded judge applies to a finished run without regenerating.
+/// Returns how many records changed.
+pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usize> {
+    let names: Vec<String> = judges.all().iter().map(|j| j.name()).collect();
+    let mut changed = 0;
+    for r in records.iter_mut() {
+        if names.iter().all(|n| r.verdicts.contains_key(n)) {
+            continue;
+        }
+        let input = JudgeInput {
+            prompt: &r.prompt,
+            response: &r.response,
+            refusal_logodds: Some(r.refusal_logodds),
+        };
+        let (verdicts, label) = judge_all(judges, &input)?;
+        r.verdicts = verdicts;
+        r.label = label;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 /// Runs the evaluation into `out` (created if needed), resuming what is there.
 pub fn run(
     model: &ChatModel,
@@ -424,6 +447,13 @@ pub fn run(
 
     let gen_path = out.join("generations.jsonl");
     let mut done: Vec<GenerationRecord> = read_jsonl(&gen_path)?;
+    let rejudged = rejudge(judges, &mut done)?;
+    if rejudged > 0 {
+        tracing::info!(
+            responses = rejudged,
+            "saved responses re-judged with the current judges"
+        );
+    }
     rewrite_jsonl(&gen_path, &done)?;
     let done_ids: HashSet<String> = done.iter().map(|r| r.id.clone()).collect();
     let gen_suites: Vec<Suite> = cfg
