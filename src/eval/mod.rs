@@ -289,7 +289,10 @@ pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
 
 /// Rewrites `path` with `records` (used to drop a partial last line before appending).
 fn rewrite_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
-    std::fs::write(path, jsonl_text(path, records)?).map_err(io_err(path))
+    Ok(crate::model::write_atomic(
+        path,
+        jsonl_text(path, records)?.as_bytes(),
+    )?)
 }
 
 /// One JSON line per record; `path` only names the file in errors.
@@ -336,7 +339,7 @@ fn check_config(out: &Path, cfg: &EvalConfig) -> Result<()> {
         path: path.clone(),
         message: e.to_string(),
     })?;
-    std::fs::write(&path, text).map_err(io_err(&path))
+    Ok(crate::model::write_atomic(&path, text.as_bytes())?)
 }
 
 /// Token ids of the refusal set: the first token of each of [`REFUSAL_OPENINGS`].
@@ -529,13 +532,23 @@ pub fn run(
         );
     }
     let seconds = start.elapsed().as_secs_f64();
-    let throughput = (total > 0).then(|| Throughput {
-        prompts: total,
-        new_tokens,
-        seconds,
-        prompts_per_s: total as f64 / seconds,
-        tokens_per_s: new_tokens as f64 / seconds,
-    });
+    let mpath = out.join("metrics.json");
+    let throughput = if total > 0 {
+        Some(Throughput {
+            prompts: total,
+            new_tokens,
+            seconds,
+            prompts_per_s: total as f64 / seconds,
+            tokens_per_s: new_tokens as f64 / seconds,
+        })
+    } else {
+        // Nothing generated now (a finished run re-judged or re-scored): keep the figure of the
+        // invocation that did the generating.
+        std::fs::read(&mpath)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Metrics>(&b).ok())
+            .and_then(|m| m.throughput)
+    };
 
     let capability = if cfg.suites.contains(&Suite::Capability) {
         Some(run_capability(model, splits, cfg, out)?)
@@ -565,12 +578,11 @@ pub fn run(
         capability,
         throughput,
     };
-    let mpath = out.join("metrics.json");
     let text = serde_json::to_string_pretty(&metrics).map_err(|e| EvalError::Parse {
         path: mpath.clone(),
         message: e.to_string(),
     })?;
-    std::fs::write(&mpath, text).map_err(io_err(&mpath))?;
+    crate::model::write_atomic(&mpath, text.as_bytes())?;
     Ok(metrics)
 }
 
