@@ -73,3 +73,14 @@ fn paired_difference_counts_discordant_pairs() {
     // exact: 2·(C(7,0)+C(7,1)+C(7,2))/128 = 2·29/128 = 0.453125
     assert!((d.mcnemar.p_value - 0.453125).abs() < 1e-12);
 }
+
+#[test]
+fn paired_difference_interval_stays_within_plus_minus_one() {
+    // 21 of 24 items flip from not counted to counted, none the other way, as in the quick run.
+    let mut pairs = vec![(false, true); 21];
+    pairs.extend([(false, false), (false, false), (true, true)]);
+    let d = paired_diff(&pairs);
+    assert!((d.diff - 21.0 / 24.0).abs() < 1e-12);
+    assert!(d.hi <= 1.0 && d.hi > d.diff, "{}", d.hi);
+    assert!(d.lo < d.diff && d.lo > 0.5, "{}", d.lo);
+}

@@ -188,8 +188,9 @@ pub fn paired_diff(pairs: &[(bool, bool)]) -> PairedDiff {
         rate_a: ka as f64 / n_f,
         rate_b: kb as f64 / n_f,
         diff,
-        lo: diff - half,
-        hi: diff + half,
+        // The Wald interval can pass ±1 near the edges; a difference of proportions cannot.
+        lo: (diff - half).max(-1.0),
+        hi: (diff + half).min(1.0),
         mcnemar: mcnemar(b, c),
     }
 }
