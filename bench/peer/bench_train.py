@@ -13,6 +13,7 @@ Prints one JSON line on stdout; progress on stderr. Run one config per process s
 peak RSS (ru_maxrss) belongs to that config.
 """
 import argparse
+import contextlib
 import json
 import time
 
@@ -44,6 +45,12 @@ def make_blocks(tok, batch, seq, n_batches):
     t = torch.tensor(ids[:need], dtype=torch.long).view(n_batches, batch, seq)
     return [t[i] for i in range(n_batches)]
 
+
+
+def forward(model, x, ac):
+    """Forward with the loss over all tokens, under the autocast context `ac` when given."""
+    with ac() if ac else contextlib.nullcontext():
+        return model(input_ids=x, labels=x, use_cache=False)
 
 def main():
     ap = argparse.ArgumentParser()
@@ -90,11 +97,7 @@ def main():
         with torch.no_grad():
             for i, x in enumerate(blocks):
                 t0 = time.perf_counter()
-                if ac:
-                    with ac():
-                        out = model(input_ids=x, labels=x, use_cache=False)
-                else:
-                    out = model(input_ids=x, labels=x, use_cache=False)
+                out = forward(model, x, ac)
                 dt = time.perf_counter() - t0
                 losses.append(float(out.loss))
                 pc.log(f"fwd {i} {'warmup' if i < args.warmup else 'timed'} {dt:.3f}s loss {losses[-1]:.4f}")
@@ -114,11 +117,7 @@ def main():
         opt = torch.optim.AdamW(trainable, lr=args.lr)
         for i, x in enumerate(blocks):
             t0 = time.perf_counter()
-            if ac:
-                with ac():
-                    out = model(input_ids=x, labels=x, use_cache=False)
-            else:
-                out = model(input_ids=x, labels=x, use_cache=False)
+            out = forward(model, x, ac)
             loss = out.loss
             t1 = time.perf_counter()
             loss.backward()
