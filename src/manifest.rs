@@ -152,8 +152,12 @@ pub enum Freshness {
     UpToDate,
     /// Never finished (first run, or interrupted): rerun, resuming whatever the stage keeps.
     NotDone,
-    /// Finished before with other inputs or config, or its outputs changed: start it afresh.
+    /// Finished before with other inputs or config: start it afresh.
     Stale(String),
+    /// Finished with these inputs and config, but its outputs were edited or removed since: rerun
+    /// it over what is there (an evaluation re-judges its saved responses instead of generating
+    /// them again; training resumes from its last checkpoint).
+    OutputsChanged(String),
 }
 
 impl RunManifest {
@@ -241,7 +245,7 @@ impl RunManifest {
                 None
             };
             if now.as_ref() != rec.outputs.get(&key) {
-                return Ok(Freshness::Stale(format!(
+                return Ok(Freshness::OutputsChanged(format!(
                     "output {key} changed or is missing"
                 )));
             }
@@ -324,7 +328,7 @@ mod tests {
         std::fs::write(run.join("out/x.json"), "2").unwrap();
         assert!(matches!(
             m.freshness(run, &plan(&input, 1)).unwrap(),
-            Freshness::Stale(why) if why.contains("output")
+            Freshness::OutputsChanged(why) if why.contains("output")
         ));
         // the record holds every input's hash
         let rec = m.record("stage").unwrap();

@@ -400,12 +400,13 @@ impl Runner<'_> {
             return Ok(());
         }
         let fresh_start = matches!(freshness, Freshness::Stale(_));
-        if let Freshness::Stale(why) = &freshness {
-            eprintln!("[{}] rerunning: {why}", plan.name);
-            self.manifest.forget(plan.name);
-            self.manifest.save(&self.run.root)?;
-        } else {
-            eprintln!("[{}] running", plan.name);
+        match &freshness {
+            Freshness::Stale(why) | Freshness::OutputsChanged(why) => {
+                eprintln!("[{}] rerunning: {why}", plan.name);
+                self.manifest.forget(plan.name);
+                self.manifest.save(&self.run.root)?;
+            }
+            _ => eprintln!("[{}] running", plan.name),
         }
         work(fresh_start)?;
         let seconds = start.elapsed().as_secs_f64();
@@ -864,6 +865,44 @@ fn finish(mut runner: Runner<'_>, args: &AlignArgs, total: Instant) -> anyhow::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stage_starts_afresh_only_when_its_inputs_or_config_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout {
+            root: dir.path().to_path_buf(),
+        };
+        let input = dir.path().join("input.txt");
+        std::fs::write(&input, "a").unwrap();
+        let plan = |k: u32| StagePlan {
+            name: "stage",
+            inputs: vec![input.clone()],
+            config: serde_json::json!({ "k": k }),
+            outputs: vec![PathBuf::from("out.txt")],
+        };
+        let mut runner = Runner {
+            run: &layout,
+            manifest: RunManifest::new(serde_json::json!({}), Default::default()),
+            force: false,
+            timings: Vec::new(),
+        };
+        let mut starts = Vec::new();
+        let run = |runner: &mut Runner, k: u32, starts: &mut Vec<bool>| {
+            runner
+                .stage(plan(k), |fresh| {
+                    starts.push(fresh);
+                    std::fs::write(dir.path().join("out.txt"), format!("{k}"))?;
+                    Ok(())
+                })
+                .unwrap()
+        };
+        run(&mut runner, 1, &mut starts); // first run: resume whatever is there
+        run(&mut runner, 1, &mut starts); // up to date: not called
+        std::fs::write(dir.path().join("out.txt"), "edited").unwrap();
+        run(&mut runner, 1, &mut starts); // outputs edited: rerun over them
+        run(&mut runner, 2, &mut starts); // config changed: afresh
+        assert_eq!(starts, vec![false, false, true]);
+    }
     use clap::Parser;
 
     #[derive(Parser)]
