@@ -440,13 +440,14 @@ fn run_train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             );
             (sae, Some(report))
         };
+        // only an SAE loaded unchanged can keep its evaluation
+        let saved = match (&report, args.no_eval) {
+            (None, false) => saved_eval(&sae_dir, heldout_tokens),
+            _ => None,
+        };
         let eval = if args.no_eval {
             None
-        } else if let Some(r) = report
-            .is_none()
-            .then(|| saved_eval(&sae_dir, heldout_tokens))
-            .flatten()
-        {
+        } else if let Some(r) = saved {
             eprintln!("{}: evaluation up to date (eval.json)", hook_name(hook));
             eprint!("{}", table(std::slice::from_ref(&r)));
             Some(r)
