@@ -316,6 +316,10 @@ pub struct BenchTrainArgs {
     /// Only this target set (comma-separated projections); default: all seven, then q,k,v,o.
     #[arg(long, value_name = "LIST")]
     targets: Option<String>,
+    /// Also time the same step through candle's autodiff (after the others, so the reported
+    /// peak memory stays the hand-written step's).
+    #[arg(long)]
+    autodiff: bool,
 }
 
 /// LoRA SFT throughput: forward, backward (loss on every next-token position, as a plain causal
@@ -328,6 +332,10 @@ pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    anyhow::ensure!(
+        args.steps > 0 && args.batch > 0 && args.seq_len > 1,
+        "--steps and --batch must be at least 1 and --seq-len at least 2"
+    );
     let source = ModelSource::resolve(&args.model)?;
     let mut model = ChatModel::load(&source, &Device::Cpu, DType::F32)?;
     let device = Device::Cpu;
@@ -357,65 +365,29 @@ pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
         None => vec![all7, "q_proj,k_proj,v_proj,o_proj"],
     };
     let mut results = Vec::new();
-    for targets in sets {
-        sails::model::lora::clear(&mut model.decoder);
-        let cfg = LoraConfig {
-            rank: args.rank,
-            alpha: 2.0 * args.rank as f64,
-            targets: targets.split(',').map(String::from).collect(),
-            rslora: false,
-            init: LoraInit::Kaiming,
-        };
-        let trainable = lora::inject(&mut model.decoder, &cfg, 0)?;
-        let params: Vec<_> = trainable.vars.iter().collect();
-        let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
-        let mut secs = Vec::new();
-        for i in 0..args.warmup + args.steps {
-            let start = Instant::now();
-            let (_loss, mut grads) =
-                train::loss_and_grads(&model.decoder, &params, std::slice::from_ref(&batch))?;
-            train::clip_grad_norm(&mut grads, Some(1.0))?;
-            opt.step(&params, &grads, 1e-4)?;
-            if i >= args.warmup {
-                secs.push(start.elapsed().as_secs_f64());
-            }
-        }
-        secs.sort_by(f64::total_cmp);
-        let median = secs[secs.len() / 2];
-        // One more step, split: forward with the loss, backward, clipping with AdamW.
-        let start = Instant::now();
-        let out = train::response_token_loss(&model.decoder, &batch)?;
-        let scaled = (&out.sum / out.n_targets as f64)?;
-        let forward_s = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        let store = scaled.backward()?;
-        let backward_s = start.elapsed().as_secs_f64();
-        drop((out, scaled));
-        let start = Instant::now();
-        let mut grads = params
-            .iter()
-            .map(|(name, var)| {
-                store
-                    .get(var.as_tensor())
-                    .cloned()
-                    .with_context(|| format!("{name} received no gradient"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        drop(store);
-        train::clip_grad_norm(&mut grads, Some(1.0))?;
-        opt.step(&params, &grads, 1e-4)?;
-        let update_s = start.elapsed().as_secs_f64();
+    for targets in &sets {
+        let (trainable, median, split) =
+            time_steps(&mut model.decoder, &args, targets, &batch, false)?;
         results.push(serde_json::json!({
             "targets": targets,
             "rank": args.rank,
-            "trainable_params": trainable.num_params(),
+            "trainable_params": trainable,
             "batch": b,
             "seq_len": t,
             "median_step_s": median,
             "tokens_per_s": (b * t) as f64 / median,
-            "split_step_s": {"forward": forward_s, "backward": backward_s, "clip_adamw": update_s},
+            "split_step_s": split,
             "peak_rss_mib_so_far": super::bench::peak_rss_mib(),
         }));
+    }
+    if args.autodiff {
+        for (targets, result) in sets.iter().zip(&mut results) {
+            let (_, median, _) = time_steps(&mut model.decoder, &args, targets, &batch, true)?;
+            result["autodiff"] = serde_json::json!({
+                "median_step_s": median,
+                "tokens_per_s": (b * t) as f64 / median,
+            });
+        }
     }
     let out = serde_json::json!({
         "model": source.path().display().to_string(),
@@ -427,6 +399,65 @@ pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Times LoRA steps on `targets` (a fresh Kaiming adapter): the median step after warm-up and one
+/// more step split into forward, backward and clipping with AdamW. `autodiff` takes candle's
+/// autodiff instead of the step [`train::loss_and_grads`] chooses.
+fn time_steps(
+    decoder: &mut sails::model::decoder::Decoder,
+    args: &BenchTrainArgs,
+    targets: &str,
+    batch: &Batch,
+    autodiff: bool,
+) -> anyhow::Result<(usize, f64, serde_json::Value)> {
+    sails::model::lora::clear(decoder);
+    let cfg = LoraConfig {
+        rank: args.rank,
+        alpha: 2.0 * args.rank as f64,
+        targets: targets.split(',').map(String::from).collect(),
+        rslora: false,
+        init: LoraInit::Kaiming,
+    };
+    let trainable = lora::inject(decoder, &cfg, 0)?;
+    let params: Vec<_> = trainable.vars.iter().collect();
+    let batches = std::slice::from_ref(batch);
+    let grads_of = |decoder: &sails::model::decoder::Decoder| {
+        if autodiff {
+            train::autodiff_loss_and_grads(decoder, &params, batches)
+        } else {
+            train::loss_and_grads(decoder, &params, batches)
+        }
+    };
+    let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
+    let mut secs = Vec::new();
+    for i in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        let (_loss, mut grads) = grads_of(decoder)?;
+        train::clip_grad_norm(&mut grads, Some(1.0))?;
+        opt.step(&params, &grads, 1e-4)?;
+        if i >= args.warmup {
+            secs.push(start.elapsed().as_secs_f64());
+        }
+    }
+    secs.sort_by(f64::total_cmp);
+    let median = secs[secs.len() / 2];
+    let split = if autodiff || !train::fast::applies(decoder, &params) {
+        serde_json::Value::Null
+    } else {
+        let (_loss, mut grads, timing) =
+            train::fast::timed_loss_and_grads(decoder, &params, batches)?;
+        let start = Instant::now();
+        train::clip_grad_norm(&mut grads, Some(1.0))?;
+        opt.step(&params, &grads, 1e-4)?;
+        serde_json::json!({
+            "forward": timing.forward_s,
+            "backward": timing.backward_s,
+            "clip_adamw": start.elapsed().as_secs_f64(),
+        })
+    };
+    let trainable_params = trainable.num_params();
+    sails::model::lora::clear(decoder);
+    Ok((trainable_params, median, split))
+}
 #[cfg(test)]
 mod tests {
     use super::*;

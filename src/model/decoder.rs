@@ -199,6 +199,20 @@ impl KvCache {
     }
 }
 
+/// The `(b, t)` 0/1 mask of the new tokens (all real when absent), checked against the ids' shape.
+fn read_mask(mask: Option<&Tensor>, b: usize, t: usize) -> Result<Vec<Vec<u8>>, ModelError> {
+    let rows: Vec<Vec<u8>> = match mask {
+        Some(m) => m.to_dtype(DType::U8)?.to_vec2::<u8>()?,
+        None => vec![vec![1u8; t]; b],
+    };
+    if rows.len() != b || rows.iter().any(|r| r.len() != t) {
+        return Err(ModelError::Input(format!(
+            "attention_mask shape does not match input_ids ({b}, {t})"
+        )));
+    }
+    Ok(rows)
+}
+
 impl Decoder {
     pub fn load(
         config: DecoderConfig,
@@ -347,51 +361,12 @@ impl Decoder {
     ) -> Result<ForwardOutput, ModelError> {
         let cfg = &self.config;
         let (b, t) = req.input_ids.dims2()?;
-        let new_mask: Vec<Vec<u8>> = match req.attention_mask {
-            Some(m) => m.to_dtype(DType::U8)?.to_vec2::<u8>()?,
-            None => vec![vec![1u8; t]; b],
-        };
-        if new_mask.len() != b || new_mask.iter().any(|r| r.len() != t) {
-            return Err(ModelError::Input(format!(
-                "attention_mask shape does not match input_ids ({b}, {t})"
-            )));
-        }
+        let new_mask = read_mask(req.attention_mask, b, t)?;
         let mut scratch = KvCache::new();
         let cache = cache.unwrap_or(&mut scratch);
-        if cache.layers.is_empty() {
-            cache.layers = vec![LayerKv::Empty; cfg.num_layers];
-            cache.key_mask = vec![Vec::new(); b];
-            cache.next_position = vec![0; b];
-        } else if cache.key_mask.len() != b {
-            return Err(ModelError::Input(format!(
-                "batch of {b} sequences does not match the cache's {}",
-                cache.key_mask.len()
-            )));
-        }
+        self.prepare_cache(cache, b)?;
         let past = cache.len();
-
-        // Position ids follow `generate()`: real tokens count from 0, pads get 1.
-        let mut positions = Vec::with_capacity(b * t);
-        for (row, mask) in new_mask.iter().enumerate() {
-            for &m in mask {
-                if m != 0 {
-                    positions.push(cache.next_position[row]);
-                    cache.next_position[row] += 1;
-                } else {
-                    positions.push(1);
-                }
-            }
-            cache.key_mask[row].extend_from_slice(mask);
-        }
-        let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
-        if max_pos >= self.rope.max_positions() {
-            return Err(ModelError::ContextTooLong {
-                tokens: max_pos + 1,
-                max: self.rope.max_positions(),
-            });
-        }
-        let positions = Tensor::from_vec(positions, (b, t), &self.device)?;
-        let (cos, sin) = self.rope.tables(&positions)?;
+        let (cos, sin) = self.place_new_tokens(&new_mask, cache)?;
         let global_mask = self.attention_bias(&cache.key_mask, past, t, None)?;
         let window_mask = match cfg
             .gemma
@@ -611,6 +586,69 @@ impl Decoder {
         let out = probs.matmul(&v)?; // (b, h, t, hd)
         let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
         Ok(attn.o_proj.forward(&out)?)
+    }
+
+    /// An empty cache gets a slot per layer and sequence; a used one must hold `b` sequences.
+    fn prepare_cache(&self, cache: &mut KvCache, b: usize) -> Result<(), ModelError> {
+        if cache.layers.is_empty() {
+            cache.layers = vec![LayerKv::Empty; self.config.num_layers];
+            cache.key_mask = vec![Vec::new(); b];
+            cache.next_position = vec![0; b];
+        } else if cache.key_mask.len() != b {
+            return Err(ModelError::Input(format!(
+                "batch of {b} sequences does not match the cache's {}",
+                cache.key_mask.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Gives the new tokens their positions (as `generate()`: real tokens count on from the
+    /// cache, pads get 1), appends their mask to the cache and returns the `(b, 1, t, head_dim)`
+    /// rotary tables.
+    fn place_new_tokens(
+        &self,
+        new_mask: &[Vec<u8>],
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let (b, t) = (new_mask.len(), new_mask.first().map_or(0, Vec::len));
+        let mut positions = Vec::with_capacity(b * t);
+        for (row, mask) in new_mask.iter().enumerate() {
+            for &m in mask {
+                if m != 0 {
+                    positions.push(cache.next_position[row]);
+                    cache.next_position[row] += 1;
+                } else {
+                    positions.push(1);
+                }
+            }
+            cache.key_mask[row].extend_from_slice(mask);
+        }
+        let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
+        if max_pos >= self.rope.max_positions() {
+            return Err(ModelError::ContextTooLong {
+                tokens: max_pos + 1,
+                max: self.rope.max_positions(),
+            });
+        }
+        let positions = Tensor::from_vec(positions, (b, t), &self.device)?;
+        Ok(self.rope.tables(&positions)?)
+    }
+
+    /// The rotary tables `(b, 1, t, head_dim)` and the additive mask `(b, t, t)` (row-major
+    /// values) of a batch read from an empty cache, exactly as [`Self::forward`] builds them:
+    /// what a hand-written pass over the same batch needs.
+    pub fn batch_frame(
+        &self,
+        attention_mask: &Tensor,
+    ) -> Result<(Tensor, Tensor, Vec<f32>), ModelError> {
+        let (b, t) = attention_mask.dims2()?;
+        let new_mask = read_mask(Some(attention_mask), b, t)?;
+        let mut cache = KvCache::new();
+        self.prepare_cache(&mut cache, b)?;
+        let (cos, sin) = self.place_new_tokens(&new_mask, &mut cache)?;
+        let mask = self.attention_bias(&cache.key_mask, 0, t, None)?;
+        Ok((cos, sin, mask.values))
     }
 
     /// `(b, 1, t, s)` additive mask: 0 where query `i` (at cache index `past + i`) may read key `j`.

@@ -13,7 +13,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 /// The float types the kernels run in.
-trait Real:
+pub(crate) trait Real:
     WithDType
     + Send
     + Sync
@@ -66,7 +66,7 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, layout: &Layout) -> candle_core::R
 }
 
 /// Runs `f` on the contiguous CPU elements of `t`.
-fn with_slice<T: WithDType, R>(
+pub(crate) fn with_slice<T: WithDType, R>(
     t: &Tensor,
     f: impl FnOnce(&[T]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
@@ -91,7 +91,7 @@ struct RowCrossEntropy {
     tokens: Vec<u32>,
 }
 
-fn ce_forward<T: Real>(x: &[T], v: usize, tokens: &[u32]) -> Vec<T> {
+pub(crate) fn ce_forward<T: Real>(x: &[T], v: usize, tokens: &[u32]) -> Vec<T> {
     x.par_chunks(v)
         .zip(tokens.par_iter())
         .map(|(row, &tok)| {
@@ -105,7 +105,7 @@ fn ce_forward<T: Real>(x: &[T], v: usize, tokens: &[u32]) -> Vec<T> {
         .collect()
 }
 
-fn ce_backward<T: Real>(x: &[T], v: usize, tokens: &[u32], g: &[T]) -> Vec<T> {
+pub(crate) fn ce_backward<T: Real>(x: &[T], v: usize, tokens: &[u32], g: &[T]) -> Vec<T> {
     let mut out = vec![T::nil(); x.len()];
     out.par_chunks_mut(v)
         .zip(x.par_chunks(v))
@@ -179,7 +179,7 @@ struct RmsNormFrozen {
     eps: f64,
 }
 
-fn rms_forward<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+pub(crate) fn rms_forward<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
     let mut out = vec![T::nil(); x.len()];
     out.par_chunks_mut(d)
@@ -195,7 +195,7 @@ fn rms_forward<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
 }
 
 /// `dx = r·u − r³·x·(u·x)/d` with `u = g ⊙ w`.
-fn rms_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
+pub(crate) fn rms_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
     let mut out = vec![T::nil(); x.len()];
     out.par_chunks_mut(d)
@@ -279,7 +279,7 @@ fn sigmoid<T: Real>(z: T) -> T {
     T::unit() / (T::unit() + (-z).exp())
 }
 
-fn silu_mul_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+pub(crate) fn silu_mul_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
     let mut out = vec![T::nil(); g.len()];
     out.par_chunks_mut(4096)
         .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
@@ -289,6 +289,29 @@ fn silu_mul_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
             }
         });
     out
+}
+
+/// The gradients of `silu(g) ⊙ u` with respect to `g` and `u`, given the output's `dy`.
+pub(crate) fn silu_mul_bwd<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    let mut dg = vec![T::nil(); g.len()];
+    let mut du = vec![T::nil(); g.len()];
+    dg.par_chunks_mut(4096)
+        .zip(du.par_chunks_mut(4096))
+        .zip(
+            g.par_chunks(4096)
+                .zip(u.par_chunks(4096))
+                .zip(dy.par_chunks(4096)),
+        )
+        .for_each(|((dgc, duc), ((gc, uc), dyc))| {
+            for i in 0..gc.len() {
+                let (a, b, d) = (gc[i], uc[i], dyc[i]);
+                let s = sigmoid(a);
+                let silu = a * s;
+                duc[i] = d * silu;
+                dgc[i] = d * b * (s + silu * (T::unit() - s));
+            }
+        });
+    (dg, du)
 }
 
 impl CustomOp2 for SiluMul {
@@ -325,32 +348,11 @@ impl CustomOp2 for SiluMul {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
-            let mut dg = vec![T::nil(); g.len()];
-            let mut du = vec![T::nil(); g.len()];
-            dg.par_chunks_mut(4096)
-                .zip(du.par_chunks_mut(4096))
-                .zip(
-                    g.par_chunks(4096)
-                        .zip(u.par_chunks(4096))
-                        .zip(dy.par_chunks(4096)),
-                )
-                .for_each(|((dgc, duc), ((gc, uc), dyc))| {
-                    for i in 0..gc.len() {
-                        let (a, b, d) = (gc[i], uc[i], dyc[i]);
-                        let s = sigmoid(a);
-                        let silu = a * s;
-                        duc[i] = d * silu;
-                        dgc[i] = d * b * (s + silu * (T::unit() - s));
-                    }
-                });
-            (dg, du)
-        }
         let shape = gate.shape();
         let (dg, du) = match gate.dtype() {
             DType::F32 => {
                 let (a, b) = with_slice::<f32, _>(gate, |g| {
-                    with_slice(up, |u| with_slice(dy, |d| Ok(run(g, u, d))))
+                    with_slice(up, |u| with_slice(dy, |d| Ok(silu_mul_bwd(g, u, d))))
                 })?;
                 (
                     Tensor::from_vec(a, shape, gate.device())?,
@@ -359,7 +361,7 @@ impl CustomOp2 for SiluMul {
             }
             _ => {
                 let (a, b) = with_slice::<f64, _>(gate, |g| {
-                    with_slice(up, |u| with_slice(dy, |d| Ok(run(g, u, d))))
+                    with_slice(up, |u| with_slice(dy, |d| Ok(silu_mul_bwd(g, u, d))))
                 })?;
                 (
                     Tensor::from_vec(a, shape, gate.device())?,
@@ -386,7 +388,7 @@ struct Rope {
 }
 
 /// `sign = 1`: the forward; `sign = −1`: its transpose (the backward), which rotates by `−θ`.
-fn rope_apply<T: Real>(
+pub(crate) fn rope_apply<T: Real>(
     x: &[T],
     cos: &[T],
     sin: &[T],
@@ -486,7 +488,7 @@ struct MaskedSoftmax {
     scale: f64,
 }
 
-fn masked_softmax_fwd<T: Real>(
+pub(crate) fn masked_softmax_fwd<T: Real>(
     x: &[T],
     mask: &[T],
     dims: (usize, usize, usize, usize),
@@ -519,7 +521,7 @@ fn masked_softmax_fwd<T: Real>(
 }
 
 /// `dx = scale · p ⊙ (g − Σ g ⊙ p)` per row.
-fn masked_softmax_bwd<T: Real>(p: &[T], g: &[T], s: usize, scale: T) -> Vec<T> {
+pub(crate) fn masked_softmax_bwd<T: Real>(p: &[T], g: &[T], s: usize, scale: T) -> Vec<T> {
     let mut out = vec![T::nil(); p.len()];
     out.par_chunks_mut(s)
         .zip(p.par_chunks(s).zip(g.par_chunks(s)))

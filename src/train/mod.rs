@@ -13,6 +13,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod fast;
 pub mod loss;
 pub mod optim;
 
@@ -222,8 +223,23 @@ pub struct TrainSummary {
 }
 
 /// Sum of the gradients of `loss / n_total` over `batches`, for every `Var` in `params` order, and
-/// the mean loss over all their targets.
+/// the mean loss over all their targets. LoRA factors of Llama-style models take the
+/// hand-written step ([`fast`]), everything else candle's autodiff ([`autodiff_loss_and_grads`]).
 pub fn loss_and_grads(
+    decoder: &Decoder,
+    params: &[(&String, &Var)],
+    batches: &[Batch],
+) -> Result<(f64, Vec<Tensor>)> {
+    if fast::applies(decoder, params) {
+        fast::loss_and_grads(decoder, params, batches)
+    } else {
+        autodiff_loss_and_grads(decoder, params, batches)
+    }
+}
+
+/// [`loss_and_grads`] through candle's autodiff over [`Decoder::forward`]: any architecture, any
+/// trainable tensor.
+pub fn autodiff_loss_and_grads(
     decoder: &Decoder,
     params: &[(&String, &Var)],
     batches: &[Batch],
