@@ -7,9 +7,11 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, golden_dir};
+use sails::eval::judge::refusal_logodds;
+use sails::eval::{first_position_logodds, opening_ids};
 use sails::model::chat::Message;
 use sails::model::decoder::{Forward, Logits};
-use sails::model::generate::{generate, GenerationConfig};
+use sails::model::generate::{generate, generate_with_prompt_logits, GenerationConfig};
 use sails::model::gguf::GgufFile;
 use sails::model::load::{ChatModel, ModelSource, DEFAULT_MODEL_ASSET};
 use sails::model::weights::load_safetensors_file;
@@ -216,6 +218,56 @@ fn batched_greedy_continuations_are_identical_to_reference() {
         let want = &p["greedy_float64"];
         assert_eq!(g.ids, u32s(&want["ids"]), "{name}: greedy ids");
         assert_eq!(g.text, want["text"].as_str().unwrap(), "{name}: text");
+    }
+}
+
+/// The five prompts with the default system turn share their first 24 tokens, which the batch
+/// computes once and copies to every row: the continuations stay the float64 reference's.
+#[test]
+fn shared_system_turn_computed_once_keeps_the_reference_continuations() {
+    let m = model();
+    let prompts = golden("prompts.json");
+    let items: Vec<&serde_json::Value> = prompts["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] != "multi_turn_with_system")
+        .collect();
+    let ids: Vec<Vec<u32>> = items.iter().map(|p| u32s(&p["input_ids"])).collect();
+    let shared = ids[0]
+        .iter()
+        .enumerate()
+        .take_while(|&(i, t)| ids.iter().all(|p| p.get(i) == Some(t)))
+        .count();
+    assert_eq!(shared, 24);
+    let cfg = GenerationConfig {
+        max_new_tokens: 40,
+        ..Default::default()
+    };
+    let out = generate(&m.decoder, &m.tokenizer, &ids, &cfg, |_, _| {}).unwrap();
+    for (p, g) in items.iter().zip(&out) {
+        let want = &p["greedy_float64"];
+        assert_eq!(g.ids, u32s(&want["ids"]), "{}: greedy ids", p["name"]);
+    }
+    // The refusal score the evaluation takes from that prefill equals a plain forward's.
+    let openings = opening_ids(m).unwrap();
+    let plain = first_position_logodds(m, &ids, &openings).unwrap();
+    let mut shared = vec![f64::NAN; ids.len()];
+    let one_token = GenerationConfig {
+        max_new_tokens: 1,
+        ..Default::default()
+    };
+    generate_with_prompt_logits(
+        &m.decoder,
+        &m.tokenizer,
+        &ids,
+        &one_token,
+        |row, logits| shared[row] = refusal_logodds(logits, &openings),
+        |_, _| {},
+    )
+    .unwrap();
+    for (a, b) in shared.iter().zip(&plain) {
+        assert!((a - b).abs() < 1e-4, "refusal log-odds {a} vs {b}");
     }
 }
 

@@ -117,6 +117,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let cfg = GenerationConfig {
         max_new_tokens: args.new_tokens,
         ignore_eos: true,
+        share_prefix: true,
         ..Default::default()
     };
     let prompts: Vec<Vec<u32>> = MESSAGES

@@ -237,6 +237,7 @@ impl Answerer<'_> {
                 sampling: Sampling::Greedy,
                 stop_strings: Vec::new(),
                 ignore_eos: false,
+                share_prefix: true,
             };
             let mut file = std::fs::OpenOptions::new()
                 .create(true)

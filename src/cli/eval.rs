@@ -317,3 +317,114 @@ mod tests {
         assert_eq!(a.limit, Some(3));
     }
 }
+
+#[derive(Debug, Args)]
+pub struct BenchEvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompts generated together.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Maximum new tokens per response.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Only the first N prompts (for a quick look; the figure is over all 350 by default).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Also run every prompt from its first token, without computing the batch's shared
+    /// beginning once, to show what that saves.
+    #[arg(long)]
+    pub unshared: bool,
+}
+
+/// Evaluation throughput on the Python peer's workload: JailbreakBench's 100 goals and XSTest's
+/// 250 safe prompts, sorted by length into batches, greedy, each batch exactly as `sails eval`
+/// runs it (the refusal log-odds from the prefill, the judges on every response).
+pub fn run_bench(args: BenchEvalArgs) -> anyhow::Result<ExitCode> {
+    use sails::data::Source;
+    use sails::model::chat::Message;
+    use sails::model::generate::{GenerationConfig, Sampling};
+    anyhow::ensure!(
+        args.batch_size > 0 && args.max_new_tokens > 0,
+        "--batch-size and --max-new-tokens must be positive"
+    );
+    let splits = Splits::load().context("loading the evaluation data sets")?;
+    let cfg = EvalConfig::default();
+    let judges = Judges::new(&cfg).context("setting up the judges")?;
+    let model = args.model.load()?;
+    let items: Vec<_> = splits
+        .eval_suite(Suite::Harmful)
+        .iter()
+        .filter(|r| r.source == Source::Jbb)
+        .map(|r| (Suite::Harmful, r))
+        .chain(
+            splits
+                .eval_suite(Suite::Overrefusal)
+                .iter()
+                .map(|r| (Suite::Overrefusal, r)),
+        )
+        .take(args.limit.unwrap_or(usize::MAX))
+        .collect();
+    let mut encoded = items
+        .iter()
+        .map(|&(suite, r)| Ok((suite, r, model.encode_chat(&[Message::user(&r.text)])?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    encoded.sort_by_key(|(_, _, ids)| ids.len());
+    let prompt_tokens: usize = encoded.iter().map(|(_, _, ids)| ids.len()).sum();
+    let openings = sails::eval::opening_ids(&model)?;
+    let modes: &[bool] = if args.unshared {
+        &[true, false]
+    } else {
+        &[true]
+    };
+    let mut runs = Vec::new();
+    for &share_prefix in modes {
+        let gen_cfg = GenerationConfig {
+            max_new_tokens: args.max_new_tokens,
+            sampling: Sampling::Greedy,
+            stop_strings: Vec::new(),
+            ignore_eos: false,
+            share_prefix,
+        };
+        let bar = indicatif::ProgressBar::new(encoded.len() as u64);
+        let start = std::time::Instant::now();
+        let mut new_tokens = 0;
+        let mut batch_s = Vec::new();
+        for chunk in encoded.chunks(args.batch_size) {
+            let t0 = std::time::Instant::now();
+            let recs = sails::eval::generate_batch(&model, &judges, chunk, &gen_cfg, &openings)?;
+            batch_s.push(t0.elapsed().as_secs_f64());
+            new_tokens += recs.iter().map(|r| r.new_tokens).sum::<usize>();
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        let seconds = start.elapsed().as_secs_f64();
+        eprintln!(
+            "{} prompts, shared beginning {}: {new_tokens} new tokens in {seconds:.1} s = {:.1} tokens/s, {:.2} prompts/s",
+            encoded.len(),
+            if share_prefix { "once per batch" } else { "per row" },
+            new_tokens as f64 / seconds,
+            encoded.len() as f64 / seconds
+        );
+        runs.push(serde_json::json!({
+            "share_prefix": share_prefix,
+            "seconds": seconds,
+            "new_tokens": new_tokens,
+            "tokens_per_s": new_tokens as f64 / seconds,
+            "prompts_per_s": encoded.len() as f64 / seconds,
+            "batch_s": batch_s,
+        }));
+    }
+    let out = serde_json::json!({
+        "model": args.model.model,
+        "prompts": encoded.len(),
+        "prompt_tokens": prompt_tokens,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "threads": rayon::current_num_threads(),
+        "runs": runs,
+        "peak_rss_mib": super::bench::peak_rss_mib(),
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -55,6 +55,7 @@ impl SamplingArgs {
             sampling,
             stop_strings: self.stop.clone(),
             ignore_eos: false,
+            share_prefix: true,
         })
     }
 }

@@ -49,6 +49,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Measure LoRA training throughput (tokens/s) and peak memory.
     BenchTrain(train::BenchTrainArgs),
+    /// Measure evaluation generation throughput on JailbreakBench + XSTest safe (the peer's set).
+    BenchEval(eval::BenchEvalArgs),
     /// Sparse autoencoders: collect activations, train TopK SAEs, evaluate them.
     Sae(sae::SaeArgs),
     /// Evaluate safety, over-refusal and capability, with intervals; compare two runs.
@@ -90,6 +92,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Theory(args) => theory::run(args),
         Command::Train(args) => train::run(args),
         Command::BenchTrain(args) => train::run_bench(args),
+        Command::BenchEval(args) => eval::run_bench(args),
         Command::Eval(args) => eval::run(args),
         Command::Judge(args) => eval::run_judge(args),
         Command::Data(args) => data::run(args),

@@ -19,7 +19,9 @@ pub mod metrics;
 use crate::data::{Source, Splits, Suite};
 use crate::model::chat::Message;
 use crate::model::decoder::{Forward, Logits};
-use crate::model::generate::{generate, left_pad, FinishReason, GenerationConfig, Sampling};
+use crate::model::generate::{
+    generate_with_prompt_logits, left_pad, FinishReason, GenerationConfig, Sampling,
+};
 use crate::model::load::ChatModel;
 use candle_core::DType;
 use judge::{
@@ -427,6 +429,50 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
     Ok(changed)
 }
 
+/// Generates and judges one batch: greedy responses to the encoded prompts, the refusal
+/// log-odds read from the same prefill, every judge's verdict.
+pub fn generate_batch(
+    model: &ChatModel,
+    judges: &Judges,
+    chunk: &[(Suite, &crate::data::PromptRecord, Vec<u32>)],
+    gen_cfg: &GenerationConfig,
+    openings: &[u32],
+) -> Result<Vec<GenerationRecord>> {
+    let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, _, ids)| ids.clone()).collect();
+    let mut logodds = vec![f64::NAN; ids.len()];
+    let gens = generate_with_prompt_logits(
+        &model.decoder,
+        &model.tokenizer,
+        &ids,
+        gen_cfg,
+        |row, logits| logodds[row] = refusal_logodds(logits, openings),
+        |_, _| {},
+    )?;
+    let mut recs = Vec::with_capacity(chunk.len());
+    for (((suite, r, _), g), lo) in chunk.iter().zip(gens).zip(logodds) {
+        let input = JudgeInput {
+            prompt: &r.text,
+            response: &g.text,
+            refusal_logodds: Some(lo),
+        };
+        let (verdicts, label) = judge_all(judges, &input)?;
+        recs.push(GenerationRecord {
+            id: r.id.clone(),
+            suite: *suite,
+            source: r.source,
+            category: r.category.clone(),
+            prompt: r.text.clone(),
+            response: g.text,
+            new_tokens: g.ids.len(),
+            finish: g.finish,
+            refusal_logodds: lo,
+            verdicts,
+            label,
+        });
+    }
+    Ok(recs)
+}
+
 /// Runs the evaluation into `out` (created if needed), resuming what is there.
 pub fn run(
     model: &ChatModel,
@@ -485,6 +531,7 @@ pub fn run(
         sampling: Sampling::Greedy,
         stop_strings: Vec::new(),
         ignore_eos: false,
+        share_prefix: true,
     };
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -495,32 +542,8 @@ pub fn run(
     let mut new_tokens = 0;
     let total = encoded.len();
     for (bi, chunk) in encoded.chunks(cfg.batch_size).enumerate() {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, _, ids)| ids.clone()).collect();
-        let logodds = first_position_logodds(model, &ids, &openings)?;
-        let gens = generate(&model.decoder, &model.tokenizer, &ids, &gen_cfg, |_, _| {})?;
-        let mut recs = Vec::with_capacity(chunk.len());
-        for (((suite, r, _), g), lo) in chunk.iter().zip(gens).zip(logodds) {
-            new_tokens += g.ids.len();
-            let input = JudgeInput {
-                prompt: &r.text,
-                response: &g.text,
-                refusal_logodds: Some(lo),
-            };
-            let (verdicts, label) = judge_all(judges, &input)?;
-            recs.push(GenerationRecord {
-                id: r.id.clone(),
-                suite: *suite,
-                source: r.source,
-                category: r.category.clone(),
-                prompt: r.text.clone(),
-                response: g.text,
-                new_tokens: g.ids.len(),
-                finish: g.finish,
-                refusal_logodds: lo,
-                verdicts,
-                label,
-            });
-        }
+        let recs = generate_batch(model, judges, chunk, &gen_cfg, &openings)?;
+        new_tokens += recs.iter().map(|r| r.new_tokens).sum::<usize>();
         append_jsonl(&mut file, &gen_path, &recs)?;
         done.extend(recs);
         let secs = start.elapsed().as_secs_f64();

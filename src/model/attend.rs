@@ -58,6 +58,30 @@ impl KvBuffer {
         self.len += t;
     }
 
+    /// This buffer's one sequence copied to `batch` sequences, with room for a generation budget.
+    pub fn repeat_batch(&self, batch: usize) -> Self {
+        let (kv, hd) = (self.kv_heads, self.head_dim);
+        let cap = self.len + 64;
+        let mut k = vec![0f32; batch * kv * cap * hd];
+        let mut v = vec![0f32; batch * kv * cap * hd];
+        for row in 0..batch * kv {
+            // Row `row` of the copy is head `row % kv` of the original's one sequence.
+            let (src, dst) = ((row % kv) * self.cap * hd, row * cap * hd);
+            let n = self.len * hd;
+            k[dst..dst + n].copy_from_slice(&self.k[src..src + n]);
+            v[dst..dst + n].copy_from_slice(&self.v[src..src + n]);
+        }
+        Self {
+            batch,
+            kv_heads: kv,
+            head_dim: hd,
+            cap,
+            len: self.len,
+            k,
+            v,
+        }
+    }
+
     fn reserve(&mut self, cap: usize) {
         let (rows, hd) = (self.batch * self.kv_heads, self.head_dim);
         let relayout = |old: &[f32]| {

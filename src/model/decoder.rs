@@ -197,6 +197,35 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A cache of one sequence copied to `b` sequences: a prompt prefix computed once serves a
+    /// whole batch.
+    pub fn repeat_batch(&self, b: usize) -> Result<Self, ModelError> {
+        if self.key_mask.len() != 1 {
+            return Err(ModelError::Input(format!(
+                "only a cache of one sequence can be repeated (this one holds {})",
+                self.key_mask.len()
+            )));
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                Ok(match layer {
+                    LayerKv::Empty => LayerKv::Empty,
+                    LayerKv::Buffer(buffer) => LayerKv::Buffer(buffer.repeat_batch(b)),
+                    LayerKv::Tensors(k, v) => {
+                        LayerKv::Tensors(k.repeat((b, 1, 1, 1))?, v.repeat((b, 1, 1, 1))?)
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(Self {
+            layers,
+            key_mask: vec![self.key_mask[0].clone(); b],
+            next_position: vec![self.next_position[0]; b],
+        })
+    }
 }
 
 /// The `(b, t)` 0/1 mask of the new tokens (all real when absent), checked against the ids' shape.

@@ -32,6 +32,14 @@ pub struct GenerationConfig {
     pub stop_strings: Vec<String>,
     /// Keep going past EOS to exactly `max_new_tokens` (for benchmarks with a fixed length).
     pub ignore_eos: bool,
+    /// Run the beginning all prompts of a batch share once (see [`prefill`]); the same tokens
+    /// either way, off only to measure what it saves.
+    #[serde(default = "yes")]
+    pub share_prefix: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for GenerationConfig {
@@ -41,6 +49,7 @@ impl Default for GenerationConfig {
             sampling: Sampling::Greedy,
             stop_strings: Vec::new(),
             ignore_eos: false,
+            share_prefix: true,
         }
     }
 }
@@ -72,9 +81,67 @@ pub fn generate(
     cfg: &GenerationConfig,
     on_token: impl FnMut(usize, u32) + Send,
 ) -> Result<Vec<Generation>, ModelError> {
+    generate_with_prompt_logits(model, tokenizer, prompts, cfg, |_, _| {}, on_token)
+}
+
+/// [`generate`], also handing each row's logits at the first response position (what a
+/// generation-free refusal score reads) to `on_prompt_logits(row, logits)`, from the same prefill.
+pub fn generate_with_prompt_logits(
+    model: &Decoder,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    on_prompt_logits: impl FnMut(usize, &[f32]) + Send,
+    on_token: impl FnMut(usize, u32) + Send,
+) -> Result<Vec<Generation>, ModelError> {
     // On a rayon worker, the many small parallel loops of a decode step fork inside the pool
     // instead of handing each one over from outside and sleeping until it is done.
-    rayon::scope(|_| generate_in_pool(model, tokenizer, prompts, cfg, on_token))
+    rayon::scope(|_| generate_in_pool(model, tokenizer, prompts, cfg, on_prompt_logits, on_token))
+}
+
+/// Shortest shared beginning worth computing once for a whole batch.
+const MIN_SHARED_PREFIX: usize = 4;
+
+/// Length of the beginning all `prompts` share, leaving every prompt at least one token of its
+/// own (whose logits start its generation).
+fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else {
+        return 0;
+    };
+    let mut len = first.len().saturating_sub(1);
+    for p in rest {
+        let common = first.iter().zip(p).take_while(|(a, b)| a == b).count();
+        len = len.min(common).min(p.len().saturating_sub(1));
+    }
+    len
+}
+
+/// The prefill: logits at each prompt's last position, the cache filled with every prompt
+/// token. Prompts that begin alike (a chat template's system turn) run that beginning once as a
+/// single sequence whose cache is then copied to every row; the rest is left-padded after it.
+/// Pads in the middle of a row's cache are masked like pads at its start, and positions count
+/// real tokens only, so every row sees what it would see alone.
+fn prefill(
+    model: &Decoder,
+    prompts: &[Vec<u32>],
+    pad: u32,
+    share_prefix: bool,
+    cache: &mut KvCache,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let device = model.device();
+    let shared = shared_prefix_len(prompts);
+    if !share_prefix || prompts.len() < 2 || shared < MIN_SHARED_PREFIX {
+        let (ids, mask) = left_pad(prompts, pad, device)?;
+        return last_logits(model, &ids, &mask, cache);
+    }
+    let mut one = KvCache::new();
+    let prefix = Tensor::from_slice(&prompts[0][..shared], (1, shared), device)?;
+    let all_real = Tensor::ones((1, shared), DType::U32, device)?;
+    last_logits(model, &prefix, &all_real, &mut one)?;
+    *cache = one.repeat_batch(prompts.len())?;
+    let rest: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
+    let (ids, mask) = left_pad(&rest, pad, device)?;
+    last_logits(model, &ids, &mask, cache)
 }
 
 fn generate_in_pool(
@@ -82,6 +149,7 @@ fn generate_in_pool(
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
+    mut on_prompt_logits: impl FnMut(usize, &[f32]),
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<Generation>, ModelError> {
     if prompts.is_empty() {
@@ -107,9 +175,11 @@ fn generate_in_pool(
     let b = prompts.len();
     let device = model.device();
 
-    let (ids, mask) = left_pad(prompts, pad, device)?;
     let mut cache = KvCache::new();
-    let mut logits = last_logits(model, &ids, &mask, &mut cache)?;
+    let mut logits = prefill(model, prompts, pad, cfg.share_prefix, &mut cache)?;
+    for (row, row_logits) in logits.iter().enumerate() {
+        on_prompt_logits(row, row_logits);
+    }
 
     let mut rng = match cfg.sampling {
         Sampling::TopP { seed, .. } => Some(StdRng::seed_from_u64(seed)),
@@ -268,6 +338,19 @@ fn sample_top_p(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_prefix_leaves_every_prompt_a_token_of_its_own() {
+        assert_eq!(
+            shared_prefix_len(&[vec![1, 2, 3, 4], vec![1, 2, 3, 5, 6]]),
+            3
+        );
+        assert_eq!(shared_prefix_len(&[vec![1, 2, 3], vec![1, 2, 3, 4]]), 2);
+        assert_eq!(shared_prefix_len(&[vec![1, 2, 3], vec![1, 2, 3]]), 2);
+        assert_eq!(shared_prefix_len(&[vec![7, 2], vec![1, 2]]), 0);
+        assert_eq!(shared_prefix_len(&[vec![1, 2, 3]]), 2);
+        assert_eq!(shared_prefix_len(&[]), 0);
+    }
 
     #[test]
     fn argmax_takes_the_first_of_ties() {
