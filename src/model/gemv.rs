@@ -493,19 +493,19 @@ mod avx2 {
             }
             for i in 0..X {
                 let x = _mm256_loadu_ps(x_ptr.add(i * k + j));
-                for r in 0..W {
-                    acc[r][i] = _mm256_fmadd_ps(w[r], x, acc[r][i]);
+                for (acc_r, w_r) in acc.iter_mut().zip(&w) {
+                    acc_r[i] = _mm256_fmadd_ps(*w_r, x, acc_r[i]);
                 }
             }
             j += 8;
         }
-        for r in 0..W {
-            for i in 0..X {
-                let mut sum = reduce(&[acc[r][i]]);
+        for (r, (acc_r, y_r)) in acc.iter().zip(y.iter_mut()).enumerate() {
+            for (i, (a, out)) in acc_r.iter().zip(y_r.iter_mut()).enumerate() {
+                let mut sum = reduce(&[*a]);
                 for t in whole..k {
                     sum += ws[r * k + t] * xs[i * k + t];
                 }
-                y[r][i] = sum;
+                *out = sum;
             }
         }
     }
