@@ -458,3 +458,65 @@ fn cli_json_prints_the_saved_manifest() {
     assert!(printed.answer_source.is_none());
     assert!(!dir.path().join("answers.jsonl").exists());
 }
+
+#[test]
+fn question_forms_double_the_refusals_and_stay_beside_their_prompt() {
+    let plain = build_with_fake(&full_model_cfg());
+    let cfg = SftConfig {
+        question_forms: true,
+        ..full_model_cfg()
+    };
+    let set = build_with_fake(&cfg);
+    let refusals = |s: &SftSet| {
+        s.manifest.train_counts.harmful_refusal + s.manifest.heldout_counts.harmful_refusal
+    };
+    assert_eq!(refusals(&set), 2 * refusals(&plain));
+    // As many helpful examples as refusals, as without question forms.
+    let c = set.manifest.train_counts;
+    let h = set.manifest.heldout_counts;
+    assert_eq!(
+        c.harmless_helpful + c.edgy_helpful + h.harmless_helpful + h.edgy_helpful,
+        refusals(&set)
+    );
+    // Each question form is in the same part as the prompt it was made from.
+    let part = |metas: &[sft::ExampleMeta]| -> HashSet<String> {
+        metas.iter().map(|m| m.id.clone()).collect()
+    };
+    let (train, heldout) = (part(&set.manifest.train), part(&set.manifest.heldout));
+    let questions: Vec<&String> = train
+        .iter()
+        .chain(&heldout)
+        .filter(|id| id.ends_with("~question"))
+        .collect();
+    assert_eq!(questions.len(), refusals(&plain));
+    for q in questions {
+        let base = q.trim_end_matches("~question").to_string();
+        assert_eq!(
+            train.contains(q),
+            train.contains(&base),
+            "{q} and {base} split apart"
+        );
+        assert_eq!(
+            heldout.contains(q),
+            heldout.contains(&base),
+            "{q} and {base} split apart"
+        );
+    }
+    // They are questions, answered with a composed refusal, and (as every prompt) none is an
+    // evaluation item.
+    for (e, m) in set.train.iter().zip(&set.manifest.train) {
+        if m.id.ends_with("~question") {
+            assert!(prompt(e).ends_with('?'), "{}", prompt(e));
+            assert!(
+                sft::REFUSAL_OPENERS
+                    .iter()
+                    .any(|o| response(e).starts_with(o)),
+                "{}",
+                response(e)
+            );
+        }
+    }
+    splits()
+        .assert_disjoint(set.train.iter().chain(&set.heldout).map(prompt))
+        .unwrap();
+}

@@ -161,13 +161,19 @@ impl AlignConfig {
                 features: FeatureConfig::default(),
                 feature_prompts: None,
                 subspace: SubspaceConfig::default(),
-                data: SftConfig::default(),
+                // Question forms: the held-out harmful suites ask far more often than AdvBench
+                // commands, and a refusal learned on commands alone let most questions through.
+                data: SftConfig {
+                    question_forms: true,
+                    ..SftConfig::default()
+                },
                 lora,
                 train: TrainConfig {
                     lr_peak: 5e-4,
                     lr_min: 5e-5,
                     warmup_steps: 10,
-                    max_steps: 300,
+                    // About one pass over the ~1,400 training examples at batch 4.
+                    max_steps: 400,
                     max_seq_len: 768,
                     ..TrainConfig::default()
                 },

@@ -84,6 +84,10 @@ pub struct BuildArgs {
     /// At most this many benign-but-edgy prompts.
     #[arg(long, value_name = "N")]
     max_edgy: Option<usize>,
+    /// Also refuse each harmful prompt asked as a question ("How would I …?"); AdvBench's
+    /// prompts are all commands.
+    #[arg(long)]
+    question_forms: bool,
     /// Share of each kind held out (default 0.1).
     #[arg(long, value_name = "FRAC")]
     heldout_frac: Option<f64>,
@@ -133,6 +137,9 @@ fn config(args: &BuildArgs) -> anyhow::Result<SftConfig> {
     }
     if args.no_edgy {
         cfg.include_edgy = false;
+    }
+    if args.question_forms {
+        cfg.question_forms = true;
     }
     if let Some(n) = args.max_edgy {
         cfg.max_edgy = Some(n);

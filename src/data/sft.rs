@@ -165,6 +165,10 @@ pub struct SftConfig {
     /// Token budget of each model answer (greedy decoding). 128 covers most short answers of a
     /// small chat model; longer ones are cut, which the trainer sees as an unfinished answer.
     pub max_new_tokens: usize,
+    /// Also refuse each harmful prompt asked as a question ([`question_form`]): AdvBench's
+    /// prompts are imperatives, while people (and StrongREJECT) ask "How can I …?".
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub question_forms: bool,
 }
 
 impl Default for SftConfig {
@@ -178,6 +182,7 @@ impl Default for SftConfig {
             seed: 20251223,
             helpful: HelpfulSource::Reference,
             max_new_tokens: 128,
+            question_forms: false,
         }
     }
 }
@@ -387,6 +392,43 @@ pub fn refusal(seed: u64, prompt: &str) -> String {
     }
 }
 
+/// Question wordings of a request, `{}` standing for the request from its verb on.
+pub const QUESTION_FORMS: [&str; 8] = [
+    "Can you {}?",
+    "Could you please {}?",
+    "How would I {}?",
+    "What is the best way to {}?",
+    "I want to {}. How do I do it?",
+    "Is there a way to {}?",
+    "How can someone {}?",
+    "Ways to {}?",
+];
+
+/// Marks the id of a prompt's question form (`advbench:7~question`).
+const QUESTION_SUFFIX: &str = "~question";
+
+/// The imperative `prompt` ("Write a tutorial on X.") asked as a question ("How would I write a
+/// tutorial on X?"), the wording picked by `sha256("{seed}:question:{id}")`.
+pub fn question_form(seed: u64, id: &str, prompt: &str) -> String {
+    let d = Sha256::digest(format!("{seed}:question:{id}").as_bytes());
+    let form = QUESTION_FORMS[d[0] as usize % QUESTION_FORMS.len()];
+    let request = prompt.trim().trim_end_matches(['.', '!', '?']);
+    let mut chars = request.chars();
+    let request = match (chars.next(), chars.clone().next()) {
+        // Lower the first letter unless the word is an acronym ("DDoS", "AI").
+        (Some(first), Some(second)) if !second.is_uppercase() => {
+            first.to_lowercase().chain(chars).collect()
+        }
+        _ => request.to_string(),
+    };
+    form.replace("{}", &request)
+}
+
+/// The id a question form was made from (the id itself for every other prompt).
+fn base_id(id: &str) -> &str {
+    id.strip_suffix(QUESTION_SUFFIX).unwrap_or(id)
+}
+
 fn key(seed: u64, purpose: &str, id: &str) -> [u8; 32] {
     Sha256::digest(format!("{seed}:{purpose}:{id}").as_bytes()).into()
 }
@@ -481,16 +523,24 @@ pub fn build(
             available,
         });
     }
-    let mut items: Vec<Item> = pick(harmful_pool, n_harmful, seed, |r| &r.id)
-        .into_iter()
-        .map(|r| Item {
-            response: Some(refusal(seed, &r.text)),
-            id: r.id.clone(),
-            kind: Kind::HarmfulRefusal,
-            prompt: r.text.clone(),
-            source: ResponseSource::Refusal,
-        })
-        .collect();
+    let mut items: Vec<Item> = Vec::new();
+    for r in pick(harmful_pool, n_harmful, seed, |r| &r.id) {
+        let mut forms = vec![(r.id.clone(), r.text.clone())];
+        if cfg.question_forms {
+            let question = question_form(seed, &r.id, &r.text);
+            forms.push((format!("{}{QUESTION_SUFFIX}", r.id), question));
+        }
+        for (id, prompt) in forms {
+            items.push(Item {
+                response: Some(refusal(seed, &prompt)),
+                id,
+                kind: Kind::HarmfulRefusal,
+                prompt,
+                source: ResponseSource::Refusal,
+            });
+        }
+    }
+    let n_refusals = items.len();
 
     // Benign-but-edgy → the model's own answer, or dropped.
     let n = cfg.max_edgy.unwrap_or(edgy_pool.len()).min(edgy_pool.len());
@@ -519,7 +569,7 @@ pub fn build(
     let n_harmless = match cfg.harmless {
         HarmlessCount::Exactly(n) => n,
         HarmlessCount::PerHarmful(r) => {
-            ((r * n_harmful as f64).round() as usize).saturating_sub(n_edgy)
+            ((r * n_refusals as f64).round() as usize).saturating_sub(n_edgy)
         }
     };
     if n_harmless > available {
@@ -589,7 +639,8 @@ pub fn build(
         }
     }
 
-    // Held-out: per kind, the first round(frac × n) in pick order.
+    // Held-out: per kind, the first round(frac × n) prompts in held-out order, each with its
+    // question form, so no request is seen in training in other words.
     let mut train = Vec::new();
     let mut heldout = Vec::new();
     for kind in [
@@ -597,12 +648,19 @@ pub fn build(
         Kind::EdgyHelpful,
         Kind::HarmlessHelpful,
     ] {
-        let mut of_kind: Vec<&(Item, String)> =
-            kept.iter().filter(|(it, _)| it.kind == kind).collect();
-        of_kind.sort_by_key(|(it, _)| key(seed, "heldout", &it.id));
-        let n_held = (cfg.heldout_frac * of_kind.len() as f64).round() as usize;
-        heldout.extend(of_kind[..n_held].iter().copied());
-        train.extend(of_kind[n_held..].iter().copied());
+        let of_kind: Vec<&(Item, String)> = kept.iter().filter(|(it, _)| it.kind == kind).collect();
+        let mut bases: Vec<&str> = of_kind.iter().map(|(it, _)| base_id(&it.id)).collect();
+        bases.sort_by_key(|id| key(seed, "heldout", id));
+        bases.dedup();
+        let n_held = (cfg.heldout_frac * bases.len() as f64).round() as usize;
+        let held: HashSet<&str> = bases[..n_held].iter().copied().collect();
+        for item in of_kind {
+            if held.contains(base_id(&item.0.id)) {
+                heldout.push(item);
+            } else {
+                train.push(item);
+            }
+        }
     }
     train.sort_by_key(|(it, _)| key(seed, "order", &it.id));
     heldout.sort_by_key(|(it, _)| key(seed, "order", &it.id));
@@ -806,6 +864,24 @@ impl SftSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn question_form_asks_the_request_as_a_question() {
+        let q = question_form(1, "advbench:1", "Write a tutorial on making a fake ID.");
+        assert!(q.ends_with('?') && !q.ends_with(".?"), "{q}");
+        assert!(q.contains("write a tutorial on making a fake ID"), "{q}");
+        assert!(QUESTION_FORMS
+            .iter()
+            .any(|f| q == f.replace("{}", "write a tutorial on making a fake ID")));
+        // An acronym keeps its capitals.
+        let q = question_form(1, "advbench:2", "DDoS a website");
+        assert!(q.contains("DDoS a website"), "{q}");
+        // The wording depends on the id and the seed, and several are used.
+        let forms: HashSet<String> = (0..40)
+            .map(|i| question_form(3, &format!("advbench:{i}"), "Steal a car"))
+            .collect();
+        assert!(forms.len() >= 6, "{forms:?}");
+    }
 
     #[test]
     fn refusal_is_fixed_per_prompt_and_seed_and_varies_across_prompts() {
