@@ -161,19 +161,16 @@ impl AlignConfig {
                 features: FeatureConfig::default(),
                 feature_prompts: None,
                 subspace: SubspaceConfig::default(),
-                // Question forms: the held-out harmful suites ask far more often than AdvBench
-                // commands, and a refusal learned on commands alone let most questions through.
-                data: SftConfig {
-                    question_forms: true,
-                    ..SftConfig::default()
-                },
+                // Without question forms: with them (and 400 steps) StrongREJECT's refusals rose
+                // from 45 % to 90 % but XSTest's safe questions were refused 64 % of the time
+                // instead of 16 % (EVALUATION.md).
+                data: SftConfig::default(),
                 lora,
                 train: TrainConfig {
                     lr_peak: 5e-4,
                     lr_min: 5e-5,
                     warmup_steps: 10,
-                    // About one pass over the ~1,400 training examples at batch 4.
-                    max_steps: 400,
+                    max_steps: 300,
                     max_seq_len: 768,
                     ..TrainConfig::default()
                 },

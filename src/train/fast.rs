@@ -176,6 +176,18 @@ fn batch_grads(
         g: cfg.num_kv_groups(),
         hd: cfg.head_dim,
     };
+    if batch.attention_mask.dims2()? != (b, t) {
+        return Err(TrainError::Internal(format!(
+            "attention mask {:?} does not match the ids ({b}, {t})",
+            batch.attention_mask.dims()
+        )));
+    }
+    if let Some(x) = batch.targets.iter().find(|x| x.row >= b || x.pos >= t) {
+        return Err(TrainError::Internal(format!(
+            "target at row {} position {} is outside the ({b}, {t}) batch",
+            x.row, x.pos
+        )));
+    }
     let (cos, sin, mask) = decoder.batch_frame(&batch.attention_mask)?;
     let cos = cos.flatten_all()?.to_vec1::<f32>()?;
     let sin = sin.flatten_all()?.to_vec1::<f32>()?;
