@@ -115,20 +115,25 @@ fn transposed(out_t: &[f32], m: usize, n: usize, device: &Device) -> candle_core
     Tensor::from_vec(out, (m, n), device)
 }
 
-/// `(n, m)`: the product computed transposed, so each task owns a contiguous block of outputs;
-/// `dot(o, y)` writes weight row `o` dotted with every row of `x` into `y`.
-fn product_t(n: usize, m: usize, dot: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+/// An `(n, m)` output split into tasks of [`ROWS_PER_TASK`] weight rows on rayon's pool:
+/// `task(first, out)` fills the rows from `first` on.
+fn by_tasks(n: usize, m: usize, task: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
     out_t
         .par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
-        .for_each(|(task, out)| {
-            let first = task * ROWS_PER_TASK;
-            for (j, y) in out.chunks_mut(m).enumerate() {
-                dot(first + j, y);
-            }
-        });
+        .for_each(|(i, out)| task(i * ROWS_PER_TASK, out));
     out_t
+}
+
+/// `(n, m)`: the product computed transposed, so each task owns a contiguous block of outputs;
+/// `dot(o, y)` writes weight row `o` dotted with every row of `x` into `y`.
+fn product_t(n: usize, m: usize, dot: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    by_tasks(n, m, |first, out| {
+        for (j, y) in out.chunks_mut(m).enumerate() {
+            dot(first + j, y);
+        }
+    })
 }
 
 /// From this many rows on, weights are widened to f32 once per row and met by every row of `x`
@@ -149,55 +154,49 @@ fn product_t_tiled(
     xs: &[f32],
     widen: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut out_t = vec![0f32; n * m];
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let first = task * ROWS_PER_TASK;
-            let rows = out.len() / m;
-            let mut panel = vec![0f32; 3 * k];
-            let mut o = 0;
-            while o < rows {
-                let tile_rows = (rows - o).min(3);
-                for r in 0..tile_rows {
-                    widen(first + o + r, &mut panel[r * k..(r + 1) * k]);
-                }
-                let mut i = 0;
-                while i < m {
-                    let group = (m - i).min(4);
-                    let xs_g = &xs[i * k..(i + group) * k];
-                    macro_rules! run {
-                        ($w:literal, $x:literal) => {{
-                            let mut y = [[0f32; $x]; $w];
-                            // SAFETY: AVX2/FMA were detected by the caller; the kernel reads
-                            // `$w·k` floats of the panel and `$x·k` of `xs_g`, both that long.
-                            unsafe { avx2::tile::<$w, $x>(&panel, xs_g, k, &mut y) };
-                            for (r, yr) in y.iter().enumerate() {
-                                out[(o + r) * m + i..(o + r) * m + i + $x].copy_from_slice(yr);
-                            }
-                        }};
-                    }
-                    match (tile_rows, group) {
-                        (3, 4) => run!(3, 4),
-                        (3, 3) => run!(3, 3),
-                        (3, 2) => run!(3, 2),
-                        (3, 1) => run!(3, 1),
-                        (2, 4) => run!(2, 4),
-                        (2, 3) => run!(2, 3),
-                        (2, 2) => run!(2, 2),
-                        (2, _) => run!(2, 1),
-                        (_, 4) => run!(1, 4),
-                        (_, 3) => run!(1, 3),
-                        (_, 2) => run!(1, 2),
-                        _ => run!(1, 1),
-                    }
-                    i += group;
-                }
-                o += tile_rows;
+    by_tasks(n, m, |first, out| {
+        let rows = out.len() / m;
+        let mut panel = vec![0f32; 3 * k];
+        let mut o = 0;
+        while o < rows {
+            let tile_rows = (rows - o).min(3);
+            for r in 0..tile_rows {
+                widen(first + o + r, &mut panel[r * k..(r + 1) * k]);
             }
-        });
-    out_t
+            let mut i = 0;
+            while i < m {
+                let group = (m - i).min(4);
+                let xs_g = &xs[i * k..(i + group) * k];
+                macro_rules! run {
+                    ($w:literal, $x:literal) => {{
+                        let mut y = [[0f32; $x]; $w];
+                        // SAFETY: AVX2/FMA were detected by the caller; the kernel reads
+                        // `$w·k` floats of the panel and `$x·k` of `xs_g`, both that long.
+                        unsafe { avx2::tile::<$w, $x>(&panel, xs_g, k, &mut y) };
+                        for (r, yr) in y.iter().enumerate() {
+                            out[(o + r) * m + i..(o + r) * m + i + $x].copy_from_slice(yr);
+                        }
+                    }};
+                }
+                match (tile_rows, group) {
+                    (3, 4) => run!(3, 4),
+                    (3, 3) => run!(3, 3),
+                    (3, 2) => run!(3, 2),
+                    (3, 1) => run!(3, 1),
+                    (2, 4) => run!(2, 4),
+                    (2, 3) => run!(2, 3),
+                    (2, 2) => run!(2, 2),
+                    (2, _) => run!(2, 1),
+                    (_, 4) => run!(1, 4),
+                    (_, 3) => run!(1, 3),
+                    (_, 2) => run!(1, 2),
+                    _ => run!(1, 1),
+                }
+                i += group;
+            }
+            o += tile_rows;
+        }
+    })
 }
 
 /// A weight element the kernel can widen to f32.
