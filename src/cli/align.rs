@@ -26,7 +26,7 @@ use super::sae::SaeRunConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PresetArg {
-    /// The whole pipeline in about 5 minutes on 2 CPU cores (303 s measured, release build,
+    /// The whole pipeline in about 4 minutes on 2 CPU cores (234 s measured, release build,
     /// assets cached): one small SAE trained on a few thousand tokens, 64 prompts per set, a
     /// short training run, 24 items per evaluation suite.
     Quick,
