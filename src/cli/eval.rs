@@ -342,7 +342,6 @@ pub struct BenchEvalArgs {
 /// runs it (the refusal log-odds from the prefill, the judges on every response).
 pub fn run_bench(args: BenchEvalArgs) -> anyhow::Result<ExitCode> {
     use sails::data::Source;
-    use sails::model::chat::Message;
     use sails::model::generate::{GenerationConfig, Sampling};
     anyhow::ensure!(
         args.batch_size > 0 && args.max_new_tokens > 0,
@@ -365,11 +364,7 @@ pub fn run_bench(args: BenchEvalArgs) -> anyhow::Result<ExitCode> {
         )
         .take(args.limit.unwrap_or(usize::MAX))
         .collect();
-    let mut encoded = items
-        .iter()
-        .map(|&(suite, r)| Ok((suite, r, model.encode_chat(&[Message::user(&r.text)])?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    encoded.sort_by_key(|(_, _, ids)| ids.len());
+    let encoded = sails::eval::encode_by_length(&model, &items)?;
     let prompt_tokens: usize = encoded.iter().map(|(_, _, ids)| ids.len()).sum();
     let openings = sails::eval::opening_ids(&model)?;
     let modes: &[bool] = if args.unshared {

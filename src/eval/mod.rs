@@ -429,6 +429,20 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
     Ok(changed)
 }
 
+/// Each prompt in the model's chat template, ordered by length so batches need little padding
+/// (a stable sort: the order is deterministic).
+pub fn encode_by_length<'a>(
+    model: &ChatModel,
+    items: &[(Suite, &'a crate::data::PromptRecord)],
+) -> Result<Vec<(Suite, &'a crate::data::PromptRecord, Vec<u32>)>> {
+    let mut encoded = items
+        .iter()
+        .map(|&(suite, r)| Ok((suite, r, model.encode_chat(&[Message::user(&r.text)])?)))
+        .collect::<Result<Vec<_>>>()?;
+    encoded.sort_by_key(|(_, _, ids)| ids.len());
+    Ok(encoded)
+}
+
 /// Generates and judges one batch: greedy responses to the encoded prompts, the refusal
 /// log-odds read from the same prefill, every judge's verdict.
 pub fn generate_batch(
@@ -520,12 +534,7 @@ pub fn run(
         }
     }
     let openings = opening_ids(model)?;
-    let mut encoded = pending
-        .iter()
-        .map(|&(suite, r)| Ok((suite, r, model.encode_chat(&[Message::user(&r.text)])?)))
-        .collect::<Result<Vec<_>>>()?;
-    // Similar lengths together: less padding. Stable, so the order is deterministic.
-    encoded.sort_by_key(|(_, _, ids)| ids.len());
+    let encoded = encode_by_length(model, &pending)?;
     let gen_cfg = GenerationConfig {
         max_new_tokens: cfg.max_new_tokens,
         sampling: Sampling::Greedy,
