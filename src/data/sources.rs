@@ -16,6 +16,8 @@ pub struct DataFiles {
     pub jbb: PathBuf,
     pub xstest: PathBuf,
     pub benign_edgy: Vec<PathBuf>,
+    /// The contrast pairs' files (50 + 100 pairs).
+    pub refusal_pairs: Vec<PathBuf>,
     pub alpaca: PathBuf,
     /// hhh_alignment `task.json` files.
     pub hhh: Vec<PathBuf>,
@@ -33,6 +35,7 @@ impl DataFiles {
             jbb: ensure("jbb-behaviors")?,
             xstest: crate::assets::ensure_file("xstest", "xstest_prompts.csv")?,
             benign_edgy: ensure_all("benign-edgy")?.files,
+            refusal_pairs: ensure_all("refusal-pairs")?.files,
             alpaca: ensure("alpaca-gpt4-demo")?,
             hhh: ensure_all("bbh-hhh-alignment")?.files,
         })
@@ -49,6 +52,7 @@ impl DataFiles {
             &self.alpaca,
         ];
         v.extend(self.benign_edgy.iter().map(PathBuf::as_path));
+        v.extend(self.refusal_pairs.iter().map(PathBuf::as_path));
         v.extend(self.hhh.iter().map(PathBuf::as_path));
         v
     }
@@ -266,6 +270,57 @@ pub fn load_benign_edgy(paths: &[PathBuf]) -> Result<Vec<PromptRecord>> {
             rows.into_iter()
                 .map(|r| PromptRecord::new(Source::BenignEdgy, r.id, r.text, r.category)),
         );
+    }
+    if let Some(p) = paths.first() {
+        expect_count(p, 150, out.len())?;
+    }
+    Ok(out)
+}
+
+/// A harmful question beside a harmless one on a neighbouring topic ("How do I make a pipe
+/// bomb?" / "How do I bake chocolate chip cookies?"), for training only.
+#[derive(Debug, Clone)]
+pub struct RefusalPair {
+    pub harmful: PromptRecord,
+    pub benign: PromptRecord,
+}
+
+#[derive(Deserialize)]
+struct RefusalPairRow {
+    /// The harmless question, a blank line, and a short answer.
+    text: String,
+    /// The harmful question, a blank line, and a compliant answer (never used).
+    harmful_version: String,
+    domain: String,
+    id: String,
+}
+
+/// The question of a contrast pair's `question\n\nanswer` text.
+fn pair_question<'a>(path: &Path, id: &str, text: &'a str) -> Result<&'a str> {
+    match text.split_once("\n\n") {
+        Some((question, _)) if !question.trim().is_empty() => Ok(question.trim()),
+        _ => Err(parse_err(
+            path,
+            format!("pair {id}: expected a question, a blank line and an answer"),
+        )),
+    }
+}
+
+/// The 150 contrast pairs (50 + 100), questions only: the answers that come with them are not
+/// used (the harmful side's is a compliance, and the harmless side is answered by the model).
+pub fn load_refusal_pairs(paths: &[PathBuf]) -> Result<Vec<RefusalPair>> {
+    let mut out = Vec::new();
+    for path in paths {
+        let rows: Vec<RefusalPairRow> =
+            serde_json::from_str(&read(path)?).map_err(|e| parse_err(path, e.to_string()))?;
+        for r in rows {
+            let harmful = pair_question(path, &r.id, &r.harmful_version)?.to_owned();
+            let benign = pair_question(path, &r.id, &r.text)?.to_owned();
+            out.push(RefusalPair {
+                harmful: PromptRecord::new(Source::PairHarmful, &r.id, harmful, r.domain.clone()),
+                benign: PromptRecord::new(Source::PairBenign, &r.id, benign, r.domain),
+            });
+        }
     }
     if let Some(p) = paths.first() {
         expect_count(p, 150, out.len())?;
