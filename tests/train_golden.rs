@@ -306,4 +306,15 @@ fn hand_written_step_equals_autodiff_on_random_factors() {
         assert!(scale > 0.0, "{name}: zero gradient");
         assert_close(name, &f, &a, 1e-5 * scale, 1e-4);
     }
+    // The forward-only loss (the held-out loss during training) is the same loss.
+    let n_total: usize = batches.iter().map(|b| b.targets.len()).sum();
+    let forward_only: f64 = batches
+        .iter()
+        .map(|b| fast::batch_loss(&model, b).unwrap())
+        .sum::<f64>()
+        / n_total as f64;
+    assert!(
+        (forward_only - auto_loss).abs() < 1e-5 * auto_loss.abs(),
+        "forward-only loss {forward_only} vs {auto_loss}"
+    );
 }

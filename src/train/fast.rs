@@ -31,11 +31,14 @@ type CResult<T> = candle_core::Result<T>;
 /// Whether the hand-written step computes these gradients: every trainable tensor is a LoRA
 /// factor of an f32 CPU Llama-style model.
 pub fn applies(decoder: &Decoder, params: &[(&String, &Var)]) -> bool {
-    decoder.config.gemma.is_none()
-        && decoder.dtype() == DType::F32
-        && decoder.device().is_cpu()
+    forward_applies(decoder)
         && !params.is_empty()
         && params.iter().all(|(name, _)| lora_factor(name).is_some())
+}
+
+/// Whether [`batch_loss`] can run this model: an f32 CPU Llama-style decoder.
+pub fn forward_applies(decoder: &Decoder) -> bool {
+    decoder.config.gemma.is_none() && decoder.dtype() == DType::F32 && decoder.device().is_cpu()
 }
 
 #[derive(Clone, Copy)]
@@ -156,6 +159,147 @@ struct Tape {
     low: [Option<Vec<f32>>; 7],
 }
 
+/// A batch checked and laid out for the kernels: its shape, rotary tables and attention mask.
+struct Prepared {
+    dims: Dims,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    mask: Vec<f32>,
+    scale: f32,
+}
+
+impl Prepared {
+    fn new(decoder: &Decoder, batch: &Batch) -> Result<Self> {
+        let cfg = &decoder.config;
+        let (b, t) = batch.input_ids.dims2()?;
+        if batch.attention_mask.dims2()? != (b, t) {
+            return Err(TrainError::Internal(format!(
+                "attention mask {:?} does not match the ids ({b}, {t})",
+                batch.attention_mask.dims()
+            )));
+        }
+        if let Some(x) = batch.targets.iter().find(|x| x.row >= b || x.pos >= t) {
+            return Err(TrainError::Internal(format!(
+                "target at row {} position {} is outside the ({b}, {t}) batch",
+                x.row, x.pos
+            )));
+        }
+        let (cos, sin, mask) = decoder.batch_frame(&batch.attention_mask)?;
+        Ok(Self {
+            dims: Dims {
+                b,
+                t,
+                h: cfg.num_heads,
+                kv: cfg.num_kv_heads,
+                g: cfg.num_kv_groups(),
+                hd: cfg.head_dim,
+            },
+            cos: cos.flatten_all()?.to_vec1::<f32>()?,
+            sin: sin.flatten_all()?.to_vec1::<f32>()?,
+            mask,
+            scale: cfg.query_scale as f32,
+        })
+    }
+
+    fn frame(&self) -> Frame<'_> {
+        Frame {
+            dims: self.dims,
+            cos: &self.cos,
+            sin: &self.sin,
+            mask: &self.mask,
+            scale: self.scale,
+        }
+    }
+}
+
+/// The residual stream after every block, `(b·t, d)`; each block's tape is pushed into `tapes`
+/// when given (the backward's), else dropped at once.
+fn forward_blocks(
+    decoder: &Decoder,
+    batch: &Batch,
+    frame: &Frame,
+    mut tapes: Option<&mut Vec<Tape>>,
+) -> Result<Vec<f32>> {
+    let mut h = decoder
+        .embed_tokens
+        .index_select(&batch.input_ids.flatten_all()?, 0)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    for block in &decoder.layers {
+        let (out, tape) = block_forward(block, h, frame)?;
+        if let Some(tapes) = tapes.as_deref_mut() {
+            tapes.push(tape);
+        }
+        h = out;
+    }
+    Ok(h)
+}
+
+/// The final norm's input and output at the target positions (the head sees only those rows).
+struct Targets {
+    /// Row of each target in `(b·t)`.
+    rows: Vec<usize>,
+    tokens: Vec<u32>,
+    picked: Vec<f32>,
+    normed: Vec<f32>,
+}
+
+impl Targets {
+    fn new(decoder: &Decoder, batch: &Batch, t: usize, h: &[f32]) -> CResult<Self> {
+        let d = decoder.config.hidden_size;
+        let rows: Vec<usize> = batch.targets.iter().map(|x| x.row * t + x.pos).collect();
+        let tokens = batch.targets.iter().map(|x| x.token).collect();
+        let picked: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| h[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let normed = rms(&decoder.norm, &picked)?;
+        Ok(Self {
+            rows,
+            tokens,
+            picked,
+            normed,
+        })
+    }
+
+    /// The head's logits `(n, vocab)` turned in place into the gradient of `unit · Σ NLL`, and
+    /// the NLL sum; `then` reads that gradient with the head's weights `(vocab, d)`.
+    fn loss<T>(
+        &self,
+        decoder: &Decoder,
+        unit: f32,
+        then: impl FnOnce(&[f32], View) -> CResult<T>,
+    ) -> CResult<(f64, T)> {
+        let d = decoder.config.hidden_size;
+        let head = decoder.lm_head.as_ref().unwrap_or(&decoder.embed_tokens);
+        let n = self.rows.len();
+        with_slice::<f32, _>(head, |e| {
+            let vocab = e.len() / d;
+            let head = View::rows(e, vocab, d);
+            let mut logits = vec![0f32; n * vocab];
+            product(
+                &mut logits,
+                View::rows(&self.normed, n, d),
+                head.t(),
+                1.0,
+                false,
+            )?;
+            let loss = cross_entropy_in_place(&mut logits, vocab, &self.tokens, unit)?;
+            Ok((loss, then(&logits, head)?))
+        })
+    }
+}
+
+/// The summed NLL of `batch`'s targets, forward only: each block's activations are dropped as
+/// soon as the next block has read them, so memory stays near one block's worth (the held-out
+/// loss during training; autodiff would keep every block's for a backward that never comes).
+pub fn batch_loss(decoder: &Decoder, batch: &Batch) -> Result<f64> {
+    let prepared = Prepared::new(decoder, batch)?;
+    let h = forward_blocks(decoder, batch, &prepared.frame(), None)?;
+    let targets = Targets::new(decoder, batch, prepared.dims.t, &h)?;
+    Ok(targets.loss(decoder, 1.0, |_, _| Ok(()))?.0)
+}
+
 /// The loss sum of one batch; adds the LoRA gradients of `loss_sum · unit` (`unit` = 1 / the
 /// step's target count) into `grads`.
 fn batch_grads(
@@ -166,85 +310,36 @@ fn batch_grads(
     timing: &mut StepTiming,
 ) -> Result<f64> {
     let start = Instant::now();
-    let cfg = &decoder.config;
-    let (b, t) = batch.input_ids.dims2()?;
-    let dims = Dims {
-        b,
-        t,
-        h: cfg.num_heads,
-        kv: cfg.num_kv_heads,
-        g: cfg.num_kv_groups(),
-        hd: cfg.head_dim,
-    };
-    if batch.attention_mask.dims2()? != (b, t) {
-        return Err(TrainError::Internal(format!(
-            "attention mask {:?} does not match the ids ({b}, {t})",
-            batch.attention_mask.dims()
-        )));
-    }
-    if let Some(x) = batch.targets.iter().find(|x| x.row >= b || x.pos >= t) {
-        return Err(TrainError::Internal(format!(
-            "target at row {} position {} is outside the ({b}, {t}) batch",
-            x.row, x.pos
-        )));
-    }
-    let (cos, sin, mask) = decoder.batch_frame(&batch.attention_mask)?;
-    let cos = cos.flatten_all()?.to_vec1::<f32>()?;
-    let sin = sin.flatten_all()?.to_vec1::<f32>()?;
-    let frame = Frame {
-        dims,
-        cos: &cos,
-        sin: &sin,
-        mask: &mask,
-        scale: cfg.query_scale as f32,
-    };
-    let d = cfg.hidden_size;
+    let prepared = Prepared::new(decoder, batch)?;
+    let frame = prepared.frame();
+    let dims = prepared.dims;
+    let d = decoder.config.hidden_size;
 
     // Forward: embed, the blocks (keeping their tapes), the head on the target rows only.
-    let mut h = decoder
-        .embed_tokens
-        .index_select(&batch.input_ids.flatten_all()?, 0)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
     let mut tapes = Vec::with_capacity(decoder.layers.len());
-    for block in &decoder.layers {
-        let (out, tape) = block_forward(block, h, &frame)?;
-        tapes.push(tape);
-        h = out;
-    }
-    let rows: Vec<usize> = batch.targets.iter().map(|x| x.row * t + x.pos).collect();
-    let tokens: Vec<u32> = batch.targets.iter().map(|x| x.token).collect();
-    let picked: Vec<f32> = rows
-        .iter()
-        .flat_map(|&r| h[r * d..(r + 1) * d].iter().copied())
-        .collect();
-    let normed = rms(&decoder.norm, &picked)?;
-    let head = decoder.lm_head.as_ref().unwrap_or(&decoder.embed_tokens);
-    let n = rows.len();
+    let h = forward_blocks(decoder, batch, &frame, Some(&mut tapes))?;
+    let targets = Targets::new(decoder, batch, dims.t, &h)?;
+    let n = targets.rows.len();
     let mut forward_s = 0.0;
-    let (loss, dnormed) = with_slice::<f32, _>(head, |e| {
-        let vocab = e.len() / d;
-        let head = View::rows(e, vocab, d);
-        let mut logits = vec![0f32; n * vocab];
-        product(&mut logits, View::rows(&normed, n, d), head.t(), 1.0, false)?;
-        let loss = cross_entropy_in_place(&mut logits, vocab, &tokens, unit)?;
+    let (loss, dnormed) = targets.loss(decoder, unit, |dlogits, head| {
         // The logits now hold their gradient.
         forward_s = start.elapsed().as_secs_f64();
+        let vocab = head.rows;
         let mut dnormed = vec![0f32; n * d];
         product(
             &mut dnormed,
-            View::rows(&logits, n, vocab),
+            View::rows(dlogits, n, vocab),
             head,
             1.0,
             false,
         )?;
-        Ok((loss, dnormed))
+        Ok(dnormed)
     })?;
 
     // Backward: the head's gradient back to the target rows, then the blocks in reverse.
-    let dpicked = rms_grad(&decoder.norm, &picked, &dnormed)?;
+    let dpicked = rms_grad(&decoder.norm, &targets.picked, &dnormed)?;
     let mut dh = vec![0f32; dims.rows() * d];
-    for (i, &r) in rows.iter().enumerate() {
+    for (i, &r) in targets.rows.iter().enumerate() {
         for (o, &x) in dh[r * d..(r + 1) * d].iter_mut().zip(&dpicked[i * d..]) {
             *o += x;
         }

@@ -289,13 +289,18 @@ pub fn eval_loss(
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in order.chunks(batch_size.max(1)) {
         let batch = Batch::left_padded(chunk, pad_id, decoder.device())?;
-        let out = response_token_loss(decoder, &batch)?;
-        sum += out
-            .sum
-            .detach()
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        n += out.n_targets;
+        if fast::forward_applies(decoder) {
+            sum += fast::batch_loss(decoder, &batch)?;
+            n += batch.targets.len();
+        } else {
+            let out = response_token_loss(decoder, &batch)?;
+            sum += out
+                .sum
+                .detach()
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            n += out.n_targets;
+        }
     }
     Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, n))
 }
