@@ -228,7 +228,7 @@ fn unknown_names_list_the_known_assets() {
         Err(AssetError::UnknownAsset { name, known }) => {
             assert_eq!(name, "harmbench");
             assert!(known.iter().any(|k| k == "harmbench-test"), "{known:?}");
-            assert_eq!(known.len(), 12);
+            assert_eq!(known.len(), 13);
         }
         other => panic!("expected UnknownAsset, got {other:?}"),
     }

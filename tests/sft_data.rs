@@ -50,6 +50,17 @@ fn response(e: &ChatExample) -> &str {
     &e.messages[e.messages.len() - 1].content
 }
 
+/// The example's response is one of the composed refusals.
+fn assert_composed_refusal(e: &ChatExample) {
+    assert!(
+        sft::REFUSAL_OPENERS
+            .iter()
+            .any(|o| response(e).starts_with(o)),
+        "{}",
+        response(e)
+    );
+}
+
 fn full_model_cfg() -> SftConfig {
     SftConfig {
         helpful: HelpfulSource::Model,
@@ -507,13 +518,7 @@ fn question_forms_double_the_refusals_and_stay_beside_their_prompt() {
     for (e, m) in set.train.iter().zip(&set.manifest.train) {
         if m.id.ends_with("~question") {
             assert!(prompt(e).ends_with('?'), "{}", prompt(e));
-            assert!(
-                sft::REFUSAL_OPENERS
-                    .iter()
-                    .any(|o| response(e).starts_with(o)),
-                "{}",
-                response(e)
-            );
+            assert_composed_refusal(e);
         }
     }
     splits()
@@ -563,13 +568,7 @@ fn refusal_pairs_refuse_one_side_and_answer_the_other() {
         let harmful = by_id[pair.harmful.id.as_str()];
         let benign = by_id[pair.benign.id.as_str()];
         assert_eq!(prompt(harmful), pair.harmful.text);
-        assert!(
-            sft::REFUSAL_OPENERS
-                .iter()
-                .any(|o| response(harmful).starts_with(o)),
-            "{}",
-            response(harmful)
-        );
+        assert_composed_refusal(harmful);
         assert_eq!(prompt(benign), pair.benign.text);
         assert_eq!(
             response(benign),
