@@ -545,32 +545,26 @@ pub fn build(
             available,
         });
     }
-    let mut items: Vec<Item> = Vec::new();
+    // (id, prompt) of every refusal: AdvBench's (with their question forms), then the pairs'.
+    let mut refused: Vec<(String, String)> = Vec::new();
     for r in pick(harmful_pool, n_harmful, seed, |r| &r.id) {
-        let mut forms = vec![(r.id.clone(), r.text.clone())];
+        refused.push((r.id.clone(), r.text.clone()));
         if cfg.question_forms {
             let question = question_form(seed, &r.id, &r.text);
-            forms.push((format!("{}{QUESTION_SUFFIX}", r.id), question));
-        }
-        for (id, prompt) in forms {
-            items.push(Item {
-                response: Some(refusal(seed, &prompt)),
-                id,
-                kind: Kind::HarmfulRefusal,
-                prompt,
-                source: ResponseSource::Refusal,
-            });
+            refused.push((format!("{}{QUESTION_SUFFIX}", r.id), question));
         }
     }
-    for r in pair_harmful {
-        items.push(Item {
-            response: Some(refusal(seed, &r.text)),
-            id: r.id.clone(),
+    refused.extend(pair_harmful.iter().map(|r| (r.id.clone(), r.text.clone())));
+    let mut items: Vec<Item> = refused
+        .into_iter()
+        .map(|(id, prompt)| Item {
+            response: Some(refusal(seed, &prompt)),
+            id,
             kind: Kind::HarmfulRefusal,
-            prompt: r.text.clone(),
+            prompt,
             source: ResponseSource::Refusal,
-        });
-    }
+        })
+        .collect();
     let n_refusals = items.len();
 
     // Benign-but-edgy and the pairs' harmless questions → the model's own answer, or dropped.

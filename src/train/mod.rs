@@ -286,10 +286,11 @@ pub fn eval_loss(
 ) -> Result<(f64, usize)> {
     let mut order: Vec<&TokenizedExample> = examples.iter().collect();
     order.sort_by_key(|e| e.ids.len());
+    let forward_only = fast::forward_applies(decoder);
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in order.chunks(batch_size.max(1)) {
         let batch = Batch::left_padded(chunk, pad_id, decoder.device())?;
-        if fast::forward_applies(decoder) {
+        if forward_only {
             sum += fast::batch_loss(decoder, &batch)?;
             n += batch.targets.len();
         } else {
