@@ -14,6 +14,8 @@ use thiserror::Error;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 const FORMAT_VERSION: u32 = 1;
+/// Stands for the run folder in the keys of inputs that live inside it.
+const RUN_PREFIX: &str = "<run>";
 
 #[derive(Debug, Error)]
 pub enum ManifestError {
@@ -101,7 +103,7 @@ pub fn hash_json<T: Serialize>(value: &T) -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageRecord {
-    /// Input path (as given) → sha256.
+    /// Input path → sha256: `<run>/…` inside the run folder, else the path as given.
     pub inputs: BTreeMap<String, String>,
     /// The stage's effective config.
     pub config: serde_json::Value,
@@ -178,16 +180,18 @@ impl RunManifest {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-        let m: RunManifest = serde_json::from_str(&text).map_err(|e| ManifestError::Format {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let mut m: RunManifest =
+            serde_json::from_str(&text).map_err(|e| ManifestError::Format {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         if m.format_version != FORMAT_VERSION {
             return Err(ManifestError::Format {
                 path,
                 message: format!("format_version {}", m.format_version),
             });
         }
+        m.key_inputs_by_run(dir);
         Ok(Some(m))
     }
 
@@ -200,11 +204,27 @@ impl RunManifest {
         Ok(())
     }
 
+    /// Manifests written before inputs were keyed by `<run>/…` hold the full path of inputs inside
+    /// the run folder; rekeying them on load keeps those runs fresh.
+    fn key_inputs_by_run(&mut self, dir: &Path) {
+        for (_, rec) in &mut self.stages {
+            rec.inputs = std::mem::take(&mut rec.inputs)
+                .into_iter()
+                .map(|(key, hash)| match Path::new(&key).strip_prefix(dir) {
+                    Ok(inside) => (format!("{RUN_PREFIX}/{}", inside.display()), hash),
+                    Err(_) => (key, hash),
+                })
+                .collect();
+        }
+    }
+
     pub fn record(&self, stage: &str) -> Option<&StageRecord> {
         self.stages.iter().find(|(n, _)| n == stage).map(|(_, r)| r)
     }
 
-    fn input_hashes(plan: &StagePlan<'_>) -> Result<BTreeMap<String, String>> {
+    /// Inputs inside the run folder are keyed `<run>/relative/path`, so a run folder that is moved
+    /// or copied still matches its own manifest; other inputs by the path as given.
+    fn input_hashes(run_dir: &Path, plan: &StagePlan<'_>) -> Result<BTreeMap<String, String>> {
         plan.inputs
             .iter()
             .map(|p| {
@@ -214,7 +234,11 @@ impl RunManifest {
                         path: p.clone(),
                     });
                 }
-                Ok((p.display().to_string(), hash_path(p)?))
+                let key = match p.strip_prefix(run_dir) {
+                    Ok(inside) => format!("{RUN_PREFIX}/{}", inside.display()),
+                    Err(_) => p.display().to_string(),
+                };
+                Ok((key, hash_path(p)?))
             })
             .collect()
     }
@@ -227,7 +251,7 @@ impl RunManifest {
         if rec.config_sha256 != hash_json(&plan.config) {
             return Ok(Freshness::Stale("its config changed".into()));
         }
-        let inputs = Self::input_hashes(plan)?;
+        let inputs = Self::input_hashes(run_dir, plan)?;
         if inputs != rec.inputs {
             let changed: Vec<&String> = inputs
                 .iter()
@@ -255,7 +279,7 @@ impl RunManifest {
 
     /// Records a finished stage (replacing an older record of it) and saves the manifest.
     pub fn finish(&mut self, run_dir: &Path, plan: &StagePlan<'_>, seconds: f64) -> Result<()> {
-        let inputs = Self::input_hashes(plan)?;
+        let inputs = Self::input_hashes(run_dir, plan)?;
         let outputs = plan
             .outputs
             .iter()
@@ -330,13 +354,63 @@ mod tests {
             m.freshness(run, &plan(&input, 1)).unwrap(),
             Freshness::OutputsChanged(why) if why.contains("output")
         ));
-        // the record holds every input's hash
+        // the record holds every input's hash, keyed inside the run folder by `<run>/…`
+        let rec = m.record("stage").unwrap();
+        assert_eq!(rec.inputs["<run>/input.txt"], hash_file(&input).unwrap());
+        assert_eq!(rec.inputs.len(), 1);
+    }
+
+    #[test]
+    fn a_moved_run_folder_and_an_older_manifest_stay_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("model.bin");
+        std::fs::write(&outside, "weights").unwrap();
+        let plan_in = |run: &Path| StagePlan {
+            name: "stage",
+            inputs: vec![outside.clone(), run.join("features")],
+            config: serde_json::json!({ "k": 1 }),
+            outputs: vec![PathBuf::from("out")],
+        };
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(run.join("features")).unwrap();
+        std::fs::write(run.join("features/f.json"), "[1, 2]").unwrap();
+        std::fs::create_dir_all(run.join("out")).unwrap();
+        std::fs::write(run.join("out/x.json"), "1").unwrap();
+        let mut m = RunManifest::new(serde_json::json!({}), BTreeMap::new());
+        m.finish(&run, &plan_in(&run), 1.0).unwrap();
         let rec = m.record("stage").unwrap();
         assert_eq!(
-            rec.inputs[&input.display().to_string()],
-            hash_file(&input).unwrap()
+            rec.inputs.keys().collect::<Vec<_>>(),
+            [&outside.display().to_string(), "<run>/features"]
         );
-        assert_eq!(rec.inputs.len(), 1);
+
+        let moved = dir.path().join("moved");
+        std::fs::rename(&run, &moved).unwrap();
+        let m = RunManifest::load(&moved).unwrap().unwrap();
+        assert_eq!(
+            m.freshness(&moved, &plan_in(&moved)).unwrap(),
+            Freshness::UpToDate
+        );
+
+        // a manifest that keyed the run's own inputs by their full path is rekeyed on load
+        let text = std::fs::read_to_string(moved.join(MANIFEST_FILE)).unwrap();
+        let full = moved.join("features").display().to_string();
+        std::fs::write(
+            moved.join(MANIFEST_FILE),
+            text.replace("<run>/features", &full),
+        )
+        .unwrap();
+        let m = RunManifest::load(&moved).unwrap().unwrap();
+        assert_eq!(
+            m.freshness(&moved, &plan_in(&moved)).unwrap(),
+            Freshness::UpToDate
+        );
+        // and a changed input inside the moved folder is still seen
+        std::fs::write(moved.join("features/f.json"), "[1, 3]").unwrap();
+        assert!(matches!(
+            m.freshness(&moved, &plan_in(&moved)).unwrap(),
+            Freshness::Stale(why) if why.contains("<run>/features")
+        ));
     }
 
     #[test]

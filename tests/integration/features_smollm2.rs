@@ -1,12 +1,12 @@
 //! The features stage on the real default model: the content span of a prompt is exactly the
 //! user's text in the reference token ids, and batching (left padding) does not change pooling.
 
-mod common;
+use crate::common;
 
 use std::sync::OnceLock;
 
+use crate::common::{assert_close, golden_dir};
 use candle_core::{DType, Device};
-use common::{assert_close, golden_dir};
 use sails::features::{collect, prompt_tokens, FeatureError, Pooling};
 use sails::model::load::{ChatModel, ModelSource, DEFAULT_MODEL_ASSET};
 use sails::model::Resid;

@@ -3,10 +3,8 @@
 //! the exact set of active features, and |got − ref| ≤ 1e-5 + 1e-5·|ref| on pre-activations,
 //! feature activations and reconstructions.
 
-mod common;
-
+use crate::common::{assert_close, golden_dir};
 use candle_core::{Device, Tensor};
-use common::{assert_close, golden_dir};
 use sails::model::Resid;
 use sails::sae::{Architecture, Sae};
 

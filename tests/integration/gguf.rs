@@ -3,15 +3,13 @@
 //! (`golden/smollm2-135m/gguf_dequant.*`), the q/k un-permutation, metadata parameters, and the
 //! errors for truncated, foreign and unsupported files.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::common::{assert_close, golden_dir};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::{assert_close, golden_dir};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

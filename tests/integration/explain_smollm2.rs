@@ -2,13 +2,13 @@
 //! with the features stage's max pooling, the logit lens finds a token from its own embedding, and
 //! a zero adapter moves no feature while the model comes back unchanged.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use crate::common::assert_close;
 use candle_core::{DType, Device, Tensor};
-use common::assert_close;
 use sails::explain::{
     activation_shift_with_adapter, feature_cards, logit_lens, ExplainConfig, ExplainError,
 };

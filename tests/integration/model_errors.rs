@@ -1,11 +1,9 @@
 //! Bad model inputs give errors that name the file and the problem, never a panic.
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::golden_dir;
 use candle_core::{DType, Device, Tensor};
-use common::golden_dir;
 use sails::model::config::DecoderConfig;
 use sails::model::decoder::{Decoder, Forward};
 use sails::model::weights::WeightMap;

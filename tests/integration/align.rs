@@ -2,7 +2,7 @@
 //! records every input's hash, an unchanged rerun skips every stage, a config change reruns the
 //! stage and what depends on it, and a lost output is rebuilt alone.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
@@ -33,6 +33,19 @@ fn align(run: &Path, sae: &Path, config: &Path) -> RunManifest {
         String::from_utf8_lossy(&out.stderr)
     );
     RunManifest::load(run).unwrap().expect("manifest.json")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }
 
 fn skipped(m: &RunManifest) -> Vec<(String, bool)> {
@@ -82,6 +95,15 @@ fn align_records_inputs_skips_what_is_done_and_reruns_what_changed() {
 
     // unchanged: nothing runs
     let m = align(&run, &sae, &config);
+    assert_eq!(
+        skipped(&m),
+        stages(&[("sae", true), ("features", true), ("subspace", true)])
+    );
+
+    // a copy of the run folder elsewhere matches its own manifest: nothing runs
+    let copy = tmp.path().join("copy");
+    copy_dir(&run, &copy);
+    let m = align(&copy, &sae, &config);
     assert_eq!(
         skipped(&m),
         stages(&[("sae", true), ("features", true), ("subspace", true)])

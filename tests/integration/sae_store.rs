@@ -3,10 +3,8 @@
 //! resumes to the same store, the manifest refuses changed inputs, and splicing an identity or a
 //! zero reconstruction gives CE recovered 1 (KL 0) or 0.
 
-mod common;
-
+use crate::common::{assert_close, golden_dir};
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, golden_dir};
 use sails::model::config::DecoderConfig;
 use sails::model::decoder::Decoder;
 use sails::model::weights::{load_safetensors_file, WeightMap};

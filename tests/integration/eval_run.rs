@@ -6,7 +6,7 @@ use sails::data::{Splits, Suite};
 use sails::eval::{read_jsonl, run, EvalConfig, GenerationRecord, Judges};
 use sails::model::load::{ChatModel, ModelSource};
 
-mod common;
+use crate::common;
 
 #[test]
 fn interrupted_evaluation_resumes_without_redoing_prompts() {

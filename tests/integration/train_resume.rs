@@ -2,13 +2,11 @@
 //! uninterrupted one; a non-finite loss stops training with an error and keeps the last good
 //! checkpoint; a resume with a changed config is refused; the loss curve is written.
 
-mod common;
-
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
+use crate::common::golden_dir;
 use candle_core::{DType, Device};
-use common::golden_dir;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use sails::lora::{inject, LoraConfig, LoraInit, Trainable};
 use sails::model::config::DecoderConfig;

@@ -1,12 +1,10 @@
 //! Forward-pass parity with the float64 PyTorch/transformers references in `golden/tiny-*`:
 //! logits, every hidden state and every raw layer output, on a left-padded batch.
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::{assert_close, golden_dir, real_positions};
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, golden_dir, real_positions};
 use sails::model::config::DecoderConfig;
 use sails::model::decoder::{Decoder, Forward, Logits};
 use sails::model::weights::{load_safetensors_file, WeightMap};

@@ -1,12 +1,10 @@
 //! Bad inputs give clear errors, never panics: truncated files, unknown architectures, widths
 //! that disagree with the config or with a model.
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::golden_dir;
 use candle_core::Device;
-use common::golden_dir;
 use sails::model::Resid;
 use sails::sae::{Sae, SaeError};
 

@@ -1,12 +1,10 @@
 //! The real default model (SmolLM2-135M-Instruct, GGUF Q4_1) against the float64 references in
 //! `golden/smollm2-135m`: GGUF dequantisation, chat ids, logits, residual norms, greedy text.
 
-mod common;
-
 use std::sync::OnceLock;
 
+use crate::common::{assert_close, golden_dir};
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, golden_dir};
 use sails::eval::judge::refusal_logodds;
 use sails::eval::{first_position_logodds, opening_ids};
 use sails::model::chat::Message;

@@ -1,7 +1,7 @@
 //! Chat templates: the SmolLM2 GGUF template against the golden prompts (text and ids), HF
 //! Jinja conventions, and error cases.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -3,12 +3,10 @@
 //! the README's splitmix64 stream; the example goes through our chat template and the trainer's
 //! response-token marking, so both the label convention and the gradients are checked.
 
-mod common;
-
 use std::collections::HashMap;
 
+use crate::common::golden_dir;
 use candle_core::{DType, Device, Tensor};
-use common::golden_dir;
 use sails::lora::inject_adapter;
 use sails::model::load::{ChatModel, ModelSource, DEFAULT_MODEL_ASSET};
 use sails::model::lora::{Adapter, AdapterConfig};

@@ -2,12 +2,10 @@
 //! and torch in float64): response-only loss, per-token NLL, all 28 LoRA gradients, clipping, and two
 //! AdamW steps. Tolerances are the README's "for an f32 implementation" table.
 
-mod common;
-
 use std::collections::HashMap;
 
+use crate::common::{assert_close, golden_dir};
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, golden_dir};
 use sails::lora::{inject_adapter, Trainable};
 use sails::model::config::DecoderConfig;
 use sails::model::decoder::{Decoder, Forward};

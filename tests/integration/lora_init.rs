@@ -2,12 +2,12 @@
 //! model's logits bit-identical, the subspace init puts `U_l` where DESIGN.md §1 step 5 says, a
 //! frozen basis gets no gradient while every trainable tensor does, unmatched targets are named.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
+use crate::common::golden_dir;
 use candle_core::{DType, Device, Tensor};
-use common::golden_dir;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use sails::lora::{inject, LoraConfig, LoraError, LoraInit, Trainable};
 use sails::model::config::DecoderConfig;

@@ -1,12 +1,10 @@
 //! LoRA slots and PEFT adapters against the PEFT references in `golden/tiny-llama-lora`, plus the
 //! gradient properties the trainer relies on.
 
-mod common;
-
 use std::collections::HashMap;
 
+use crate::common::{assert_close, golden_dir, real_positions};
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, golden_dir, real_positions};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use sails::model::config::DecoderConfig;
 use sails::model::decoder::{Decoder, Forward};

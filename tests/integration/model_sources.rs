@@ -1,13 +1,11 @@
 //! Where models come from: sharded safetensors directories, the local Hugging Face cache layout,
 //! and the errors when something is missing. The CLI's chat loop on the real model.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::common::golden_dir;
 use candle_core::{DType, Device, Tensor};
-use common::golden_dir;
 use sails::model::config::DecoderConfig;
 use sails::model::decoder::{Decoder, Forward};
 use sails::model::load::{hub_snapshot, ChatModel, ModelSource};

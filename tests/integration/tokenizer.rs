@@ -1,7 +1,7 @@
 //! Tokenizer: the real SmolLM2 GGUF tokenizer against the golden round trips, tokenizer.json
 //! reloading, pre-tokenizer choice, SentencePiece-style vocabularies, and error cases.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

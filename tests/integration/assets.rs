@@ -85,7 +85,7 @@ fn fetches_from_the_registry_then_reuses_the_cache_without_python() {
 
 /// The real strongreject source with one field of the manifest entry replaced.
 fn strongreject_with(from: &str, to: &str) -> Manifest {
-    let builtin = include_str!("../assets.toml");
+    let builtin = include_str!("../../assets.toml");
     let start = builtin.find("[strongreject]").unwrap();
     let end = start + builtin[start..].find("\n\n").unwrap();
     let entry = &builtin[start..end];

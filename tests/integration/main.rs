@@ -1,0 +1,33 @@
+//! The integration tests, one module per area, built as one test binary: each binary links the whole
+//! tensor stack, so one binary instead of thirty keeps a clean build small and quick to link.
+
+mod common;
+
+mod align;
+mod assets;
+mod chat;
+mod data_splits;
+mod eval_judges;
+mod eval_metrics;
+mod eval_run;
+mod explain_smollm2;
+mod features_smollm2;
+mod gguf;
+mod lora;
+mod lora_init;
+mod model_errors;
+mod model_golden;
+mod model_sources;
+mod report_chromium;
+mod sae_corpus;
+mod sae_formats;
+mod sae_golden;
+mod sae_store;
+mod sae_train;
+mod sft_data;
+mod smollm2;
+mod theory;
+mod tokenizer;
+mod train_golden;
+mod train_resume;
+mod train_smollm2;
