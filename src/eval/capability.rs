@@ -36,7 +36,9 @@ pub fn reply_ids(
 }
 
 /// Sum of log p(reply token | everything before), and the number of reply tokens, for each
-/// `(prompt_ids, reply_ids)`; sequences are run together in left-padded batches.
+/// `(prompt_ids, reply_ids)`, in the order given. Sequences of similar length run together in
+/// left-padded batches (sorted, so little of a batch is padding), and only the positions that
+/// predict reply tokens go through the vocabulary projection.
 pub fn reply_logprobs(
     model: &ChatModel,
     items: &[(Vec<u32>, Vec<u32>)],
@@ -48,13 +50,17 @@ pub fn reply_logprobs(
         .pad_id()
         .or_else(|| model.tokenizer.eos_ids().first().copied())
         .unwrap_or(0);
-    let mut out = Vec::with_capacity(items.len());
-    for chunk in items.chunks(batch_size.max(1)) {
-        let seqs: Vec<Vec<u32>> = chunk
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| items[i].0.len() + items[i].1.len());
+    let mut out = vec![(0.0, 0); items.len()];
+    for batch in order.chunks(batch_size.max(1)) {
+        let seqs: Vec<Vec<u32>> = batch
             .iter()
-            .map(|(p, r)| p.iter().chain(r).copied().collect())
+            .map(|&i| items[i].0.iter().chain(&items[i].1).copied().collect())
             .collect();
-        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        // Left padding puts every reply at the end of its row; logits at position j predict
+        // token j + 1, so a reply of n tokens is predicted by the n positions before the last.
+        let tail = batch.iter().map(|&i| items[i].1.len()).max().unwrap_or(0) + 1;
         let (ids_t, mask_t) = crate::model::generate::left_pad(&seqs, pad, &device)?;
         let logits = model
             .decoder
@@ -62,7 +68,7 @@ pub fn reply_logprobs(
                 Forward {
                     input_ids: &ids_t,
                     attention_mask: Some(&mask_t),
-                    logits: Logits::All,
+                    logits: Logits::Tail(tail),
                     capture: &[],
                     edit: None,
                 },
@@ -70,19 +76,16 @@ pub fn reply_logprobs(
             )?
             .logits
             .ok_or_else(|| super::EvalError::Template("forward returned no logits".into()))?;
-        for (row, (p, r)) in chunk.iter().enumerate() {
-            let padn = t - p.len() - r.len();
-            // Logits at position j predict token j + 1: the reply's tokens are predicted from
-            // positions padn + |p| − 1 .. padn + |p| + |r| − 1.
-            let start = padn + p.len() - 1;
+        for (row, &i) in batch.iter().enumerate() {
+            let reply = &items[i].1;
             let lg = logits
                 .get(row)?
-                .narrow(0, start, r.len())?
+                .narrow(0, tail - reply.len() - 1, reply.len())?
                 .to_dtype(DType::F32)?;
             let lsm = candle_nn::ops::log_softmax(&lg, D::Minus1)?;
-            let targets = Tensor::from_vec(r.clone(), (r.len(), 1), &device)?;
+            let targets = Tensor::from_vec(reply.clone(), (reply.len(), 1), &device)?;
             let picked: Vec<f32> = lsm.gather(&targets, 1)?.flatten_all()?.to_vec1()?;
-            out.push((picked.iter().map(|&x| x as f64).sum(), r.len()));
+            out[i] = (picked.iter().map(|&x| x as f64).sum(), reply.len());
         }
     }
     Ok(out)

@@ -697,14 +697,17 @@ fn run_capability(
         .append(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    // Small batches: full-vocabulary logits for every position are (b, t, 49k) floats.
-    let batch = 4;
+    // Items are scored and saved CHUNK at a time (what an interruption can lose); within a chunk,
+    // sequences of similar length share a forward pass of BATCH rows. Alpaca's replies are long,
+    // and each row's reply positions carry full-vocabulary logits, so its batches are smaller.
+    const CHUNK: usize = 32;
+    const BATCH: usize = 8;
     let hhh = selected(splits.hhh(), cfg.limit);
     for chunk in hhh
         .iter()
         .filter(|h| !done_ids.contains(&h.id))
         .collect::<Vec<_>>()
-        .chunks(batch)
+        .chunks(CHUNK)
     {
         let mut items = Vec::new();
         for h in chunk {
@@ -712,7 +715,7 @@ fn run_capability(
                 items.push(capability::reply_ids(model, &h.input, c, usize::MAX)?);
             }
         }
-        let lp = capability::reply_logprobs(model, &items, batch * 2)?;
+        let lp = capability::reply_logprobs(model, &items, BATCH)?;
         let recs: Vec<CapabilityRecord> = chunk
             .iter()
             .enumerate()
@@ -736,13 +739,13 @@ fn run_capability(
         .iter()
         .filter(|p| !done_ids.contains(&p.id))
         .collect::<Vec<_>>()
-        .chunks(batch)
+        .chunks(CHUNK)
     {
         let items = chunk
             .iter()
             .map(|p| capability::reply_ids(model, &p.prompt, &p.response, cfg.loss_max_tokens))
             .collect::<Result<Vec<_>>>()?;
-        let lp = capability::reply_logprobs(model, &items, batch)?;
+        let lp = capability::reply_logprobs(model, &items, BATCH / 2)?;
         let recs: Vec<CapabilityRecord> = chunk
             .iter()
             .zip(lp)

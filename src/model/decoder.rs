@@ -124,6 +124,9 @@ pub enum DecodeWeights {
 pub enum Logits {
     All,
     Last,
+    /// The last `n` positions of every row (`(b, n, vocab)`): scoring a reply that ends a
+    /// left-padded sequence needs no logits over its prompt.
+    Tail(usize),
     /// None: the pass stops after the last block a capture needs.
     None,
 }
@@ -158,7 +161,7 @@ impl<'a> Forward<'a> {
 
 #[derive(Debug)]
 pub struct ForwardOutput {
-    /// `(b, t, vocab)`, or `(b, 1, vocab)` for [`Logits::Last`].
+    /// `(b, t, vocab)`, or `(b, 1, vocab)` for [`Logits::Last`], `(b, n, vocab)` for [`Logits::Tail`].
     pub logits: Option<Tensor>,
     /// `(b, t, d_model)` per requested position.
     pub captured: BTreeMap<Resid, Tensor>,
@@ -456,10 +459,10 @@ impl Decoder {
         let logits = match req.logits {
             Logits::None => None,
             wanted => {
-                let h = if wanted == Logits::Last {
-                    h.narrow(1, t - 1, 1)?
-                } else {
-                    h
+                let h = match wanted {
+                    Logits::Last => h.narrow(1, t - 1, 1)?,
+                    Logits::Tail(n) => h.narrow(1, t - n.min(t), n.min(t))?,
+                    _ => h,
                 };
                 let h = self.norm.forward(&h)?;
                 let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);

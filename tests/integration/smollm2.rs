@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use crate::common::{assert_close, golden_dir};
 use candle_core::{DType, Device, Tensor};
+use sails::eval::capability::reply_logprobs;
 use sails::eval::judge::refusal_logodds;
 use sails::eval::{first_position_logodds, opening_ids};
 use sails::model::chat::Message;
@@ -361,4 +362,60 @@ fn gguf_block_decode_weights_cover_every_projection_and_the_head() {
     let w = (&linear.weight * 1.01).unwrap();
     linear.set_weight(w).unwrap();
     assert!(linear.decode_weight.is_none() && linear.source_blocks().is_none());
+}
+
+/// Reply scoring (capability suite) against log-probabilities computed in float64 from the
+/// reference logits: replies of several lengths, batched beside a longer sequence so that rows
+/// are left-padded, sorted by length and put back in the order given.
+#[test]
+fn reply_logprobs_match_the_reference_logits_in_any_batch() {
+    let m = model();
+    let golden = load_safetensors_file(
+        &golden_dir().join("smollm2-135m/logits.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = golden["short_raw.input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    let logits = golden["short_raw.logits_all"]
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    // log p(ids[j] | ids[..j]) from the reference logits at position j − 1
+    let reference = |j: usize| {
+        let row = &logits[j - 1];
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let log_z = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+        row[ids[j] as usize] - log_z
+    };
+    let longer = m
+        .tokenizer
+        .encode(
+            "A much longer prompt, so that the others are padded on the left:",
+            false,
+        )
+        .unwrap();
+    assert!(longer.len() > ids.len());
+    let mut items = vec![(longer, ids[1..].to_vec())];
+    for split in [1, ids.len() - 1, 2] {
+        items.push((ids[..split].to_vec(), ids[split..].to_vec()));
+    }
+    for batch_size in [1, 2, 4] {
+        let got = reply_logprobs(m, &items, batch_size).unwrap();
+        assert_eq!(got.len(), items.len());
+        for (k, (prompt, reply)) in items.iter().enumerate().skip(1) {
+            let want: f64 = (prompt.len()..ids.len()).map(reference).sum();
+            assert_eq!(got[k].1, reply.len());
+            assert!(
+                (got[k].0 - want).abs() <= 2e-3 * reply.len() as f64,
+                "batch {batch_size}, item {k}: {} vs {want}",
+                got[k].0
+            );
+        }
+        assert!(got[0].0.is_finite() && got[0].0 < 0.0);
+    }
 }
