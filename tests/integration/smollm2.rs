@@ -37,6 +37,15 @@ fn golden(file: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// `logits.safetensors`: the float64 reference's ids and logits, by prompt name.
+fn golden_logits() -> std::collections::HashMap<String, Tensor> {
+    load_safetensors_file(
+        &golden_dir().join("smollm2-135m/logits.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 fn f64s(v: &Value) -> Vec<f64> {
     v.as_array()
         .unwrap()
@@ -78,11 +87,7 @@ fn config_comes_from_gguf_metadata() {
 fn chat_prompts_logits_norms_and_top20_match_reference() {
     let m = model();
     let prompts = golden("prompts.json");
-    let logits = load_safetensors_file(
-        &golden_dir().join("smollm2-135m/logits.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let logits = golden_logits();
     for p in prompts["prompts"].as_array().unwrap() {
         let name = p["name"].as_str().unwrap();
         let messages: Vec<Message> = serde_json::from_value(p["messages"].clone()).unwrap();
@@ -169,11 +174,7 @@ fn chat_prompts_logits_norms_and_top20_match_reference() {
 #[test]
 fn raw_prompt_logits_at_every_position_match_reference() {
     let m = model();
-    let logits = load_safetensors_file(
-        &golden_dir().join("smollm2-135m/logits.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let logits = golden_logits();
     let ids = logits["short_raw.input_ids"].to_dtype(DType::U32).unwrap();
     assert_eq!(
         m.tokenizer
@@ -370,11 +371,7 @@ fn gguf_block_decode_weights_cover_every_projection_and_the_head() {
 #[test]
 fn reply_logprobs_match_the_reference_logits_in_any_batch() {
     let m = model();
-    let golden = load_safetensors_file(
-        &golden_dir().join("smollm2-135m/logits.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let golden = golden_logits();
     let ids = golden["short_raw.input_ids"]
         .to_dtype(DType::U32)
         .unwrap()
