@@ -99,6 +99,15 @@ pub fn hash_json<T: Serialize>(value: &T) -> String {
     hex::encode(Sha256::digest(&bytes))
 }
 
+/// An input's key in a stage record: `<run>/relative/path` inside the run folder, so a run folder
+/// that is moved or copied still matches its own manifest; elsewhere the path as given.
+fn input_key(run_dir: &Path, input: &Path) -> String {
+    match input.strip_prefix(run_dir) {
+        Ok(inside) => format!("{RUN_PREFIX}/{}", inside.display()),
+        Err(_) => input.display().to_string(),
+    }
+}
+
 /// What one stage consumed and produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,10 +219,7 @@ impl RunManifest {
         for (_, rec) in &mut self.stages {
             rec.inputs = std::mem::take(&mut rec.inputs)
                 .into_iter()
-                .map(|(key, hash)| match Path::new(&key).strip_prefix(dir) {
-                    Ok(inside) => (format!("{RUN_PREFIX}/{}", inside.display()), hash),
-                    Err(_) => (key, hash),
-                })
+                .map(|(key, hash)| (input_key(dir, Path::new(&key)), hash))
                 .collect();
         }
     }
@@ -222,8 +228,6 @@ impl RunManifest {
         self.stages.iter().find(|(n, _)| n == stage).map(|(_, r)| r)
     }
 
-    /// Inputs inside the run folder are keyed `<run>/relative/path`, so a run folder that is moved
-    /// or copied still matches its own manifest; other inputs by the path as given.
     fn input_hashes(run_dir: &Path, plan: &StagePlan<'_>) -> Result<BTreeMap<String, String>> {
         plan.inputs
             .iter()
@@ -234,11 +238,7 @@ impl RunManifest {
                         path: p.clone(),
                     });
                 }
-                let key = match p.strip_prefix(run_dir) {
-                    Ok(inside) => format!("{RUN_PREFIX}/{}", inside.display()),
-                    Err(_) => p.display().to_string(),
-                };
-                Ok((key, hash_path(p)?))
+                Ok((input_key(run_dir, p), hash_path(p)?))
             })
             .collect()
     }

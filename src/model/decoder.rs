@@ -459,11 +459,12 @@ impl Decoder {
         let logits = match req.logits {
             Logits::None => None,
             wanted => {
-                let h = match wanted {
-                    Logits::Last => h.narrow(1, t - 1, 1)?,
-                    Logits::Tail(n) => h.narrow(1, t - n.min(t), n.min(t))?,
-                    _ => h,
+                let positions = match wanted {
+                    Logits::Last => 1,
+                    Logits::Tail(n) => n.min(t),
+                    _ => t,
                 };
+                let h = h.narrow(1, t - positions, positions)?;
                 let h = self.norm.forward(&h)?;
                 let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
                 let mut head = Linear::new(head.clone(), None);
