@@ -140,7 +140,7 @@ pub struct MethodRow {
     pub params_share: f64,
     /// Suite → safety rate (harmful) or refusal rate (overrefusal, xstest-unsafe).
     pub suites: BTreeMap<String, Figure>,
-    pub hhh_accuracy: Option<Figure>,
+    pub facts_accuracy: Option<Figure>,
     pub alpaca_nll: Option<Spread>,
     pub final_heldout_loss: Option<Spread>,
     pub train_seconds: Spread,
@@ -445,8 +445,8 @@ fn method_row(
         .iter()
         .filter_map(|m| m.capability.as_ref())
         .collect();
-    let hhh = (!caps.is_empty())
-        .then(|| figure(&caps.iter().map(|c| &c.hhh_accuracy).collect::<Vec<_>>()));
+    let facts = (!caps.is_empty())
+        .then(|| figure(&caps.iter().map(|c| &c.facts_accuracy).collect::<Vec<_>>()));
     let nll = (!caps.is_empty())
         .then(|| Spread::of(&caps.iter().map(|c| c.alpaca_nll).collect::<Vec<_>>()));
     Ok(MethodRow {
@@ -455,7 +455,7 @@ fn method_row(
         trainable_params,
         params_share: trainable_params as f64 / model_params.max(1) as f64,
         suites,
-        hhh_accuracy: hhh,
+        facts_accuracy: facts,
         alpaca_nll: nll,
         final_heldout_loss: (!losses.is_empty()).then(|| Spread::of(&losses)),
         train_seconds: Spread::of(&seconds),
@@ -492,7 +492,7 @@ pub fn markdown(c: &Comparison) -> String {
         md.push_str(&format!(" {s} |"));
     }
     md.push_str(
-        " HHH accuracy | Alpaca NLL | held-out loss | params trained | train time |\n|---|---|",
+        " Statement accuracy | Alpaca NLL | held-out loss | params trained | train time |\n|---|---|",
     );
     for _ in 0..suites.len() + 5 {
         md.push_str("---|");
@@ -505,7 +505,7 @@ pub fn markdown(c: &Comparison) -> String {
         }
         md.push_str(&format!(
             " {} | {} | {} | {} ({:.2} %) | {:.0} s |\n",
-            r.hhh_accuracy.as_ref().map_or("–".into(), pct),
+            r.facts_accuracy.as_ref().map_or("–".into(), pct),
             r.alpaca_nll
                 .as_ref()
                 .map_or("–".into(), |s| format!("{:.3} ± {:.3}", s.mean, s.sd)),

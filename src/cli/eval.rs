@@ -19,7 +19,7 @@ pub enum SuiteArg {
     Harmful,
     /// XSTest: the 250 safe prompts (over-refusal) and the 200 unsafe contrast prompts.
     Overrefusal,
-    /// hhh_alignment two-choice accuracy and held-out Alpaca loss (no generation).
+    /// True/false statement accuracy and held-out Alpaca loss (no generation).
     Capability,
     All,
 }
@@ -233,10 +233,10 @@ fn print_summary(m: &Metrics, out: &std::path::Path) {
         println!(
             "{:<15} {:<18} {:<34}",
             "capability",
-            "hhh accuracy",
-            c.hhh_accuracy.pretty()
+            "statement accuracy",
+            c.facts_accuracy.pretty()
         );
-        for (cat, r) in &c.hhh_per_category {
+        for (cat, r) in &c.facts_per_category {
             println!("  {:<31} {}", cat, r.pretty());
         }
         println!(
@@ -348,6 +348,8 @@ pub fn run_bench(args: BenchEvalArgs) -> anyhow::Result<ExitCode> {
         "--batch-size and --max-new-tokens must be positive"
     );
     let splits = Splits::load().context("loading the evaluation data sets")?;
+    // The workload is JailbreakBench's prompts: without them it would measure something else.
+    splits.require(Suite::Harmful)?;
     let cfg = EvalConfig::default();
     let judges = Judges::new(&cfg).context("setting up the judges")?;
     let model = args.model.load()?;

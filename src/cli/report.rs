@@ -210,7 +210,7 @@ fn method_rows(c: &Comparison) -> Vec<report::MethodRow> {
             seeds: r.seeds.len(),
             safety: r.suites.get("harmful").map(estimate),
             over_refusal: r.suites.get("overrefusal").map(estimate),
-            hhh_accuracy: r.hhh_accuracy.as_ref().map(estimate),
+            facts_accuracy: r.facts_accuracy.as_ref().map(estimate),
             alpaca_nll: r
                 .alpaca_nll
                 .as_ref()

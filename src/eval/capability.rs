@@ -1,9 +1,9 @@
 //! Capability without generation: log-likelihood of given responses under the model.
 //!
-//! hhh_alignment: each choice is scored as the assistant's reply to the item's input (chat template,
-//! default system prompt); the sum of the log-probabilities of the reply's tokens (its content and
-//! the turn's closing tokens, which both choices share) picks the answer. Alpaca held-out pairs:
-//! mean negative log-likelihood per response token.
+//! True/false statement pairs: each statement is scored as the assistant's reply to one fixed
+//! request (chat template, default system prompt); the mean log-probability per reply token (its
+//! content and the turn's closing tokens, which both choices share) picks the answer. Alpaca
+//! held-out pairs: mean negative log-likelihood per response token.
 
 use super::Result;
 use crate::model::chat::Message;

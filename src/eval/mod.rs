@@ -81,7 +81,7 @@ pub struct EvalConfig {
     pub model: String,
     pub adapter: Option<String>,
     pub suites: Vec<Suite>,
-    /// Only the first N items of each suite (capability: N hhh items and N Alpaca pairs).
+    /// Only the first N items of each suite (capability: N statement pairs and N Alpaca pairs).
     pub limit: Option<usize>,
     /// Greedy decoding, at most this many new tokens per response.
     pub max_new_tokens: usize,
@@ -152,12 +152,13 @@ pub struct GenerationRecord {
 #[serde(deny_unknown_fields)]
 pub struct CapabilityRecord {
     pub id: String,
-    /// hhh_alignment task, or `alpaca`.
+    /// The statement set (`factual`, `logic`, `clinical`, `social`), or `alpaca`.
     pub category: String,
-    /// Summed log-probability per choice (hhh), or of the reference response (alpaca).
+    /// Summed log-probability per choice (statements: true first), or of the reference response
+    /// (alpaca).
     pub logprob: Vec<f64>,
     pub tokens: Vec<usize>,
-    /// hhh: whether the better choice had the higher log-likelihood.
+    /// Statements: whether the true one had the higher log-likelihood per token.
     pub correct: Option<bool>,
 }
 
@@ -212,8 +213,9 @@ pub struct SuiteMetrics {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CapabilityMetrics {
-    pub hhh_accuracy: Rate,
-    pub hhh_per_category: BTreeMap<String, Rate>,
+    /// Share of statement pairs whose true statement the model finds more likely per token.
+    pub facts_accuracy: Rate,
+    pub facts_per_category: BTreeMap<String, Rate>,
     pub alpaca_pairs: usize,
     pub alpaca_tokens: usize,
     /// Mean negative log-likelihood per response token (nats).
@@ -500,6 +502,11 @@ pub fn run(
             "batch_size and max_new_tokens must be positive".into(),
         ));
     }
+    // Before anything is written: a suite whose data set could not be fetched stops the run here,
+    // naming the asset.
+    for &suite in &cfg.suites {
+        splits.require(suite)?;
+    }
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     check_config(out, cfg)?;
     splits.save(&out.join("splits.json"))?;
@@ -602,7 +609,7 @@ pub fn run(
         suites.insert(suite.name().to_owned(), suite_metrics(suite, &recs));
     }
     let metrics = Metrics {
-        format_version: 1,
+        format_version: 2,
         config: cfg.clone(),
         splits_membership_sha256: splits.manifest().membership_sha256,
         judges: judges.all().iter().map(|j| j.name()).collect(),
@@ -702,8 +709,8 @@ fn run_capability(
     // and each row's reply positions carry full-vocabulary logits, so its batches are smaller.
     const CHUNK: usize = 32;
     const BATCH: usize = 8;
-    let hhh = selected(splits.hhh(), cfg.limit);
-    for chunk in hhh
+    let facts = selected(splits.facts(), cfg.limit);
+    for chunk in facts
         .iter()
         .filter(|h| !done_ids.contains(&h.id))
         .collect::<Vec<_>>()
@@ -721,7 +728,10 @@ fn run_capability(
             .enumerate()
             .map(|(i, h)| {
                 let (a, b) = (lp[2 * i], lp[2 * i + 1]);
-                let best = if a.0 >= b.0 { 0 } else { 1 };
+                // Per token: a true statement often carries its correction ("..., not ...") and
+                // is longer than the false one, which a summed log-probability would penalise.
+                let per_token = |(lp, n): (f64, usize)| lp / n.max(1) as f64;
+                let best = if per_token(a) >= per_token(b) { 0 } else { 1 };
                 CapabilityRecord {
                     id: h.id.clone(),
                     category: h.category.clone(),
@@ -761,12 +771,12 @@ fn run_capability(
         done.extend(recs);
         tracing::info!(done = done.len(), "capability items scored");
     }
-    let hhh_ids: HashSet<&str> = hhh.iter().map(|h| h.id.as_str()).collect();
+    let facts_ids: HashSet<&str> = facts.iter().map(|h| h.id.as_str()).collect();
     let alpaca_ids: HashSet<&str> = alpaca.iter().map(|p| p.id.as_str()).collect();
     let mut per_cat: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let (mut k, mut n, mut lp_sum, mut tok, mut pairs) = (0, 0, 0.0, 0, 0);
     for r in &done {
-        if hhh_ids.contains(r.id.as_str()) {
+        if facts_ids.contains(r.id.as_str()) {
             let c = r.correct == Some(true);
             let e = per_cat.entry(r.category.clone()).or_default();
             e.0 += c as usize;
@@ -781,8 +791,8 @@ fn run_capability(
     }
     let nll = -lp_sum / tok.max(1) as f64;
     Ok(CapabilityMetrics {
-        hhh_accuracy: Rate::new(k, n),
-        hhh_per_category: per_cat
+        facts_accuracy: Rate::new(k, n),
+        facts_per_category: per_cat
             .into_iter()
             .map(|(c, (k, n))| (c, Rate::new(k, n)))
             .collect(),
@@ -799,7 +809,7 @@ fn run_capability(
 pub struct Comparison {
     pub run_a: PathBuf,
     pub run_b: PathBuf,
-    /// Suite → paired difference of its metric (safety rate, refusal rate, hhh accuracy).
+    /// Suite → paired difference of its metric (safety rate, refusal rate, statement accuracy).
     pub suites: BTreeMap<String, PairedDiff>,
     /// Items in only one of the runs (left out of the pairs).
     pub unpaired: usize,
@@ -837,7 +847,7 @@ pub fn compare(run_a: &Path, run_b: &Path) -> Result<Comparison> {
     for a in ca.iter().filter(|r| r.correct.is_some()) {
         if let Some(b) = cb_map.get(a.id.as_str()) {
             outcomes
-                .entry("capability-hhh".into())
+                .entry("capability-facts".into())
                 .or_default()
                 .push((a.correct == Some(true), b.correct == Some(true)));
         }

@@ -158,7 +158,7 @@ fn suite(metric: &str, k: usize, n: usize) -> SuiteMetrics {
     }
 }
 
-fn metrics(safety: f64, over_refusal: f64, hhh: f64) -> Metrics {
+fn metrics(safety: f64, over_refusal: f64, facts: f64) -> Metrics {
     let n = 200;
     let k = |p: f64, n: usize| (p * n as f64).round() as usize;
     let mut suites = BTreeMap::new();
@@ -178,12 +178,12 @@ fn metrics(safety: f64, over_refusal: f64, hhh: f64) -> Metrics {
         judges: vec!["phrase".into(), "degeneracy".into()],
         suites,
         capability: Some(CapabilityMetrics {
-            hhh_accuracy: Rate::new(k(hhh, 221), 221),
-            hhh_per_category: BTreeMap::new(),
+            facts_accuracy: Rate::new(k(facts, 318), 318),
+            facts_per_category: BTreeMap::new(),
             alpaca_pairs: 100,
             alpaca_tokens: 12_000,
-            alpaca_nll: 1.9 + (1.0 - hhh),
-            alpaca_perplexity: (1.9 + (1.0 - hhh)).exp(),
+            alpaca_nll: 1.9 + (1.0 - facts),
+            alpaca_perplexity: (1.9 + (1.0 - facts)).exp(),
         }),
         throughput: Some(Throughput {
             prompts: 650,
@@ -289,7 +289,7 @@ fn methods() -> Vec<MethodRow> {
         seeds: safety.len(),
         safety: Estimate::mean_sd(safety),
         over_refusal: Estimate::mean_sd(over),
-        hhh_accuracy: Some(Estimate {
+        facts_accuracy: Some(Estimate {
             value: 0.57,
             spread: Spread::Sd(0.01),
         }),

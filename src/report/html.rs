@@ -616,9 +616,9 @@ fn suite_rate<'m>(m: Option<&'m Metrics>, suite: &str) -> Option<&'m Rate> {
     m.and_then(|m| m.suites.get(suite)).map(|s| &s.rate)
 }
 
-fn hhh_rate(m: Option<&Metrics>) -> Option<&Rate> {
+fn facts_rate(m: Option<&Metrics>) -> Option<&Rate> {
     m.and_then(|m| m.capability.as_ref())
-        .map(|c| &c.hhh_accuracy)
+        .map(|c| &c.facts_accuracy)
 }
 
 /// Percentage-point change, coloured by whether it is better (`higher_better`).
@@ -664,11 +664,11 @@ pub(super) fn before_after_chart(eval: &Evaluation<'_>) -> String {
             suite_rate(eval.aligned, &suite).copied(),
         ));
     }
-    if hhh_rate(eval.base).is_some() || hhh_rate(eval.aligned).is_some() {
-        categories.push("HHH accuracy".into());
+    if facts_rate(eval.base).is_some() || facts_rate(eval.aligned).is_some() {
+        categories.push("Statement accuracy".into());
         pairs.push((
-            hhh_rate(eval.base).copied(),
-            hhh_rate(eval.aligned).copied(),
+            facts_rate(eval.base).copied(),
+            facts_rate(eval.aligned).copied(),
         ));
     }
     let bar = |r: &Option<Rate>| {
@@ -796,10 +796,10 @@ fn evaluation_section(eval: &Evaluation<'_>) -> String {
                 )
             );
         }
-        let (b, a) = (hhh_rate(eval.base), hhh_rate(eval.aligned));
+        let (b, a) = (facts_rate(eval.base), facts_rate(eval.aligned));
         let _ = writeln!(
             s,
-            "<tr><td>HHH accuracy</td>{}{}{}</tr>",
+            "<tr><td>Statement accuracy</td>{}{}{}</tr>",
             rate_cell(b),
             rate_cell(a),
             change_cell(b.map(|r| r.rate), a.map(|r| r.rate), true, true)
@@ -842,7 +842,7 @@ fn evaluation_section(eval: &Evaluation<'_>) -> String {
     if eval.methods.is_empty() {
         s.push_str(&not_run("no method comparison was given"));
     } else {
-        s.push_str("<table class=\"wide\">\n<thead><tr><th>Method</th><th class=\"num\">Seeds</th><th class=\"num\">Safety rate</th><th class=\"num\">Over-refusal</th><th class=\"num\">HHH accuracy</th><th class=\"num\">Alpaca NLL</th><th class=\"num\">Params trained</th><th class=\"num\">Wall time</th></tr></thead>\n<tbody>\n");
+        s.push_str("<table class=\"wide\">\n<thead><tr><th>Method</th><th class=\"num\">Seeds</th><th class=\"num\">Safety rate</th><th class=\"num\">Over-refusal</th><th class=\"num\">Statement accuracy</th><th class=\"num\">Alpaca NLL</th><th class=\"num\">Params trained</th><th class=\"num\">Wall time</th></tr></thead>\n<tbody>\n");
         for m in &eval.methods {
             let p = |e: &Option<super::Estimate>| e.as_ref().map_or("–".into(), estimate_pct);
             let _ = writeln!(
@@ -852,7 +852,7 @@ fn evaluation_section(eval: &Evaluation<'_>) -> String {
                 m.seeds,
                 p(&m.safety),
                 p(&m.over_refusal),
-                p(&m.hhh_accuracy),
+                p(&m.facts_accuracy),
                 m.alpaca_nll.as_ref().map_or("–".into(), estimate_num),
                 m.trained_share.map_or("–".into(), |v| format!("{:.3} %", 100.0 * v)),
                 m.wall_seconds.map_or("–".into(), duration)

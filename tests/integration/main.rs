@@ -15,6 +15,7 @@ mod features_smollm2;
 mod gguf;
 mod lora;
 mod lora_init;
+mod missing_assets;
 mod model_errors;
 mod model_golden;
 mod model_sources;
