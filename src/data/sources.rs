@@ -444,14 +444,22 @@ pub fn load_facts(paths: &[PathBuf]) -> Result<Vec<ChoiceItem>> {
         let category = match (folder, stem) {
             (Some("factual"), _) => "factual",
             (Some(_), Some(stem)) => stem,
-            _ => return Err(parse_err(path, "cannot name the statement set from the path")),
+            _ => {
+                return Err(parse_err(
+                    path,
+                    "cannot name the statement set from the path",
+                ))
+            }
         }
         .to_owned();
         let rows: Vec<FactRow> =
             serde_json::from_str(&read(path)?).map_err(|e| parse_err(path, e.to_string()))?;
         for r in rows {
             if r.text.trim().is_empty() || r.false_text.trim().is_empty() {
-                return Err(parse_err(path, format!("item {}: an empty statement", r.id)));
+                return Err(parse_err(
+                    path,
+                    format!("item {}: an empty statement", r.id),
+                ));
             }
             if !seen.insert(super::normalise(&r.text)) {
                 continue;

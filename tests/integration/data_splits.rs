@@ -17,7 +17,8 @@ fn files() -> DataFiles {
 fn design_overlap_counts_are_found_by_normalisation() {
     let f = files();
     let adv = load_advbench(&f.advbench).unwrap();
-    let hb_test = load_harmbench(f.harmbench_test.as_ref().unwrap(), Source::HarmBenchTest).unwrap();
+    let hb_test =
+        load_harmbench(f.harmbench_test.as_ref().unwrap(), Source::HarmBenchTest).unwrap();
     let hb_val = load_harmbench(
         &sails::assets::ensure("harmbench-val").unwrap(),
         Source::HarmBenchVal,
@@ -57,7 +58,11 @@ fn no_evaluation_item_or_duplicate_reaches_training() {
     let eval: HashSet<String> = [Suite::Harmful, Suite::Overrefusal, Suite::XstestUnsafe]
         .iter()
         .flat_map(|&su| s.eval_suite(su).iter().map(|r| normalise(&r.text)))
-        .chain(s.facts().iter().flat_map(|h| h.choices.iter().map(|c| normalise(c))))
+        .chain(
+            s.facts()
+                .iter()
+                .flat_map(|h| h.choices.iter().map(|c| normalise(c))),
+        )
         .chain(s.alpaca_eval().iter().map(|p| normalise(&p.prompt)))
         .collect();
     for text in s.training_texts() {
@@ -285,7 +290,8 @@ fn a_missing_evaluation_data_set_leaves_only_its_suite_out() {
         .map(|r| normalise(&r.text))
         .collect();
     f.jbb = None;
-    let reason = "asset `jbb-behaviors` needs jailbreakbench==0.1.3, which the registry no longer serves";
+    let reason =
+        "asset `jbb-behaviors` needs jailbreakbench==0.1.3, which the registry no longer serves";
     f.missing.push(MissingAsset {
         asset: "jbb-behaviors".into(),
         reason: reason.into(),

@@ -5,25 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// pip's own words when a pinned version is gone (pip 25, `pip download jailbreakbench==0.1.3`
-/// against a registry that lists three older versions).
+/// pip's own words (as pip 23.2 prints them) when a pinned version is gone; the real
+/// jailbreakbench==0.1.3 is still served, so this stands for a registry that dropped it.
 const NOT_SERVED: &str = "ERROR: Could not find a version that satisfies the requirement \
 jailbreakbench==0.1.3 (from versions: 0.1.0, 0.1.1, 0.1.2)\n\
 ERROR: No matching distribution found for jailbreakbench==0.1.3";
-
-/// A python whose pip works but serves nothing: every download fails with [`NOT_SERVED`].
-#[cfg(unix)]
-fn python_without_the_package(dir: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("python");
-    let script = format!(
-        "#!/bin/sh\nif [ \"$3\" = \"--version\" ]; then echo 'pip 25.0'; exit 0; fi\n\
-         cat >&2 <<'PIP'\n{NOT_SERVED}\nPIP\nexit 1\n"
-    );
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
 
 /// A cache holding every asset of the real one (linked, fetched first if needed) but JBB's.
 fn cache_without_jbb(dir: &Path) -> PathBuf {
@@ -61,7 +47,8 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 #[test]
 fn a_vanished_evaluation_package_stops_only_the_stage_that_needs_it() {
     let dir = tempfile::tempdir().unwrap();
-    let python = python_without_the_package(dir.path());
+    // A python whose pip works but serves nothing: every download fails with NOT_SERVED.
+    let python = crate::assets::fake_python(dir.path(), 0, NOT_SERVED);
     let home = cache_without_jbb(dir.path());
     let sails = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_sails"))

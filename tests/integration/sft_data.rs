@@ -74,7 +74,11 @@ fn no_evaluation_prompt_reaches_train_or_heldout() {
     let eval: HashSet<String> = [Suite::Harmful, Suite::Overrefusal, Suite::XstestUnsafe]
         .iter()
         .flat_map(|&su| s.eval_suite(su).iter().map(|r| normalise(&r.text)))
-        .chain(s.facts().iter().flat_map(|h| h.choices.iter().map(|c| normalise(c))))
+        .chain(
+            s.facts()
+                .iter()
+                .flat_map(|h| h.choices.iter().map(|c| normalise(c))),
+        )
         .chain(s.alpaca_eval().iter().map(|p| normalise(&p.prompt)))
         .collect();
     assert!(eval.len() > 1000, "{} evaluation prompts", eval.len());
