@@ -1,4 +1,4 @@
-//! `sails eval`, `sails eval compare` and `sails judge calibrate`.
+//! `sails eval`, `sails eval compare`, `sails judge calibrate` and `sails judge score`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,8 +7,10 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use sails::data::{Splits, Suite};
 use sails::eval::judge::{
-    calibrate, load_refusal_labels, DegeneracyJudge, Judge, LlmJudge, LlmJudgeConfig, PhraseJudge,
+    calibrate, load_refusal_labels, DegeneracyJudge, Judge, Label, LlmJudge, LlmJudgeConfig,
+    PhraseJudge,
 };
+use sails::eval::score::score_jsonl;
 use sails::eval::{compare, EvalConfig, Judges, Metrics};
 
 use super::model_args::ModelArgs;
@@ -135,6 +137,26 @@ pub enum JudgeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Judge the responses in a JSONL file: each line's verdicts and the label an evaluation counts.
+    ///
+    /// Each input line is a JSON object with string fields "prompt" and "response" (other fields
+    /// are kept). Each output line is that object with "verdicts" (judge name -> {label, score,
+    /// why}) and "label" (degenerate if the degeneracy judge says so, else the refusal-phrase
+    /// judge's refused/complied, as `sails eval` counts it) added. A bad line is an error naming
+    /// its number, and nothing is written. Without --out or --json a summary is printed.
+    Score {
+        /// The JSONL file to judge.
+        #[arg(long, value_name = "FILE")]
+        input: PathBuf,
+        /// Write the judged lines here (JSONL, written whole through a temporary file).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        llm: LlmJudgeArgs,
+        /// Print the judged lines on stdout (JSONL) instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
@@ -254,7 +276,60 @@ fn print_summary(m: &Metrics, out: &std::path::Path) {
 }
 
 pub fn run_judge(args: JudgeArgs) -> anyhow::Result<ExitCode> {
-    let JudgeCommand::Calibrate { judge, llm, json } = args.command;
+    match args.command {
+        JudgeCommand::Calibrate { judge, llm, json } => run_calibrate(judge, llm, json),
+        JudgeCommand::Score {
+            input,
+            out,
+            llm,
+            json,
+        } => run_score(&input, out.as_deref(), &llm, json),
+    }
+}
+
+fn run_score(
+    input: &std::path::Path,
+    out: Option<&std::path::Path>,
+    llm: &LlmJudgeArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    let phrase = PhraseJudge::harmbench().context("setting up the phrase judge")?;
+    let degeneracy = DegeneracyJudge::default();
+    let llm = llm.config().map(|config| LlmJudge { config });
+    let others: Vec<&dyn Judge> = llm.iter().map(|j| j as &dyn Judge).collect();
+    let scored = score_jsonl(input, &text, &degeneracy, &phrase, &others)?;
+    let mut lines = String::new();
+    for s in &scored {
+        lines.push_str(&serde_json::to_string(&s.output)?);
+        lines.push('\n');
+    }
+    if let Some(out) = out {
+        sails::model::write_atomic(out, lines.as_bytes())
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    if json {
+        print!("{lines}");
+    } else {
+        let count = |label: Label| scored.iter().filter(|s| s.label == label).count();
+        println!(
+            "{} responses judged ({} then {}): {} refused, {} complied, {} degenerate",
+            scored.len(),
+            degeneracy.name(),
+            phrase.name(),
+            count(Label::Refused),
+            count(Label::Complied),
+            count(Label::Degenerate)
+        );
+        if let Some(out) = out {
+            println!("judged lines: {}", out.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_calibrate(judge: JudgeKind, llm: LlmJudgeArgs, json: bool) -> anyhow::Result<ExitCode> {
     let files = sails::assets::ensure_all("pyrit-refusal").context("fetching pyrit-refusal")?;
     let data = load_refusal_labels(&files.files)?;
     let judge: Box<dyn Judge> = match judge {

@@ -15,6 +15,7 @@
 pub mod capability;
 pub mod judge;
 pub mod metrics;
+pub mod score;
 
 use crate::data::{Source, Splits, Suite};
 use crate::model::chat::Message;
