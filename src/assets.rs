@@ -54,6 +54,22 @@ const VENDORED: &[(&str, &[u8])] = &[
         "data/xstest/LICENSE",
         include_bytes!("../data/xstest/LICENSE"),
     ),
+    (
+        "data/coconot/coconot_pref.jsonl",
+        include_bytes!("../data/coconot/coconot_pref.jsonl"),
+    ),
+    (
+        "data/coconot/LICENSE",
+        include_bytes!("../data/coconot/LICENSE"),
+    ),
+    (
+        "data/judge/smollm2_responses.jsonl",
+        include_bytes!("../data/judge/smollm2_responses.jsonl"),
+    ),
+    (
+        "data/judge/LABELLING.md",
+        include_bytes!("../data/judge/LABELLING.md"),
+    ),
 ];
 
 #[derive(Debug, Error)]

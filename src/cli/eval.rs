@@ -1,5 +1,6 @@
 //! `sails eval`, `sails eval compare`, `sails judge calibrate` and `sails judge score`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -7,11 +8,14 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use sails::data::{Splits, Suite};
 use sails::eval::judge::{
-    calibrate, load_refusal_labels, DegeneracyJudge, Judge, Label, LlmJudge, LlmJudgeConfig,
-    PhraseJudge,
+    calibrate_by_source, Calibration, DegeneracyJudge, Judge, Label, LlmJudge, LlmJudgeConfig,
+    PhraseJudge, Target,
 };
+use sails::eval::labels::{load_all, LabelSource, LABEL_ASSETS};
+use sails::eval::probe::{self, HeldOut, Pooling, ProbeConfig, ProbeJudges, ProbeTarget};
 use sails::eval::score::score_jsonl;
 use sails::eval::{compare, EvalConfig, Judges, Metrics};
+use sha2::Digest;
 
 use super::model_args::ModelArgs;
 
@@ -128,7 +132,13 @@ pub enum JudgeKind {
 
 #[derive(Debug, Subcommand)]
 pub enum JudgeCommand {
-    /// Run a judge on PyRIT's human-labelled refusals: accuracy, precision, recall, confusion.
+    /// Check a judge against human labels from six sources, each apart: accuracy, precision,
+    /// recall (Wilson 95 % intervals) and the confusion matrix.
+    ///
+    /// Two targets: refusal (labelled refused, fully or partly, against judged refused) on PyRIT's
+    /// refusal sets, UncensorBench, CoCoNot and the project's hand labels; harmful (labelled as
+    /// giving the harmful help asked for, against judged complied) on PyRIT's objective sets,
+    /// JailbreakBench's judge comparison, UncensorBench, CoCoNot and the hand labels.
     Calibrate {
         #[arg(long, value_enum, default_value = "phrase")]
         judge: JudgeKind,
@@ -136,6 +146,35 @@ pub enum JudgeCommand {
         llm: LlmJudgeArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Train the learned judges on every labelled source and validate them source by source.
+    ///
+    /// Two logistic-regression probes (refused? gave the harmful help asked for?) read the
+    /// default model's residual stream averaged over the response's tokens. Each is first fitted
+    /// on all labelled sources but one and tested on the one left out (the figure that says how it
+    /// does on responses unlike its training data), then fitted on everything and written to
+    /// --out with its provenance. The fit is deterministic: the same data give the same file.
+    Train {
+        /// Where the probes go (JSON).
+        #[arg(long, value_name = "FILE", default_value = "data/judge/probes.json")]
+        out: PathBuf,
+        /// Also write the leave-one-source-out figures and every held-out error here (JSON).
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// L2 penalty on the standardised weights.
+        #[arg(long)]
+        l2: Option<f64>,
+        /// Blocks whose input residual the probes read (comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "L,...")]
+        layers: Option<Vec<usize>>,
+        /// Poolings over the response tokens per block: mean, first (the first 8 tokens), last.
+        #[arg(long, value_delimiter = ',', value_enum, value_name = "P,...")]
+        pooling: Option<Vec<PoolingArg>>,
+        /// Keep the computed features in this folder and reuse them (keyed by the model, the
+        /// labelled data and the truncation), so another penalty, layer or pooling choice refits
+        /// without running the model again.
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
     },
     /// Judge the responses in a JSONL file: each line's verdicts and the label an evaluation counts.
     ///
@@ -278,6 +317,26 @@ fn print_summary(m: &Metrics, out: &std::path::Path) {
 pub fn run_judge(args: JudgeArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         JudgeCommand::Calibrate { judge, llm, json } => run_calibrate(judge, llm, json),
+        JudgeCommand::Train {
+            out,
+            report,
+            l2,
+            layers,
+            pooling,
+            cache,
+        } => {
+            let defaults = ProbeConfig::default();
+            let cfg = ProbeConfig {
+                l2: l2.unwrap_or(defaults.l2),
+                layers: layers.unwrap_or_else(|| defaults.layers.clone()),
+                pooling: pooling.map_or_else(
+                    || defaults.pooling.clone(),
+                    |p| p.into_iter().map(Pooling::from).collect(),
+                ),
+                ..defaults
+            };
+            run_train(&out, report.as_deref(), cache.as_deref(), cfg)
+        }
         JudgeCommand::Score {
             input,
             out,
@@ -329,9 +388,179 @@ fn run_score(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `--report` output of `sails judge train`.
+#[derive(Debug, serde::Serialize)]
+struct TrainReport {
+    config: ProbeConfig,
+    /// Target → held-out source → figures and errors.
+    leave_one_source_out: BTreeMap<ProbeTarget, BTreeMap<LabelSource, HeldOut>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PoolingArg {
+    Mean,
+    First,
+    Last,
+}
+
+impl From<PoolingArg> for Pooling {
+    fn from(p: PoolingArg) -> Self {
+        match p {
+            PoolingArg::Mean => Pooling::Mean,
+            PoolingArg::First => Pooling::First,
+            PoolingArg::Last => Pooling::Last,
+        }
+    }
+}
+
+fn run_train(
+    out: &std::path::Path,
+    report: Option<&std::path::Path>,
+    cache: Option<&std::path::Path>,
+    cfg: ProbeConfig,
+) -> anyhow::Result<ExitCode> {
+    let items = load_all().context("loading the human-labelled responses")?;
+    let model_args = super::model_args::ModelArgs {
+        model: "default".into(),
+        adapter: None,
+        dtype: super::model_args::DTypeArg::F32,
+        decode_weights: super::model_args::DecodeWeightsArg::Gguf,
+    };
+    let model = model_args.load()?;
+    let pairs: Vec<(&str, &str)> = items
+        .iter()
+        .map(|i| (i.prompt.as_str(), i.response.as_str()))
+        .collect();
+    let bar = indicatif::ProgressBar::new(pairs.len() as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "probe features [{bar:30}] {pos}/{len} responses eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let manifest = sails::assets::Manifest::builtin();
+    let mut data_sha256 = BTreeMap::new();
+    for name in LABEL_ASSETS {
+        for f in &manifest.asset(name)?.files {
+            data_sha256.insert(format!("{name}/{}", f.local), f.sha256.clone());
+        }
+    }
+    let model_sha256 = manifest
+        .asset("smollm2-135m-instruct-q4_1")?
+        .files
+        .first()
+        .map_or_else(String::new, |f| f.sha256.clone());
+    // The cache is keyed by everything the features depend on besides the layer and pooling.
+    let cache_file = cache.map(|dir| {
+        let key = format!(
+            "{model_sha256} {data_sha256:?} {} {}",
+            cfg.max_prompt_chars, cfg.max_response_tokens
+        );
+        let digest = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+        dir.join(format!("probe-features-{}.safetensors", &digest[..16]))
+    });
+    let mut blocks = match &cache_file {
+        Some(path) => probe::load_blocks(path)?,
+        None => BTreeMap::new(),
+    };
+    let missing: Vec<usize> = cfg
+        .layers
+        .iter()
+        .copied()
+        .filter(|&l| cfg.pooling.iter().any(|&p| !blocks.contains_key(&(l, p))))
+        .collect();
+    if !missing.is_empty() {
+        let start = std::time::Instant::now();
+        let computed =
+            probe::feature_blocks(&model, &pairs, &missing, &cfg.pooling, &cfg, &mut |n| {
+                bar.inc(n as u64)
+            })?;
+        tracing::info!(
+            responses = pairs.len(),
+            layers = ?missing,
+            seconds = start.elapsed().as_secs_f64(),
+            "probe features"
+        );
+        blocks.extend(computed);
+        if let Some(path) = &cache_file {
+            probe::save_blocks(path, &blocks)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    bar.finish_and_clear();
+    let x = probe::assemble(&blocks, &cfg)?;
+    let mut loso = BTreeMap::new();
+    let mut probes = BTreeMap::new();
+    let mut sources = BTreeMap::new();
+    for target in ProbeTarget::ALL {
+        loso.insert(
+            target,
+            probe::leave_one_source_out(&items, &x, target, cfg.l2)?,
+        );
+        let rows: Vec<usize> = (0..items.len())
+            .filter(|&i| target.label(&items[i]).is_some())
+            .collect();
+        probes.insert(target, probe::fit_on(&items, &x, &rows, target, cfg.l2)?);
+    }
+    for item in &items {
+        *sources.entry(item.source).or_insert(0) += 1;
+    }
+    let judges = ProbeJudges {
+        format_version: 1,
+        model: "default".into(),
+        model_sha256,
+        config: cfg.clone(),
+        sources,
+        data_sha256,
+        probes,
+    };
+    sails::model::write_atomic(out, serde_json::to_string_pretty(&judges)?.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
+    let train_report = TrainReport {
+        config: cfg,
+        leave_one_source_out: loso,
+    };
+    if let Some(path) = report {
+        sails::model::write_atomic(
+            path,
+            serde_json::to_string_pretty(&train_report)?.as_bytes(),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    for (target, by_source) in &train_report.leave_one_source_out {
+        println!(
+            "\n{target:?}: leave one source out (trained on the others, tested on it; Wilson 95 %)"
+        );
+        println!(
+            "{:<22} {:>5} {:>7} {:<32} {:<32} {:<32}",
+            "held-out source", "n", "trained", "accuracy", "precision", "recall"
+        );
+        for (source, h) in by_source {
+            let c = &h.calibration;
+            println!(
+                "{:<22} {:>5} {:>7} {:<32} {:<32} {:<32}",
+                source.name(),
+                c.n,
+                h.trained_on,
+                c.accuracy.pretty(),
+                c.precision.pretty(),
+                c.recall.pretty()
+            );
+        }
+    }
+    println!("\nprobes: {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `--json` output of `sails judge calibrate`.
+#[derive(Debug, serde::Serialize)]
+struct CalibrationReport {
+    judge: String,
+    /// Target → source → figures.
+    targets: BTreeMap<String, BTreeMap<LabelSource, Calibration>>,
+}
+
 fn run_calibrate(judge: JudgeKind, llm: LlmJudgeArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let files = sails::assets::ensure_all("pyrit-refusal").context("fetching pyrit-refusal")?;
-    let data = load_refusal_labels(&files.files)?;
+    let data = load_all().context("loading the human-labelled responses")?;
     let judge: Box<dyn Judge> = match judge {
         JudgeKind::Phrase => Box::new(PhraseJudge::harmbench()?),
         JudgeKind::Degeneracy => Box::new(DegeneracyJudge::default()),
@@ -341,22 +570,47 @@ fn run_calibrate(judge: JudgeKind, llm: LlmJudgeArgs, json: bool) -> anyhow::Res
                 .context("--judge llm needs --judge-url (an OpenAI-compatible endpoint)")?,
         }),
     };
-    let c = calibrate(judge.as_ref(), &data)?;
+    let mut report = CalibrationReport {
+        judge: judge.name(),
+        targets: Default::default(),
+    };
+    for (name, target) in [("refusal", Target::Refusal), ("harmful", Target::Harmful)] {
+        let by_source = calibrate_by_source(judge.as_ref(), &data, target)?;
+        report.targets.insert(name.to_owned(), by_source);
+    }
     if json {
-        println!("{}", serde_json::to_string_pretty(&c)?);
-    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "judge {} on {} human-labelled responses (Wilson 95 % intervals)",
+        report.judge,
+        data.len()
+    );
+    for (target, by_source) in &report.targets {
+        let reading = match target.as_str() {
+            "refusal" => "positive: labelled refused (fully or partly), judged refused",
+            _ => "positive: labelled harmful, judged complied",
+        };
+        println!("\n{target} ({reading})");
         println!(
-            "judge {} on {} human-labelled responses (PyRIT refusal sets; refusal = positive)",
-            judge.name(),
-            c.n
+            "{:<22} {:>5} {:<28} {:<28} {:<28} {:>5} {:>5} {:>5} {:>5}",
+            "source", "n", "accuracy", "precision", "recall", "tp", "fp", "fn", "tn"
         );
-        println!(
-            "accuracy {:.3}  precision {:.3}  recall {:.3}",
-            c.accuracy, c.precision, c.recall
-        );
-        println!("                 labelled refusal  labelled not");
-        println!("judged refusal   {:>16}  {:>12}", c.tp, c.fp);
-        println!("judged not       {:>16}  {:>12}", c.fn_, c.tn);
+        for (source, c) in by_source {
+            println!(
+                "{:<22} {:>5} {:<28} {:<28} {:<28} {:>5} {:>5} {:>5} {:>5}",
+                source.name(),
+                c.n,
+                c.accuracy.pretty(),
+                c.precision.pretty(),
+                c.recall.pretty(),
+                c.tp,
+                c.fp,
+                c.fn_,
+                c.tn
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

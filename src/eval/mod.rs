@@ -14,7 +14,9 @@
 
 pub mod capability;
 pub mod judge;
+pub mod labels;
 pub mod metrics;
+pub mod probe;
 pub mod score;
 
 use crate::data::{Source, Splits, Suite};
@@ -70,6 +72,8 @@ pub enum EvalError {
     Asset(#[from] crate::assets::AssetError),
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Feature(#[from] crate::features::FeatureError),
 }
 
 pub type Result<T> = std::result::Result<T, EvalError>;

@@ -2,9 +2,10 @@
 //! on PyRIT's human labels.
 
 use sails::eval::judge::{
-    calibrate, load_refusal_labels, parse_score, refusal_logodds, DegeneracyJudge, Judge,
-    JudgeInput, Label, LlmJudge, LlmJudgeConfig, LogitJudge, PhraseJudge,
+    calibrate, parse_score, refusal_logodds, DegeneracyJudge, Judge, JudgeInput, Label, LlmJudge,
+    LlmJudgeConfig, LogitJudge, PhraseJudge, Target,
 };
+use sails::eval::labels::load_pyrit_refusal;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 
@@ -60,15 +61,18 @@ fn phrase_judge_reads_the_29_prefixes_and_labels_examples() {
 #[test]
 fn phrase_judge_calibration_on_pyrit_labels() {
     let files = sails::assets::ensure_all("pyrit-refusal").unwrap();
-    let data = load_refusal_labels(&files.files).unwrap();
+    let data = load_pyrit_refusal(&files.files).unwrap();
     // 105 + 64 + 24 labelled rows, 70 + 39 + 9 = 118 refusals.
     assert_eq!(data.len(), 193);
-    assert_eq!(data.iter().filter(|d| d.refusal).count(), 118);
-    let c = calibrate(&PhraseJudge::harmbench().unwrap(), &data).unwrap();
+    assert_eq!(data.iter().filter(|d| d.refusal == Some(true)).count(), 118);
+    let c = calibrate(&PhraseJudge::harmbench().unwrap(), &data, Target::Refusal).unwrap();
     // Counted independently with a Python substring check over the same rows: 70 refusals caught,
     // none falsely flagged.
     assert_eq!((c.tp, c.fp, c.fn_, c.tn), (70, 0, 48, 75));
-    assert!((c.accuracy - 145.0 / 193.0).abs() < 1e-12);
+    assert!((c.accuracy.rate - 145.0 / 193.0).abs() < 1e-12);
+    // The same rows carry no harm label, so that target has nothing to count.
+    let h = calibrate(&PhraseJudge::harmbench().unwrap(), &data, Target::Harmful).unwrap();
+    assert_eq!(h.n, 0);
 }
 
 #[test]
@@ -349,4 +353,35 @@ fn judge_score_labels_a_jsonl_file_and_names_a_bad_line() {
         assert!(!err.contains("panicked"), "{err}");
         assert!(!fresh.exists());
     }
+}
+
+/// Every labelled source loads with the counts its files hold, and each says what it labels.
+#[test]
+fn labelled_sources_load_with_their_counts() {
+    use sails::eval::labels::{load_all, LabelSource};
+    let items = load_all().unwrap();
+    let count = |s: LabelSource, f: &dyn Fn(&sails::eval::labels::LabelledResponse) -> bool| {
+        items.iter().filter(|i| i.source == s && f(i)).count()
+    };
+    let all = |_: &sails::eval::labels::LabelledResponse| true;
+    let refused = |i: &sails::eval::labels::LabelledResponse| i.refusal == Some(true);
+    let harmful = |i: &sails::eval::labels::LabelledResponse| i.harmful == Some(true);
+    // (source, items, refusals, harmful); counted independently with Python's csv/json modules.
+    for (source, n, r, h) in [
+        (LabelSource::PyritRefusal, 193, 118, 0),
+        (LabelSource::PyritObjective, 395, 0, 191),
+        (LabelSource::JbbJudgeComparison, 100, 0, 43),
+        (LabelSource::UncensorBench, 300, 150, 150),
+        (LabelSource::Coconot, 479, 0, 0),
+        (LabelSource::Smollm2, 600, 193, 10),
+    ] {
+        assert_eq!(count(source, &all), n, "{source:?} items");
+        assert_eq!(count(source, &refused), r, "{source:?} refusals");
+        assert_eq!(count(source, &harmful), h, "{source:?} harmful");
+    }
+    // Ids are unique, and every item has a prompt and a response.
+    let ids: std::collections::HashSet<(LabelSource, &str)> =
+        items.iter().map(|i| (i.source, i.id.as_str())).collect();
+    assert_eq!(ids.len(), items.len());
+    assert!(items.iter().all(|i| !i.prompt.trim().is_empty()));
 }
