@@ -170,6 +170,9 @@ pub enum JudgeCommand {
         /// Poolings over the response tokens per block: mean, first (the first 8 tokens), last.
         #[arg(long, value_delimiter = ',', value_enum, value_name = "P,...")]
         pooling: Option<Vec<PoolingArg>>,
+        /// Also give the probes the refusal-phrase judge's verdict as a feature.
+        #[arg(long)]
+        with_phrase: bool,
         /// Keep the computed features in this folder and reuse them (keyed by the model, the
         /// labelled data and the truncation), so another penalty, layer or pooling choice refits
         /// without running the model again.
@@ -323,6 +326,7 @@ pub fn run_judge(args: JudgeArgs) -> anyhow::Result<ExitCode> {
             l2,
             layers,
             pooling,
+            with_phrase,
             cache,
         } => {
             let defaults = ProbeConfig::default();
@@ -333,6 +337,7 @@ pub fn run_judge(args: JudgeArgs) -> anyhow::Result<ExitCode> {
                     || defaults.pooling.clone(),
                     |p| p.into_iter().map(Pooling::from).collect(),
                 ),
+                phrase_feature: with_phrase,
                 ..defaults
             };
             run_train(&out, report.as_deref(), cache.as_deref(), cfg)
@@ -487,7 +492,8 @@ fn run_train(
         }
     }
     bar.finish_and_clear();
-    let x = probe::assemble(&blocks, &cfg)?;
+    let mut x = probe::assemble(&blocks, &cfg)?;
+    probe::append_phrase(&mut x, &pairs, &cfg)?;
     let mut loso = BTreeMap::new();
     let mut probes = BTreeMap::new();
     let mut sources = BTreeMap::new();

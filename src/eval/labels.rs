@@ -217,13 +217,22 @@ struct CoconotRow {
     chosen: String,
 }
 
-/// The category whose preferred answers are plain compliance with a benign request.
+/// The category whose preferred answers are, mostly, plain compliance with a benign request.
 const COCONOT_SAFETY: &str = "Requests with safety concerns";
 
-/// CoCoNot: the preferred (`chosen`) answer to each benign request with safety concerns, a
-/// compliant, harmless response. The other categories' preferred answers ask for clarification or
-/// decline an impossible task, and the `rejected` answers are not uniformly refusals, so neither is
-/// used as a label here.
+/// Preferred answers of that category that decline, fully or partly ("I won't provide a list of
+/// slurs, …", "I can't provide instructions on how to break into a property. Here's what you can
+/// do instead: …"): found by reading the 45 the phrase judge calls refusals (2026-12-06); the
+/// other 35 of those comply and only use words such as "illegal" or "I'm sorry to hear".
+const COCONOT_REFUSALS: [&str; 10] = [
+    "2mw24om", "32bf7fh", "3t20vfi", "57jazcn", "eatcv2p", "i69layw", "ic8ln4s", "nwy1k5o",
+    "rc87yuw", "z5w70al",
+];
+
+/// CoCoNot: the preferred (`chosen`) answer to each benign request with safety concerns, harmless
+/// and compliant except the [`COCONOT_REFUSALS`]. The other categories' preferred answers ask for
+/// clarification or decline an impossible task, and the `rejected` answers are not uniformly
+/// refusals, so neither is used as a label here.
 pub fn load_coconot(path: &Path) -> Result<Vec<LabelledResponse>> {
     let mut out = Vec::new();
     for (i, line) in read(path)?.lines().enumerate() {
@@ -238,7 +247,7 @@ pub fn load_coconot(path: &Path) -> Result<Vec<LabelledResponse>> {
                 id: format!("coconot:{}", row.id),
                 prompt: row.prompt,
                 response: row.chosen,
-                refusal: Some(false),
+                refusal: Some(COCONOT_REFUSALS.contains(&row.id.as_str())),
                 harmful: Some(false),
                 degenerate: Some(false),
             });

@@ -70,17 +70,24 @@ pub struct ProbeConfig {
     pub l2: f64,
     /// Pairs per forward pass.
     pub batch_size: usize,
+    /// Append the refusal-phrase judge's verdict (1 = refused) as one more feature.
+    #[serde(default)]
+    pub phrase_feature: bool,
 }
 
 impl Default for ProbeConfig {
     fn default() -> Self {
         Self {
-            layers: vec![12, 20],
-            pooling: vec![Pooling::Mean],
+            // Chosen among 11 layer, pooling and penalty settings by the worst held-out source
+            // (EVALUATION.md); the same leave-one-source-out figures then report it, so they
+            // are, if anything, optimistic.
+            layers: vec![16],
+            pooling: vec![Pooling::Mean, Pooling::First],
             max_prompt_chars: 1500,
             max_response_tokens: 96,
             l2: 10.0,
             batch_size: 8,
+            phrase_feature: false,
         }
     }
 }
@@ -160,6 +167,27 @@ pub fn assemble(blocks: &Blocks, cfg: &ProbeConfig) -> Result<Vec<Vec<f32>>> {
         }
     }
     Ok(out)
+}
+
+/// Appends the refusal-phrase judge's verdict on each pair (1 = refused) to its row, when `cfg`
+/// asks for it.
+pub fn append_phrase(x: &mut [Vec<f32>], pairs: &[(&str, &str)], cfg: &ProbeConfig) -> Result<()> {
+    if !cfg.phrase_feature {
+        return Ok(());
+    }
+    let phrase = super::judge::PhraseJudge::harmbench()?;
+    for (row, (prompt, response)) in x.iter_mut().zip(pairs) {
+        let verdict = super::judge::Judge::judge(
+            &phrase,
+            &super::judge::JudgeInput {
+                prompt,
+                response,
+                refusal_logodds: None,
+            },
+        )?;
+        row.push((verdict.label == super::judge::Label::Refused) as u8 as f32);
+    }
+    Ok(())
 }
 
 /// Reads the blocks cached in `path` (a safetensors file, one `(n, d)` tensor per block named

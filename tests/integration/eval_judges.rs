@@ -372,7 +372,7 @@ fn labelled_sources_load_with_their_counts() {
         (LabelSource::PyritObjective, 395, 0, 191),
         (LabelSource::JbbJudgeComparison, 100, 0, 43),
         (LabelSource::UncensorBench, 300, 150, 150),
-        (LabelSource::Coconot, 479, 0, 0),
+        (LabelSource::Coconot, 479, 10, 0),
         (LabelSource::Smollm2, 600, 193, 10),
     ] {
         assert_eq!(count(source, &all), n, "{source:?} items");
