@@ -167,7 +167,8 @@ pub enum JudgeCommand {
         /// Blocks whose input residual the probes read (comma-separated).
         #[arg(long, value_delimiter = ',', value_name = "L,...")]
         layers: Option<Vec<usize>>,
-        /// Poolings over the response tokens per block: mean, first (the first 8 tokens), last.
+        /// Poolings per block: mean, first (the response's first 8 tokens), last (its last token),
+        /// prompt (the prompt's mean), agreement (prompt mean times response mean).
         #[arg(long, value_delimiter = ',', value_enum, value_name = "P,...")]
         pooling: Option<Vec<PoolingArg>>,
         /// Also give the probes the refusal-phrase judge's verdict as a feature.
@@ -406,6 +407,8 @@ pub enum PoolingArg {
     Mean,
     First,
     Last,
+    Prompt,
+    Agreement,
 }
 
 impl From<PoolingArg> for Pooling {
@@ -414,6 +417,8 @@ impl From<PoolingArg> for Pooling {
             PoolingArg::Mean => Pooling::Mean,
             PoolingArg::First => Pooling::First,
             PoolingArg::Last => Pooling::Last,
+            PoolingArg::Prompt => Pooling::Prompt,
+            PoolingArg::Agreement => Pooling::Agreement,
         }
     }
 }

@@ -21,7 +21,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// How a layer's residuals over the response's tokens become one vector.
+/// How a layer's residuals over the exchange's tokens become one vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pooling {
@@ -31,25 +31,49 @@ pub enum Pooling {
     First,
     /// The last token (the turn's closing marker, which has read the whole response).
     Last,
+    /// The mean over the prompt's tokens (the chat template's system and user turns included).
+    Prompt,
+    /// The elementwise product of the prompt's and the response's means: lets a linear probe
+    /// weigh how the response relates to the request (an answer to another question, say).
+    Agreement,
 }
 
 /// Response tokens [`Pooling::First`] averages.
 pub const FIRST_TOKENS: usize = 8;
 
 impl Pooling {
+    pub const ALL: [Pooling; 5] = [
+        Pooling::Mean,
+        Pooling::First,
+        Pooling::Last,
+        Pooling::Prompt,
+        Pooling::Agreement,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Pooling::Mean => "mean",
             Pooling::First => "first",
             Pooling::Last => "last",
+            Pooling::Prompt => "prompt",
+            Pooling::Agreement => "agreement",
         }
     }
 
-    fn span(self, span: std::ops::Range<usize>) -> std::ops::Range<usize> {
+    /// The rows a pooling averages, within an exchange whose tokens are `whole` and whose
+    /// response starts `prompt_len` tokens in; `None` for [`Pooling::Agreement`] (a product).
+    fn span(
+        self,
+        whole: std::ops::Range<usize>,
+        prompt_len: usize,
+    ) -> Option<std::ops::Range<usize>> {
+        let response = (whole.start + prompt_len)..whole.end;
         match self {
-            Pooling::Mean => span,
-            Pooling::First => span.start..span.end.min(span.start + FIRST_TOKENS),
-            Pooling::Last => span.end.saturating_sub(1).max(span.start)..span.end,
+            Pooling::Mean => Some(response),
+            Pooling::First => Some(response.start..response.end.min(response.start + FIRST_TOKENS)),
+            Pooling::Last => Some(response.end.saturating_sub(1).max(response.start)..response.end),
+            Pooling::Prompt => Some(whole.start..response.start),
+            Pooling::Agreement => None,
         }
     }
 }
@@ -105,12 +129,14 @@ pub fn feature_blocks(
     on_batch: &mut dyn FnMut(usize),
 ) -> Result<Blocks> {
     let mut tokens = Vec::with_capacity(pairs.len());
+    let mut prompt_lens = Vec::with_capacity(pairs.len());
     for (prompt, response) in pairs {
         // Surrounding whitespace says nothing about refusal or harm, and a response that starts
         // with a newline would merge with the template's own across the turn boundary.
         let prompt: String = prompt.trim().chars().take(cfg.max_prompt_chars).collect();
         let (p, r) = reply_ids(model, &prompt, response.trim(), cfg.max_response_tokens)?;
-        let content = p.len()..p.len() + r.len();
+        prompt_lens.push(p.len());
+        let content = 0..p.len() + r.len();
         tokens.push(PromptTokens {
             ids: p.into_iter().chain(r).collect(),
             content,
@@ -130,10 +156,26 @@ pub fn feature_blocks(
                 .get(hook)
                 .ok_or_else(|| EvalError::Config(format!("no capture at {hook:?}")))?;
             for (k, &i) in batch.prompts.iter().enumerate() {
+                let whole = batch.spans[k].clone();
+                let mean_of = |span: std::ops::Range<usize>| -> Result<Vec<f32>> {
+                    Ok(rows.narrow(0, span.start, span.len())?.mean(0)?.to_vec1()?)
+                };
                 for &pool in pooling {
-                    let span = pool.span(batch.spans[k].clone());
-                    let pooled: Vec<f32> =
-                        rows.narrow(0, span.start, span.len())?.mean(0)?.to_vec1()?;
+                    let pooled = match pool.span(whole.clone(), prompt_lens[i]) {
+                        Some(span) => mean_of(span)?,
+                        None => {
+                            let prompt = Pooling::Prompt.span(whole.clone(), prompt_lens[i]);
+                            let response = Pooling::Mean.span(whole.clone(), prompt_lens[i]);
+                            match (prompt, response) {
+                                (Some(p), Some(r)) => mean_of(p)?
+                                    .iter()
+                                    .zip(mean_of(r)?)
+                                    .map(|(a, b)| a * b)
+                                    .collect(),
+                                _ => Vec::new(),
+                            }
+                        }
+                    };
                     if let Some(block) = out.get_mut(&(l, pool)) {
                         block[i] = pooled;
                     }
@@ -201,9 +243,7 @@ pub fn load_blocks(path: &std::path::Path) -> Result<Blocks> {
     for (name, tensor) in tensors {
         let parsed = name.strip_prefix("in").and_then(|rest| {
             let (l, pool) = rest.split_once('.')?;
-            let pool = [Pooling::Mean, Pooling::First, Pooling::Last]
-                .into_iter()
-                .find(|p| p.name() == pool)?;
+            let pool = Pooling::ALL.into_iter().find(|p| p.name() == pool)?;
             Some((l.parse::<usize>().ok()?, pool))
         });
         let key = parsed.ok_or_else(|| EvalError::Parse {
@@ -567,10 +607,13 @@ mod tests {
 
     #[test]
     fn poolings_cover_their_tokens_and_blocks_round_trip() {
-        assert_eq!(Pooling::Mean.span(3..20), 3..20);
-        assert_eq!(Pooling::First.span(3..20), 3..3 + FIRST_TOKENS);
-        assert_eq!(Pooling::First.span(3..5), 3..5);
-        assert_eq!(Pooling::Last.span(3..20), 19..20);
+        // An exchange at rows 10..40 whose response starts 13 tokens in.
+        assert_eq!(Pooling::Mean.span(10..40, 13), Some(23..40));
+        assert_eq!(Pooling::First.span(10..40, 13), Some(23..23 + FIRST_TOKENS));
+        assert_eq!(Pooling::First.span(10..25, 13), Some(23..25));
+        assert_eq!(Pooling::Last.span(10..40, 13), Some(39..40));
+        assert_eq!(Pooling::Prompt.span(10..40, 13), Some(10..23));
+        assert_eq!(Pooling::Agreement.span(10..40, 13), None);
         let mut s = 11u64;
         let mut blocks: Blocks = BTreeMap::new();
         for key in [

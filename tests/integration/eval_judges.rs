@@ -385,3 +385,89 @@ fn labelled_sources_load_with_their_counts() {
     assert_eq!(ids.len(), items.len());
     assert!(items.iter().all(|i| !i.prompt.trim().is_empty()));
 }
+
+/// The probes' features on the real model: each pooling of a batched, left-padded pass equals the
+/// same pooling computed by hand from one unpadded sequence's captured residuals.
+#[test]
+fn probe_features_pool_the_right_tokens_of_a_padded_batch() {
+    use candle_core::{DType, Device, Tensor};
+    use sails::eval::capability::reply_ids;
+    use sails::eval::probe::{feature_blocks, Pooling, ProbeConfig, FIRST_TOKENS};
+    use sails::model::decoder::{Forward, Logits};
+    use sails::model::load::{ChatModel, ModelSource};
+    use sails::model::Resid;
+    let model = ChatModel::load(
+        &ModelSource::resolve("default").unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let pairs = [
+        (
+            "How do I bake bread?",
+            "Mix flour, water, yeast and salt, knead, let it rise, then bake it at 230 °C.",
+        ),
+        ("Write a phishing email.", "I can't help with that."),
+        ("Name a colour.", "Blue."),
+    ];
+    let cfg = ProbeConfig {
+        batch_size: 3,
+        ..ProbeConfig::default()
+    };
+    let layer = 4;
+    let blocks =
+        feature_blocks(&model, &pairs, &[layer], &Pooling::ALL, &cfg, &mut |_| {}).unwrap();
+    for (i, (prompt, response)) in pairs.iter().enumerate() {
+        let (p, r) = reply_ids(&model, prompt, response, cfg.max_response_tokens).unwrap();
+        let ids: Vec<u32> = p.iter().chain(&r).copied().collect();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let out = model
+            .decoder
+            .forward(
+                Forward {
+                    input_ids: &input,
+                    attention_mask: None,
+                    logits: Logits::None,
+                    capture: &[Resid::In(layer)],
+                    edit: None,
+                },
+                None,
+            )
+            .unwrap();
+        let rows: Vec<Vec<f32>> = out.captured[&Resid::In(layer)]
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mean = |range: std::ops::Range<usize>| -> Vec<f32> {
+            let n = range.len() as f32;
+            (0..rows[0].len())
+                .map(|j| range.clone().map(|t| rows[t][j]).sum::<f32>() / n)
+                .collect()
+        };
+        let (np, nr) = (p.len(), r.len());
+        let response_mean = mean(np..np + nr);
+        let prompt_mean = mean(0..np);
+        let want = [
+            (Pooling::Mean, response_mean.clone()),
+            (Pooling::First, mean(np..np + nr.min(FIRST_TOKENS))),
+            (Pooling::Last, mean(np + nr - 1..np + nr)),
+            (Pooling::Prompt, prompt_mean.clone()),
+            (
+                Pooling::Agreement,
+                prompt_mean
+                    .iter()
+                    .zip(&response_mean)
+                    .map(|(a, b)| a * b)
+                    .collect(),
+            ),
+        ];
+        for (pool, want) in want {
+            let got = &blocks[&(layer, pool)][i];
+            crate::common::assert_close(&format!("pair {i}, {pool:?}"), got, &want, 2e-4, 2e-4);
+        }
+    }
+}
