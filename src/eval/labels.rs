@@ -68,10 +68,7 @@ pub struct LabelledResponse {
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(super::io_err(path))
 }
 
 fn parse_err(path: &Path, message: impl Into<String>) -> EvalError {

@@ -262,7 +262,7 @@ pub fn counts(suite: Suite, label: Label) -> bool {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
     move |source| EvalError::Io {
         path: path.to_path_buf(),
         source,

@@ -512,7 +512,8 @@ pub fn fit_on(
     Probe::fit(&xs, &ys, l2)
 }
 
-/// The shipped learned judges: the probes, how their inputs are made, and where they came from.
+/// The learned judges as `sails judge train` writes them: the probes, how their inputs are made,
+/// and where they came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeJudges {
