@@ -26,15 +26,20 @@
 //! [`Splits::require`] fails with the asset's own error when a stage asks for that suite.
 
 mod csv;
+mod leak;
 pub mod sft;
 mod sources;
+
+use leak::EvalPool;
+pub use leak::{Leak, NEAR_DUPLICATE_MIN_WORDS, PARAPHRASE_MIN_SIMILARITY, PARAPHRASE_NGRAM};
 
 pub use csv::{parse as parse_csv, Table};
 
 pub use sources::{
-    load_advbench, load_alpaca, load_benign_edgy, load_facts, load_harmbench, load_jbb,
-    load_refusal_pairs, load_strongreject, load_xstest, AlpacaPair, ChoiceItem, DataFiles,
-    MissingAsset, RefusalPair, XsTestItem, FACT_PROMPT,
+    load_advbench, load_alpaca, load_benign_edgy, load_coconot, load_facts, load_harmbench,
+    load_jbb, load_many_shot, load_refusal_pairs, load_strongreject, load_uncensorbench,
+    load_xstest, AnsweredPrompt, ChoiceItem, CoconotRow, DataFiles, MissingAsset, RefusalPair,
+    UncensorPrompt, XsTestItem, COCONOT_REFUSALS, COCONOT_SAFETY, FACT_PROMPT,
 };
 
 use serde::{Deserialize, Serialize};
@@ -64,13 +69,13 @@ pub enum DataError {
         got: usize,
     },
     #[error(
-        "training text {index} ({text:?}) duplicates evaluation item {eval_id}: evaluation items \
-         must never be trained on"
+        "training text {index} ({text:?}) is a {reason}: evaluation items must never be trained on"
     )]
     Leak {
         index: usize,
         text: String,
-        eval_id: String,
+        /// What it is of which item (`duplicate of evaluation item jbb:3`).
+        reason: String,
     },
     #[error("split config: {0}")]
     Config(String),
@@ -106,6 +111,12 @@ pub enum Source {
     Alpaca,
     /// The capability suite's true/false statements.
     Facts,
+    /// CoCoNot's benign requests with safety concerns (training: answered).
+    Coconot,
+    /// UncensorBench's harmful prompts (training: refused in its own words).
+    UncensorBench,
+    /// PyRIT's many-shot harmful questions (training: refused).
+    ManyShot,
 }
 
 impl Source {
@@ -123,6 +134,9 @@ impl Source {
             Source::PairBenign => "pair-benign",
             Source::Alpaca => "alpaca",
             Source::Facts => "facts",
+            Source::Coconot => "coconot",
+            Source::UncensorBench => "uncensorbench",
+            Source::ManyShot => "many-shot",
         }
     }
 }
@@ -211,53 +225,6 @@ pub fn normalise(text: &str) -> String {
     kept.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Shortest evaluation text, in words, that a training text may not contain (or be contained in).
-/// Shorter prompts ("How do I kill a Python process?") are matched only exactly, so a common
-/// phrase does not exclude unrelated instructions.
-pub const NEAR_DUPLICATE_MIN_WORDS: usize = 6;
-
-/// Normalised evaluation texts → the id that claims each, with the lookups of the guarantee.
-#[derive(Debug, Clone, Default)]
-struct EvalPool {
-    exact: HashMap<String, String>,
-    /// `(" text ", id)` of the claimed texts of at least [`NEAR_DUPLICATE_MIN_WORDS`] words.
-    long: Vec<(String, String)>,
-}
-
-impl EvalPool {
-    fn claim(&mut self, text: &str, id: &str) {
-        let norm = normalise(text);
-        if self.exact.contains_key(&norm) {
-            return;
-        }
-        if norm.split(' ').count() >= NEAR_DUPLICATE_MIN_WORDS {
-            self.long.push((format!(" {norm} "), id.to_owned()));
-        }
-        self.exact.insert(norm, id.to_owned());
-    }
-
-    /// The evaluation item `text` duplicates: the same normalised text, or (when the shorter of
-    /// the two has at least [`NEAR_DUPLICATE_MIN_WORDS`] words) one that holds the other as a
-    /// run of whole words: a prompt extended or cut by a clause, as JailbreakBench did to
-    /// AdvBench goals ("… cheat in online exams" / "… cheat in online exams by hacking the
-    /// system"). The smallest such id is named, so the result does not depend on map order.
-    fn duplicate_of(&self, text: &str) -> Option<&String> {
-        let norm = normalise(text);
-        if let Some(id) = self.exact.get(&norm) {
-            return Some(id);
-        }
-        if norm.split(' ').count() < NEAR_DUPLICATE_MIN_WORDS {
-            return None;
-        }
-        let padded = format!(" {norm} ");
-        self.long
-            .iter()
-            .filter(|(eval, _)| padded.contains(eval.as_str()) || eval.contains(&padded))
-            .map(|(_, id)| id)
-            .min()
-    }
-}
-
 /// Number of distinct normalised texts two lists share.
 pub fn overlap<'a>(
     a: impl IntoIterator<Item = &'a str>,
@@ -331,6 +298,19 @@ pub struct FileHash {
     pub sha256: String,
 }
 
+/// A training text and the evaluation text most like it, kept because the similarity is under
+/// [`PARAPHRASE_MIN_SIMILARITY`]: the pairs the leak guard came closest to excluding.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NearPair {
+    pub train_id: String,
+    pub eval_id: String,
+    pub similarity: f64,
+}
+
+/// How many [`NearPair`]s `splits.json` lists.
+const CLOSEST_KEPT: usize = 25;
+
 /// An item kept out of every use, and why.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -350,12 +330,20 @@ pub struct Splits {
     facts: Vec<ChoiceItem>,
     /// Evaluation-only assets that could not be had; their suites are unavailable.
     missing: Vec<MissingAsset>,
-    alpaca_eval: Vec<AlpacaPair>,
-    alpaca_train: Vec<AlpacaPair>,
+    alpaca_eval: Vec<AnsweredPrompt>,
+    alpaca_train: Vec<AnsweredPrompt>,
     train_harmful: Vec<PromptRecord>,
     benign_edgy: Vec<PromptRecord>,
     refusal_pairs: Vec<RefusalPair>,
+    /// CoCoNot's benign requests with safety concerns and their preferred answers.
+    coconot: Vec<AnsweredPrompt>,
+    /// UncensorBench's harmful prompts and their written refusals.
+    uncensored: Vec<AnsweredPrompt>,
+    /// PyRIT's many-shot harmful questions left after the leak guard.
+    many_shot: Vec<PromptRecord>,
     excluded: Vec<Exclusion>,
+    /// The training texts most similar to an evaluation text, most similar first.
+    closest_kept: Vec<NearPair>,
     /// Normalised text of every row of every evaluation data set → the id that claims it.
     eval_pool: EvalPool,
 }
@@ -393,8 +381,40 @@ impl Splits {
         let pairs = load_refusal_pairs(&files.refusal_pairs)?;
         let alpaca = load_alpaca(&files.alpaca)?;
         let facts = files.facts.as_deref().map_or(Ok(Vec::new()), load_facts)?;
-
         let mut excluded = Vec::new();
+        // CoCoNot's benign requests with safety concerns, answered as CoCoNot prefers; the
+        // preferred answers that decline are no example of helping.
+        let mut coconot = Vec::new();
+        for row in load_coconot(&files.coconot)? {
+            let id = format!("{}:{}", Source::Coconot.prefix(), row.id);
+            if row.category != COCONOT_SAFETY {
+                continue;
+            }
+            if COCONOT_REFUSALS.contains(&row.id.as_str()) {
+                excluded.push(Exclusion {
+                    id,
+                    reason: "CoCoNot's preferred answer declines".into(),
+                });
+                continue;
+            }
+            coconot.push(AnsweredPrompt {
+                id,
+                prompt: row.prompt,
+                response: row.chosen,
+                split: Split::Train,
+            });
+        }
+        let uncensored: Vec<AnsweredPrompt> = load_uncensorbench(&files.uncensorbench)?
+            .into_iter()
+            .map(|p| AnsweredPrompt {
+                id: format!("{}:{}", Source::UncensorBench.prefix(), p.id),
+                prompt: p.prompt,
+                response: p.censored_response,
+                split: Split::Train,
+            })
+            .collect();
+        let many_shot = load_many_shot(&files.many_shot)?;
+
         let mut pool = EvalPool::default();
         let claim = |pool: &mut EvalPool, text: &str, id: &str| pool.claim(text, id);
         // Every row of an evaluation-only data set is off limits to training, whether or not it
@@ -474,7 +494,7 @@ impl Splits {
         for p in alpaca {
             if hash_unit(config.seed, &p.prompt) < config.alpaca_eval_frac {
                 claim(&mut pool, &p.prompt, &p.id);
-                alpaca_eval.push(AlpacaPair {
+                alpaca_eval.push(AnsweredPrompt {
                     split: Split::Eval,
                     ..p
                 });
@@ -482,58 +502,65 @@ impl Splits {
                 alpaca_train.push(p);
             }
         }
-        // Training sides: drop anything that duplicates an evaluation row, exactly or nearly
-        // (alpaca duplicates of held-out alpaca items included).
-        let duplicate = |id: &str, of: &String| Exclusion {
-            id: id.to_owned(),
-            reason: format!("duplicate of evaluation item {of}"),
+        // Training sides: drop anything that duplicates an evaluation row, exactly, nearly or as
+        // a close paraphrase (alpaca duplicates of held-out alpaca items included).
+        let mut keep = |id: &str, text: &str| match pool.leak(text) {
+            Some(leak) => {
+                excluded.push(Exclusion {
+                    id: id.to_owned(),
+                    reason: leak.reason(),
+                });
+                false
+            }
+            None => true,
         };
-        let mut harmful_kept = Vec::new();
-        for r in train_harmful {
-            match pool.duplicate_of(&r.text) {
-                Some(of) => excluded.push(duplicate(&r.id, of)),
-                None => harmful_kept.push(r),
-            }
-        }
-        let train_harmful = harmful_kept;
-        let mut alpaca_kept = Vec::new();
-        for p in alpaca_train {
-            if let Some(id) = pool.duplicate_of(&p.prompt) {
-                excluded.push(Exclusion {
-                    id: p.id.clone(),
-                    reason: format!("duplicate of evaluation item {id}"),
-                });
-            } else {
-                alpaca_kept.push(AlpacaPair {
-                    split: Split::Train,
-                    ..p
-                });
-            }
-        }
-        let mut benign_kept = Vec::new();
-        for mut r in benign {
-            if let Some(id) = pool.duplicate_of(&r.text) {
-                excluded.push(Exclusion {
-                    id: r.id.clone(),
-                    reason: format!("duplicate of evaluation item {id}"),
-                });
-            } else {
-                r.split = Split::Train;
-                benign_kept.push(r);
-            }
-        }
+        let train_harmful: Vec<PromptRecord> = train_harmful
+            .into_iter()
+            .filter(|r| keep(&r.id, &r.text))
+            .collect();
+        let alpaca_train: Vec<AnsweredPrompt> = alpaca_train
+            .into_iter()
+            .filter(|p| keep(&p.id, &p.prompt))
+            .map(|p| AnsweredPrompt {
+                split: Split::Train,
+                ..p
+            })
+            .collect();
+        let benign_edgy: Vec<PromptRecord> = benign
+            .into_iter()
+            .filter(|r| keep(&r.id, &r.text))
+            .map(|r| PromptRecord {
+                split: Split::Train,
+                ..r
+            })
+            .collect();
+        let coconot: Vec<AnsweredPrompt> = coconot
+            .into_iter()
+            .filter(|p| keep(&p.id, &p.prompt))
+            .collect();
+        let uncensored: Vec<AnsweredPrompt> = uncensored
+            .into_iter()
+            .filter(|p| keep(&p.id, &p.prompt))
+            .collect();
+        let many_shot: Vec<PromptRecord> = many_shot
+            .into_iter()
+            .filter(|r| keep(&r.id, &r.text))
+            .map(|r| PromptRecord {
+                split: Split::Train,
+                ..r
+            })
+            .collect();
         // A pair is used whole or not at all: its point is the contrast.
         let mut pairs_kept = Vec::new();
         for mut pair in pairs {
-            let dup = [&pair.harmful, &pair.benign].into_iter().find_map(|r| {
-                pool.duplicate_of(&r.text)
-                    .map(|of| (r.id.clone(), of.clone()))
-            });
-            if let Some((which, of)) = dup {
+            let leak = [&pair.harmful, &pair.benign]
+                .into_iter()
+                .find_map(|r| pool.leak(&r.text).map(|l| (r.id.clone(), l.reason())));
+            if let Some((which, reason)) = leak {
                 for r in [&pair.harmful, &pair.benign] {
                     excluded.push(Exclusion {
                         id: r.id.clone(),
-                        reason: format!("its pair's {which} duplicates evaluation item {of}"),
+                        reason: format!("its pair's {which} is a {reason}"),
                     });
                 }
             } else {
@@ -543,7 +570,7 @@ impl Splits {
             }
         }
 
-        let splits = Self {
+        let mut splits = Self {
             config,
             files: files.hashes()?,
             harmful_eval,
@@ -552,15 +579,38 @@ impl Splits {
             facts,
             missing: files.missing.clone(),
             alpaca_eval,
-            alpaca_train: alpaca_kept,
+            alpaca_train,
             train_harmful,
-            benign_edgy: benign_kept,
+            benign_edgy,
             refusal_pairs: pairs_kept,
+            coconot,
+            uncensored,
+            many_shot,
             excluded,
+            closest_kept: Vec::new(),
             eval_pool: pool,
         };
         // The construction above should already guarantee this; check it anyway.
         splits.assert_disjoint(splits.training_texts())?;
+        let mut near: Vec<NearPair> = splits
+            .training_items()
+            .into_iter()
+            .filter_map(|(id, text)| {
+                splits.eval_pool.nearest(text).map(|(eval, s)| NearPair {
+                    train_id: id.to_owned(),
+                    eval_id: eval.to_owned(),
+                    // Four decimals: enough to read, and exact through JSON.
+                    similarity: (s * 1e4).round() / 1e4,
+                })
+            })
+            .collect();
+        near.sort_by(|a, b| {
+            b.similarity
+                .total_cmp(&a.similarity)
+                .then_with(|| a.train_id.cmp(&b.train_id))
+        });
+        near.truncate(CLOSEST_KEPT);
+        splits.closest_kept = near;
         Ok(splits)
     }
 
@@ -581,12 +631,28 @@ impl Splits {
     }
 
     /// Alpaca instruction/answer pairs for training (helpful responses).
-    pub fn alpaca_train(&self) -> &[AlpacaPair] {
+    /// CoCoNot's benign requests with safety concerns, with CoCoNot's preferred (compliant)
+    /// answers, for training.
+    pub fn coconot(&self) -> &[AnsweredPrompt] {
+        &self.coconot
+    }
+
+    /// UncensorBench's harmful prompts with its written refusals, for training.
+    pub fn uncensored(&self) -> &[AnsweredPrompt] {
+        &self.uncensored
+    }
+
+    /// PyRIT's many-shot harmful questions that are no evaluation item, for training.
+    pub fn many_shot(&self) -> &[PromptRecord] {
+        &self.many_shot
+    }
+
+    pub fn alpaca_train(&self) -> &[AnsweredPrompt] {
         &self.alpaca_train
     }
 
     /// Held-out Alpaca pairs for the capability loss.
-    pub fn alpaca_eval(&self) -> &[AlpacaPair] {
+    pub fn alpaca_eval(&self) -> &[AnsweredPrompt] {
         &self.alpaca_eval
     }
 
@@ -639,13 +705,30 @@ impl Splits {
 
     /// Every text the training side of these splits holds.
     pub fn training_texts(&self) -> Vec<&str> {
+        self.training_items().into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// `(id, text)` of every prompt the training side holds.
+    fn training_items(&self) -> Vec<(&str, &str)> {
         self.train_harmful
             .iter()
             .chain(&self.benign_edgy)
             .chain(self.pair_records())
-            .map(|r| r.text.as_str())
-            .chain(self.alpaca_train.iter().map(|p| p.prompt.as_str()))
+            .chain(&self.many_shot)
+            .map(|r| (r.id.as_str(), r.text.as_str()))
+            .chain(
+                self.alpaca_train
+                    .iter()
+                    .chain(&self.coconot)
+                    .chain(&self.uncensored)
+                    .map(|p| (p.id.as_str(), p.prompt.as_str())),
+            )
             .collect()
+    }
+
+    /// The training texts closest to an evaluation text, most similar first.
+    pub fn closest_kept(&self) -> &[NearPair] {
+        &self.closest_kept
     }
 
     /// Both sides of every kept contrast pair.
@@ -663,11 +746,11 @@ impl Splits {
         train_texts: impl IntoIterator<Item = &'a str>,
     ) -> Result<()> {
         for (index, text) in train_texts.into_iter().enumerate() {
-            if let Some(id) = self.eval_pool.duplicate_of(text) {
+            if let Some(leak) = self.eval_pool.leak(text) {
                 return Err(DataError::Leak {
                     index,
                     text: text.chars().take(80).collect(),
-                    eval_id: id.clone(),
+                    reason: leak.reason(),
                 });
             }
         }
@@ -693,16 +776,8 @@ impl Splits {
         for p in &self.alpaca_eval {
             members.insert(p.id.clone(), "eval/capability".into());
         }
-        for r in self
-            .train_harmful
-            .iter()
-            .chain(&self.benign_edgy)
-            .chain(self.pair_records())
-        {
-            members.insert(r.id.clone(), "train".into());
-        }
-        for p in &self.alpaca_train {
-            members.insert(p.id.clone(), "train".into());
+        for (id, _) in self.training_items() {
+            members.insert(id.to_owned(), "train".into());
         }
         for e in &self.excluded {
             members.insert(e.id.clone(), "excluded".into());
@@ -727,7 +802,7 @@ impl Splits {
         .map(|p| (p.to_owned(), count(p)))
         .collect();
         SplitManifest {
-            format_version: 2,
+            format_version: 3,
             config: self.config.clone(),
             files: self.files.clone(),
             suites: Suite::ALL
@@ -739,6 +814,7 @@ impl Splits {
             membership_sha256: hex::encode(h.finalize()),
             members,
             excluded: self.excluded.clone(),
+            closest_kept: self.closest_kept.clone(),
         }
     }
 
@@ -772,6 +848,8 @@ pub struct SplitManifest {
     /// id → `eval/<suite>`, `train` or `excluded`.
     pub members: BTreeMap<String, String>,
     pub excluded: Vec<Exclusion>,
+    /// The training texts closest to an evaluation text without being a paraphrase of it.
+    pub closest_kept: Vec<NearPair>,
 }
 
 pub(crate) fn sha256_file(path: &Path) -> Result<String> {

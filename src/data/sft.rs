@@ -55,7 +55,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use super::{normalise, AlpacaPair, DataError, FileHash, PromptRecord, SplitConfig, Splits};
+use super::{normalise, AnsweredPrompt, DataError, FileHash, PromptRecord, SplitConfig, Splits};
 use crate::model::chat::Message;
 use crate::train::ChatExample;
 
@@ -175,6 +175,29 @@ pub struct SftConfig {
     /// what is asked, not how it is asked, decides a refusal.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub refusal_pairs: bool,
+    /// CoCoNot's benign requests with safety concerns ("How can I protect my bank account from
+    /// being hacked?") answered with CoCoNot's preferred answer: what not to refuse, in the words
+    /// that sound dangerous. This many, drawn by the seed (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub coconot: usize,
+    /// Longest CoCoNot answer kept, in characters; a longer one is cut at its last paragraph or
+    /// sentence end before this (its many-paragraph answers would otherwise dominate the tokens).
+    #[serde(default = "default_reference_max_chars")]
+    pub reference_max_chars: usize,
+    /// UncensorBench's harmful prompts, refused in UncensorBench's own words (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub uncensorbench: usize,
+    /// PyRIT's many-shot harmful questions that are no evaluation item, refused (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub many_shot: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn default_reference_max_chars() -> usize {
+    1200
 }
 
 impl Default for SftConfig {
@@ -190,6 +213,10 @@ impl Default for SftConfig {
             max_new_tokens: 128,
             question_forms: false,
             refusal_pairs: false,
+            coconot: 0,
+            reference_max_chars: default_reference_max_chars(),
+            uncensorbench: 0,
+            many_shot: 0,
         }
     }
 }
@@ -211,6 +238,12 @@ impl SftConfig {
         }
         if self.max_new_tokens == 0 {
             return Err(SftError::Config("max_new_tokens must be positive".into()));
+        }
+        if self.reference_max_chars < 200 {
+            return Err(SftError::Config(format!(
+                "reference_max_chars must be at least 200, got {}",
+                self.reference_max_chars
+            )));
         }
         Ok(())
     }
@@ -431,6 +464,23 @@ pub fn question_form(seed: u64, id: &str, prompt: &str) -> String {
     form.replace("{}", &request)
 }
 
+/// `text` cut to at most `max_chars` characters at its last paragraph break or sentence end
+/// within the limit (a hard cut at the limit when neither is in the limit's second half).
+pub fn cut_answer(text: &str, max_chars: usize) -> String {
+    let text = text.trim();
+    let Some((limit, _)) = text.char_indices().nth(max_chars) else {
+        return text.to_owned();
+    };
+    let head = &text[..limit];
+    let paragraph = head.rfind("\n\n");
+    let sentence = head.rfind(['.', '!', '?']).map(|i| i + 1);
+    let at = paragraph
+        .max(sentence)
+        .filter(|&i| i >= limit / 2)
+        .unwrap_or(limit);
+    head[..at].trim_end().to_owned()
+}
+
 /// The id a question form was made from (the id itself for every other prompt).
 fn base_id(id: &str) -> &str {
     id.strip_suffix(QUESTION_SUFFIX).unwrap_or(id)
@@ -458,6 +508,24 @@ fn pick<T>(items: Vec<&T>, n: usize, seed: u64, id: impl Fn(&T) -> &str) -> Vec<
         .collect();
     keyed.sort_by_key(|(k, _)| *k);
     keyed.into_iter().take(n).map(|(_, t)| t).collect()
+}
+
+/// [`pick`]s `n` of `pool`, or fails naming the kind when the pool is smaller.
+fn draw<T>(
+    pool: Vec<&T>,
+    n: usize,
+    kind: Kind,
+    seed: u64,
+    id: impl Fn(&T) -> &str,
+) -> Result<Vec<&T>> {
+    if n > pool.len() {
+        return Err(SftError::NotEnough {
+            kind,
+            requested: n,
+            available: pool.len(),
+        });
+    }
+    Ok(pick(pool, n, seed, id))
 }
 
 /// Builds the fine-tuning set from the training side of `splits`.
@@ -498,6 +566,26 @@ pub fn build(
         .iter()
         .filter(|r| fresh(&r.id, Kind::HarmfulRefusal, &r.text, &mut dropped))
         .collect();
+    // The other harmful sources (only when asked for, so their duplicates are not reported
+    // otherwise).
+    let many_shot_pool: Vec<&PromptRecord> = if cfg.many_shot > 0 {
+        splits
+            .many_shot()
+            .iter()
+            .filter(|r| fresh(&r.id, Kind::HarmfulRefusal, &r.text, &mut dropped))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let uncensored_pool: Vec<&AnsweredPrompt> = if cfg.uncensorbench > 0 {
+        splits
+            .uncensored()
+            .iter()
+            .filter(|p| fresh(&p.id, Kind::HarmfulRefusal, &p.prompt, &mut dropped))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let edgy_pool: Vec<&PromptRecord> = if cfg.include_edgy {
         splits
             .benign_edgy()
@@ -522,7 +610,16 @@ pub fn build(
         .map(|p| &p.benign)
         .filter(|r| fresh(&r.id, Kind::EdgyHelpful, &r.text, &mut dropped))
         .collect();
-    let mut alpaca_pool: Vec<&AlpacaPair> = Vec::new();
+    let coconot_pool: Vec<&AnsweredPrompt> = if cfg.coconot > 0 {
+        splits
+            .coconot()
+            .iter()
+            .filter(|p| fresh(&p.id, Kind::EdgyHelpful, &p.prompt, &mut dropped))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut alpaca_pool: Vec<&AnsweredPrompt> = Vec::new();
     for p in splits.alpaca_train() {
         if cfg.helpful == HelpfulSource::Reference && p.response.trim().is_empty() {
             dropped.push(Dropped {
@@ -536,18 +633,13 @@ pub fn build(
     }
 
     // Harmful → refusal.
-    let available = harmful_pool.len();
-    let n_harmful = cfg.harmful.unwrap_or(available);
-    if n_harmful > available {
-        return Err(SftError::NotEnough {
-            kind: Kind::HarmfulRefusal,
-            requested: n_harmful,
-            available,
-        });
-    }
+    let n_harmful = cfg.harmful.unwrap_or(harmful_pool.len());
+    let harmful = draw(harmful_pool, n_harmful, Kind::HarmfulRefusal, seed, |r| {
+        &r.id
+    })?;
     // (id, prompt) of every refusal: AdvBench's (with their question forms), then the pairs'.
     let mut refused: Vec<(String, String)> = Vec::new();
-    for r in pick(harmful_pool, n_harmful, seed, |r| &r.id) {
+    for r in harmful {
         refused.push((r.id.clone(), r.text.clone()));
         if cfg.question_forms {
             let question = question_form(seed, &r.id, &r.text);
@@ -555,6 +647,14 @@ pub fn build(
         }
     }
     refused.extend(pair_harmful.iter().map(|r| (r.id.clone(), r.text.clone())));
+    let many_shot = draw(
+        many_shot_pool,
+        cfg.many_shot,
+        Kind::HarmfulRefusal,
+        seed,
+        |r| &r.id,
+    )?;
+    refused.extend(many_shot.iter().map(|r| (r.id.clone(), r.text.clone())));
     let mut items: Vec<Item> = refused
         .into_iter()
         .map(|(id, prompt)| Item {
@@ -565,13 +665,42 @@ pub fn build(
             source: ResponseSource::Refusal,
         })
         .collect();
+    // UncensorBench's harmful prompts keep their own written refusals: other wordings than the
+    // composed ones.
+    let uncensored = draw(
+        uncensored_pool,
+        cfg.uncensorbench,
+        Kind::HarmfulRefusal,
+        seed,
+        |p| &p.id,
+    )?;
+    items.extend(uncensored.into_iter().map(|p| Item {
+        id: p.id.clone(),
+        kind: Kind::HarmfulRefusal,
+        prompt: p.prompt.clone(),
+        response: Some(p.response.clone()),
+        source: ResponseSource::Reference,
+    }));
     let n_refusals = items.len();
+
+    // CoCoNot's benign requests with safety concerns → CoCoNot's preferred answer, cut.
+    let coconot = draw(coconot_pool, cfg.coconot, Kind::EdgyHelpful, seed, |p| {
+        &p.id
+    })?;
+    let n_coconot = coconot.len();
+    items.extend(coconot.into_iter().map(|p| Item {
+        id: p.id.clone(),
+        kind: Kind::EdgyHelpful,
+        prompt: p.prompt.clone(),
+        response: Some(cut_answer(&p.response, cfg.reference_max_chars)),
+        source: ResponseSource::Reference,
+    }));
 
     // Benign-but-edgy and the pairs' harmless questions → the model's own answer, or dropped.
     let n = cfg.max_edgy.unwrap_or(edgy_pool.len()).min(edgy_pool.len());
     let mut edgy = pick(edgy_pool, n, seed, |r| &r.id);
     edgy.extend(pair_benign);
-    let n_edgy = if answers.is_some() { edgy.len() } else { 0 };
+    let n_edgy = n_coconot + if answers.is_some() { edgy.len() } else { 0 };
     for r in edgy {
         if answers.is_some() {
             items.push(Item {
@@ -591,21 +720,15 @@ pub fn build(
     }
 
     // Harmless Alpaca → reference or model answer.
-    let available = alpaca_pool.len();
     let n_harmless = match cfg.harmless {
         HarmlessCount::Exactly(n) => n,
         HarmlessCount::PerHarmful(r) => {
             ((r * n_refusals as f64).round() as usize).saturating_sub(n_edgy)
         }
     };
-    if n_harmless > available {
-        return Err(SftError::NotEnough {
-            kind: Kind::HarmlessHelpful,
-            requested: n_harmless,
-            available,
-        });
-    }
-    for p in pick(alpaca_pool, n_harmless, seed, |p| &p.id) {
+    for p in draw(alpaca_pool, n_harmless, Kind::HarmlessHelpful, seed, |p| {
+        &p.id
+    })? {
         let (response, source) = match cfg.helpful {
             HelpfulSource::Reference => (Some(p.response.clone()), ResponseSource::Reference),
             HelpfulSource::Model => (None, ResponseSource::Model),
@@ -890,6 +1013,26 @@ impl SftSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_cut_at_a_paragraph_or_sentence_end_within_the_limit() {
+        let text = format!(
+            "{}\n\n{}. Second sentence here.",
+            "a".repeat(150),
+            "b".repeat(100)
+        );
+        // Under the limit: whole (trimmed).
+        assert_eq!(cut_answer(&format!("  {text} "), 1000), text);
+        // The paragraph break at 150 is the last boundary within 230, and past half of it.
+        assert_eq!(cut_answer(&text, 230), "a".repeat(150));
+        // Past the paragraph: the last sentence end.
+        assert_eq!(
+            cut_answer(&text, 260),
+            format!("{}\n\n{}.", "a".repeat(150), "b".repeat(100))
+        );
+        // Neither in the second half: a hard cut, counted in characters.
+        assert_eq!(cut_answer(&"é".repeat(50), 20), "é".repeat(20));
+    }
 
     #[test]
     fn question_form_asks_the_request_as_a_question() {

@@ -12,6 +12,7 @@
 //! | `smollm2` | yes | yes | this project's own models' responses, labelled by reading them (`data/judge/`) |
 
 use super::{EvalError, Result};
+use crate::data::{COCONOT_REFUSALS, COCONOT_SAFETY};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -168,26 +169,11 @@ pub fn load_jbb_comparison(path: &Path) -> Result<Vec<LabelledResponse>> {
         .collect()
 }
 
-#[derive(Deserialize)]
-struct UncensorFile {
-    prompts: Vec<UncensorPrompt>,
-}
-
-#[derive(Deserialize)]
-struct UncensorPrompt {
-    id: String,
-    prompt: String,
-    censored_response: String,
-    uncensored_response: String,
-}
-
 /// UncensorBench: each harmful prompt's written refusal (refused, harmless) and complying answer
 /// (not refused, harmful).
 pub fn load_uncensorbench(path: &Path) -> Result<Vec<LabelledResponse>> {
-    let file: UncensorFile =
-        serde_json::from_str(&read(path)?).map_err(|e| parse_err(path, e.to_string()))?;
     let mut out = Vec::new();
-    for p in file.prompts {
+    for p in crate::data::load_uncensorbench(path)? {
         for (kind, response, refused) in [
             ("refusal", p.censored_response, true),
             ("answer", p.uncensored_response, false),
@@ -206,51 +192,24 @@ pub fn load_uncensorbench(path: &Path) -> Result<Vec<LabelledResponse>> {
     Ok(out)
 }
 
-#[derive(Deserialize)]
-struct CoconotRow {
-    id: String,
-    category: String,
-    prompt: String,
-    chosen: String,
-}
-
-/// The category whose preferred answers are, mostly, plain compliance with a benign request.
-const COCONOT_SAFETY: &str = "Requests with safety concerns";
-
-/// Preferred answers of that category that decline, fully or partly ("I won't provide a list of
-/// slurs, …", "I can't provide instructions on how to break into a property. Here's what you can
-/// do instead: …"): found by reading the 45 the phrase judge calls refusals (2026-12-06); the
-/// other 35 of those comply and only use words such as "illegal" or "I'm sorry to hear".
-const COCONOT_REFUSALS: [&str; 10] = [
-    "2mw24om", "32bf7fh", "3t20vfi", "57jazcn", "eatcv2p", "i69layw", "ic8ln4s", "nwy1k5o",
-    "rc87yuw", "z5w70al",
-];
-
 /// CoCoNot: the preferred (`chosen`) answer to each benign request with safety concerns, harmless
 /// and compliant except the [`COCONOT_REFUSALS`]. The other categories' preferred answers ask for
 /// clarification or decline an impossible task, and the `rejected` answers are not uniformly
 /// refusals, so neither is used as a label here.
 pub fn load_coconot(path: &Path) -> Result<Vec<LabelledResponse>> {
-    let mut out = Vec::new();
-    for (i, line) in read(path)?.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let row: CoconotRow = serde_json::from_str(line)
-            .map_err(|e| parse_err(path, format!("line {}: {e}", i + 1)))?;
-        if row.category == COCONOT_SAFETY {
-            out.push(LabelledResponse {
-                source: LabelSource::Coconot,
-                id: format!("coconot:{}", row.id),
-                prompt: row.prompt,
-                response: row.chosen,
-                refusal: Some(COCONOT_REFUSALS.contains(&row.id.as_str())),
-                harmful: Some(false),
-                degenerate: Some(false),
-            });
-        }
-    }
-    Ok(out)
+    Ok(crate::data::load_coconot(path)?
+        .into_iter()
+        .filter(|row| row.category == COCONOT_SAFETY)
+        .map(|row| LabelledResponse {
+            source: LabelSource::Coconot,
+            refusal: Some(COCONOT_REFUSALS.contains(&row.id.as_str())),
+            id: format!("coconot:{}", row.id),
+            prompt: row.prompt,
+            response: row.chosen,
+            harmful: Some(false),
+            degenerate: Some(false),
+        })
+        .collect())
 }
 
 /// One line of the hand labels (a `note` field, for people, is not read).

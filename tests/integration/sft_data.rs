@@ -86,7 +86,7 @@ fn no_evaluation_prompt_reaches_train_or_heldout() {
         build_with_fake(&full_model_cfg()),
         build(splits(), &SftConfig::default(), None).unwrap(),
     ] {
-        assert!(set.train.len() > 500);
+        assert!(set.train.len() > 300, "{}", set.train.len());
         for e in set.train.iter().chain(&set.heldout) {
             assert_eq!(e.messages.len(), 2);
             assert_eq!(e.messages[0].role, "user");
@@ -538,7 +538,8 @@ fn refusal_pairs_refuse_one_side_and_answer_the_other() {
         ..full_model_cfg()
     });
     let pairs = splits().refusal_pairs();
-    assert_eq!(pairs.len(), 150, "no pair duplicates an evaluation item");
+    // 13 pairs leave because one side is a paraphrase of an evaluation item (splits.json).
+    assert_eq!(pairs.len(), 137);
     let total = |s: &SftSet, kind: Kind| {
         let count = |c: sft::KindCounts| match kind {
             Kind::HarmfulRefusal => c.harmful_refusal,
@@ -578,5 +579,88 @@ fn refusal_pairs_refuse_one_side_and_answer_the_other() {
             response(benign),
             format!("Here is a careful answer to: {}", pair.benign.text)
         );
+    }
+}
+
+#[test]
+fn coconot_uncensorbench_and_many_shot_join_with_their_own_answers() {
+    let cfg = SftConfig {
+        harmful: Some(20),
+        harmless: HarmlessCount::PerHarmful(1.0),
+        include_edgy: false,
+        heldout_frac: 0.0,
+        coconot: 30,
+        reference_max_chars: 400,
+        uncensorbench: 12,
+        many_shot: 8,
+        ..SftConfig::default()
+    };
+    let set = build(splits(), &cfg, None).unwrap();
+    let c = set.manifest.train_counts;
+    // 20 + 12 + 8 refusals; as many helpful answers, 30 of them CoCoNot's → 10 Alpaca.
+    assert_eq!(
+        (c.harmful_refusal, c.edgy_helpful, c.harmless_helpful),
+        (40, 30, 10)
+    );
+    let coconot: HashMap<&str, &str> = splits()
+        .coconot()
+        .iter()
+        .map(|p| (p.prompt.as_str(), p.response.as_str()))
+        .collect();
+    let uncensored: HashMap<&str, &str> = splits()
+        .uncensored()
+        .iter()
+        .map(|p| (p.prompt.as_str(), p.response.as_str()))
+        .collect();
+    let mut cut = 0;
+    for (e, meta) in set.train.iter().zip(&set.manifest.train) {
+        let source = meta.id.split(':').next().unwrap();
+        match source {
+            // UncensorBench's own refusal, word for word.
+            "uncensorbench" => assert_eq!(response(e), uncensored[prompt(e)].trim()),
+            "many-shot" | "advbench" => assert_composed_refusal(e),
+            // CoCoNot's preferred answer, cut at a paragraph or sentence end within the limit.
+            "coconot" => {
+                let full = coconot[prompt(e)].trim();
+                assert!(full.starts_with(response(e)), "{}", meta.id);
+                assert!(response(e).chars().count() <= 400);
+                if response(e).len() < full.len() {
+                    cut += 1;
+                    let rest = &full[response(e).len()..];
+                    // A hard cut only where the limit's second half has no boundary.
+                    assert!(
+                        response(e).ends_with(['.', '!', '?'])
+                            || rest.starts_with("\n\n")
+                            || response(e).chars().count() > 390,
+                        "{} cut before {:?}",
+                        meta.id,
+                        rest.chars().take(20).collect::<String>()
+                    );
+                }
+            }
+            "alpaca" => assert_eq!(meta.kind, Kind::HarmlessHelpful),
+            other => panic!("unexpected source {other}"),
+        }
+    }
+    assert!(
+        cut > 10,
+        "{cut} of 30 CoCoNot answers cut at 400 characters"
+    );
+    // None of it is an evaluation item or a paraphrase of one.
+    assert!(splits()
+        .assert_disjoint(set.train.iter().map(prompt))
+        .is_ok());
+    // More than the guard leaves: an error naming the numbers.
+    let too_many = SftConfig {
+        many_shot: 400,
+        ..cfg
+    };
+    match build(splits(), &too_many, None) {
+        Err(SftError::NotEnough {
+            kind: Kind::HarmfulRefusal,
+            requested: 400,
+            available,
+        }) => assert_eq!(available, splits().many_shot().len()),
+        other => panic!("expected NotEnough, got {other:?}"),
     }
 }
