@@ -424,6 +424,21 @@ impl Runner<'_> {
     }
 }
 
+/// The fine-tuning data folder as `sails train` takes it (`--data <dir>`: train.jsonl, its held-out
+/// part and the examples' kinds), and the files a training stage depends on. The manifest is one
+/// of them only with a retain term, where its kinds change the loss; runs without one keep the
+/// inputs they recorded.
+pub(super) fn train_data(dir: &Path, train: &TrainConfig) -> (Vec<String>, Vec<PathBuf>) {
+    let mut inputs = vec![
+        dir.join(sails::data::sft::TRAIN_FILE),
+        dir.join(sails::data::sft::HELDOUT_FILE),
+    ];
+    if train.retain_kl > 0.0 {
+        inputs.push(dir.join(sails::data::sft::MANIFEST_FILE));
+    }
+    (vec![s("--data"), s(dir.display())], inputs)
+}
+
 pub(super) fn remove_dir(path: &Path) -> anyhow::Result<()> {
     if path.exists() {
         std::fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))?;
@@ -690,15 +705,14 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
 
     // 5. training from the subspace
     let lora = &cfg.lora;
+    let (data_args, data_inputs) = train_data(&run.path("data"), &cfg.train);
+    let mut inputs = vec![model_path.clone()];
+    inputs.extend(data_inputs);
+    inputs.push(run.path("subspace/subspace.safetensors"));
     runner.stage(
         StagePlan {
             name: "train",
-            inputs: vec![
-                model_path.clone(),
-                run.path("data/train.jsonl"),
-                run.path("data/heldout.jsonl"),
-                run.path("subspace/subspace.safetensors"),
-            ],
+            inputs,
             config: serde_json::json!({ "lora": lora, "train": &cfg.train }),
             outputs: vec![PathBuf::from("train/adapter")],
         },
@@ -708,14 +722,9 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
             }
             let cfg_path = run.path("train-config.toml");
             write_toml(&cfg_path, &cfg.train)?;
-            let mut a = vec![
-                s("train"),
-                s("--model"),
-                cfg.model.clone(),
-                s("--data"),
-                s(run.path("data/train.jsonl").display()),
-                s("--eval-data"),
-                s(run.path("data/heldout.jsonl").display()),
+            let mut a = vec![s("train"), s("--model"), cfg.model.clone()];
+            a.extend(data_args);
+            a.extend([
                 s("--out"),
                 s(run.path("train").display()),
                 s("--init"),
@@ -733,7 +742,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
                 s("--config"),
                 s(cfg_path.display()),
                 s("--resume"),
-            ];
+            ]);
             if lora.freeze_basis {
                 a.push(s("--freeze-basis"));
             }

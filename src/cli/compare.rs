@@ -14,7 +14,9 @@ use sails::eval::Metrics;
 use sails::manifest::{RunManifest, StagePlan};
 use serde::{Deserialize, Serialize};
 
-use super::align::{eval_args, remove_dir, s, sails, write_toml, AlignConfig, Layout, Runner};
+use super::align::{
+    eval_args, remove_dir, s, sails, train_data, write_toml, AlignConfig, Layout, Runner,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -234,11 +236,9 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
                 sub.seed = seed;
                 (m, sub)
             });
-            let mut inputs = vec![
-                model_path.clone(),
-                root.join("data/train.jsonl"),
-                root.join("data/heldout.jsonl"),
-            ];
+            let (data_args, data_inputs) = train_data(&root.join("data"), &tc);
+            let mut inputs = vec![model_path.clone()];
+            inputs.extend(data_inputs);
             if basis.is_some() {
                 inputs.push(root.join("features"));
             }
@@ -258,14 +258,9 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
                         remove_dir(&dir)?;
                     }
                     std::fs::create_dir_all(&dir)?;
-                    let mut a = vec![
-                        s("train"),
-                        s("--model"),
-                        cfg.model.clone(),
-                        s("--data"),
-                        s(root.join("data/train.jsonl").display()),
-                        s("--eval-data"),
-                        s(root.join("data/heldout.jsonl").display()),
+                    let mut a = vec![s("train"), s("--model"), cfg.model.clone()];
+                    a.extend(data_args.iter().cloned());
+                    a.extend([
                         s("--out"),
                         s(dir.join("train").display()),
                         s("--rank"),
@@ -277,7 +272,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
                         s("--init-seed"),
                         s(seed),
                         s("--resume"),
-                    ];
+                    ]);
                     if let Some((m, sub)) = &basis {
                         let sub_dir = dir.join("subspace");
                         sails(

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use sails::data::sft::{Kind, SftSet};
 use sails::lora::{self, LoraConfig, LoraInit};
 use sails::model::load::{ChatModel, ModelSource};
 use sails::train::{
@@ -33,11 +34,17 @@ pub struct TrainArgs {
     /// Model: `default` (SmolLM2-135M-Instruct), a GGUF file or a Hugging Face directory.
     #[arg(long, short = 'm', default_value = "default", value_name = "MODEL")]
     model: String,
-    /// Training examples, JSON lines `{"messages": [...]}`; the last message is the assistant
-    /// response the loss is taken on (its tokens and the end-of-turn token).
-    #[arg(long, value_name = "FILE.jsonl")]
+    /// Training examples: JSON lines `{"messages": [...]}`, or a fine-tuning data folder.
+    ///
+    /// In a JSON-lines file the last message of each line is the assistant response the loss is
+    /// taken on (its tokens and the end-of-turn token). A folder is what `sails data build`
+    /// writes: its train.jsonl is trained on, its heldout.jsonl is the held-out set, and its
+    /// sft_manifest.json gives each example's kind; every kind but harmful-refusal is a retain
+    /// example for --retain-kl.
+    #[arg(long, value_name = "FILE.jsonl|DIR")]
     data: PathBuf,
-    /// Held-out examples (same format) for the loss every `eval_every` steps.
+    /// Held-out examples (JSON lines) for the loss every `eval_every` steps; not with a data
+    /// folder, which brings its own.
     #[arg(long, value_name = "FILE.jsonl")]
     eval_data: Option<PathBuf>,
     /// Output directory: adapter/ (PEFT layout), checkpoints/, loss_curve.jsonl.
@@ -97,6 +104,15 @@ pub struct TrainArgs {
     /// Data-order seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Weight λ of the retain term KL(base ‖ adapted) on the benign examples' response tokens.
+    ///
+    /// Each step's loss becomes (Σ NLL + λ·Σ KL) / targets, where the KL compares the next-token
+    /// distributions of the model with and without the adapter on the retain examples, so the
+    /// adapter changes their answers only as far as the NLL asks. Needs --data to be a data
+    /// folder (its manifest says which examples are benign). 0 (the default) turns it off; the
+    /// held-out loss stays the NLL alone either way.
+    #[arg(long, value_name = "LAMBDA")]
+    retain_kl: Option<f64>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -133,6 +149,59 @@ fn read_jsonl(path: &Path) -> anyhow::Result<Vec<ChatExample>> {
             })
         })
         .collect()
+}
+
+/// What `--data` and `--eval-data` hold.
+struct Examples {
+    /// Where the training examples were read (for error messages).
+    train_path: PathBuf,
+    train: Vec<ChatExample>,
+    /// Per training example: whether it is a retain (benign) example.
+    retain: Vec<bool>,
+    eval: Option<(PathBuf, Vec<ChatExample>)>,
+}
+
+/// The benign kinds: every one but the refusals, whose answers the adapter is there to change.
+fn is_retain(kind: Kind) -> bool {
+    kind != Kind::HarmfulRefusal
+}
+
+/// Reads a JSON-lines file (no example is a retain example) or a data folder (kinds from its
+/// manifest, held-out part from its heldout.jsonl).
+fn read_examples(data: &Path, eval_data: Option<&Path>) -> anyhow::Result<Examples> {
+    if !data.is_dir() {
+        let train = read_jsonl(data)?;
+        let eval = match eval_data {
+            Some(p) => Some((p.to_path_buf(), read_jsonl(p)?)),
+            None => None,
+        };
+        return Ok(Examples {
+            train_path: data.to_path_buf(),
+            retain: vec![false; train.len()],
+            train,
+            eval,
+        });
+    }
+    if let Some(p) = eval_data {
+        bail!(
+            "--eval-data {} with the data folder {}: the folder's heldout.jsonl is the held-out set",
+            p.display(),
+            data.display()
+        );
+    }
+    let set = SftSet::load(data)
+        .with_context(|| format!("reading the data folder {}", data.display()))?;
+    Ok(Examples {
+        train_path: data.join(sails::data::sft::TRAIN_FILE),
+        retain: set
+            .manifest
+            .train
+            .iter()
+            .map(|m| is_retain(m.kind))
+            .collect(),
+        train: set.train,
+        eval: Some((data.join(sails::data::sft::HELDOUT_FILE), set.heldout)),
+    })
 }
 
 fn read_bases(path: &Path) -> anyhow::Result<BTreeMap<usize, Tensor>> {
@@ -181,6 +250,9 @@ impl TrainArgs {
         }
         if let Some(v) = self.seed {
             cfg.seed = v;
+        }
+        if let Some(v) = self.retain_kl {
+            cfg.retain_kl = v;
         }
         Ok(cfg)
     }
@@ -233,19 +305,32 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         params = trainable.num_params(),
         "trainable tensors ready"
     );
-    let tokenize = |path: &Path| -> anyhow::Result<Vec<train::TokenizedExample>> {
-        read_jsonl(path)?
+    let examples = read_examples(&args.data, args.eval_data.as_deref())?;
+    if cfg.retain_kl > 0.0 && !args.data.is_dir() {
+        bail!(
+            "--retain-kl needs to know which examples are benign: pass the data folder \
+             (with sft_manifest.json) as --data instead of {}",
+            args.data.display()
+        );
+    }
+    let tokenize = |path: &Path,
+                    chats: &[ChatExample],
+                    retain: &[bool]|
+     -> anyhow::Result<Vec<train::TokenizedExample>> {
+        chats
             .iter()
+            .zip(retain)
             .enumerate()
-            .map(|(i, e)| {
-                tokenize_chat(&model.tokenizer, &model.template, e, i)
-                    .with_context(|| format!("{}", path.display()))
+            .map(|(i, (e, &retain))| {
+                let t = tokenize_chat(&model.tokenizer, &model.template, e, i)
+                    .with_context(|| format!("{}", path.display()))?;
+                Ok(train::TokenizedExample { retain, ..t })
             })
             .collect()
     };
-    let train_set = tokenize(&args.data)?;
-    let eval_set = match &args.eval_data {
-        Some(p) => tokenize(p)?,
+    let train_set = tokenize(&examples.train_path, &examples.train, &examples.retain)?;
+    let eval_set = match &examples.eval {
+        Some((path, chats)) => tokenize(path, chats, &vec![false; chats.len()])?,
         None => Vec::new(),
     };
     let pad_id = model
@@ -320,6 +405,10 @@ pub struct BenchTrainArgs {
     /// peak memory stays the hand-written step's).
     #[arg(long)]
     autodiff: bool,
+    /// Time the step with a retain term of this weight, every sequence a retain example (the
+    /// most the term can cost: one more forward of the whole batch without the adapter).
+    #[arg(long, value_name = "LAMBDA", default_value_t = 0.0)]
+    retain_kl: f64,
 }
 
 /// LoRA SFT throughput: forward, backward (loss on every next-token position, as a plain causal
@@ -335,6 +424,10 @@ pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
         args.steps > 0 && args.batch > 0 && args.seq_len > 1,
         "--steps and --batch must be at least 1 and --seq-len at least 2"
+    );
+    anyhow::ensure!(
+        args.retain_kl.is_finite() && args.retain_kl >= 0.0,
+        "--retain-kl must be finite and non-negative"
     );
     let source = ModelSource::resolve(&args.model)?;
     let mut model = ChatModel::load(&source, &Device::Cpu, DType::F32)?;
@@ -357,6 +450,7 @@ pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
         input_ids: Tensor::from_vec(ids, (b, t), &device)?,
         attention_mask: Tensor::ones((b, t), DType::U32, &device)?,
         targets,
+        retain: vec![args.retain_kl > 0.0; b],
         real_tokens: b * t,
     };
     let all7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
@@ -374,6 +468,7 @@ pub fn run_bench(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
             "trainable_params": trainable,
             "batch": b,
             "seq_len": t,
+            "retain_kl": args.retain_kl,
             "median_step_s": median,
             "tokens_per_s": (b * t) as f64 / median,
             "split_step_s": split,
@@ -422,9 +517,9 @@ fn time_steps(
     let batches = std::slice::from_ref(batch);
     let grads_of = |decoder: &sails::model::decoder::Decoder| {
         if autodiff {
-            train::autodiff_loss_and_grads(decoder, &params, batches)
+            train::autodiff_loss_and_grads(decoder, &params, batches, args.retain_kl)
         } else {
-            train::loss_and_grads(decoder, &params, batches)
+            train::loss_and_grads(decoder, &params, batches, args.retain_kl)
         }
     };
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
@@ -444,7 +539,7 @@ fn time_steps(
         serde_json::Value::Null
     } else {
         let (_loss, mut grads, timing) =
-            train::fast::timed_loss_and_grads(decoder, &params, batches)?;
+            train::fast::timed_loss_and_grads(decoder, &params, batches, args.retain_kl)?;
         let start = Instant::now();
         train::clip_grad_norm(&mut grads, Some(1.0))?;
         opt.step(&params, &grads, 1e-4)?;
@@ -495,6 +590,10 @@ mod tests {
         .unwrap();
         let cfg = t.args.train_config().unwrap();
         assert_eq!((cfg.lr_peak, cfg.max_steps, cfg.warmup_steps), (1e-3, 5, 5));
+        assert_eq!(cfg.retain_kl, 0.0);
+        let t =
+            T::try_parse_from(["t", "--data", "d", "--out", "o", "--retain-kl", "0.3"]).unwrap();
+        assert_eq!(t.args.train_config().unwrap().retain_kl, 0.3);
         assert_eq!(t.args.targets, ["q_proj", "down_proj"]);
         assert!(T::try_parse_from(["t", "--out", "o"]).is_err());
     }

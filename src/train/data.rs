@@ -25,6 +25,9 @@ pub struct TokenizedExample {
     pub ids: Vec<u32>,
     pub target_start: usize,
     pub target_end: usize,
+    /// A retain example (a benign one): with `retain_kl > 0` its targets also pay
+    /// KL(base ‖ adapted), so the adapter leaves the model's answers to such prompts alone.
+    pub retain: bool,
 }
 
 impl TokenizedExample {
@@ -33,7 +36,8 @@ impl TokenizedExample {
     }
 }
 
-/// Tokenizes a conversation with the model's template and marks the response tokens.
+/// Tokenizes a conversation with the model's template and marks the response tokens. The
+/// example is not a retain example; the caller, who knows its kind, sets `retain`.
 ///
 /// The targets are the assistant's content and the special token that closes its turn
 /// (`<|im_end|>` for ChatML), not the turn header and not what the template writes after the end
@@ -90,6 +94,7 @@ pub fn tokenize_chat(
         ids,
         target_start: start,
         target_end: start + end_token + 1,
+        retain: false,
     })
 }
 
@@ -109,6 +114,8 @@ pub struct Batch {
     /// `(b, t)` u32, 1 real, 0 pad.
     pub attention_mask: Tensor,
     pub targets: Vec<Target>,
+    /// Per row: whether it is a retain example ([`TokenizedExample::retain`]).
+    pub retain: Vec<bool>,
     /// Real (non-pad) tokens in the batch.
     pub real_tokens: usize,
 }
@@ -143,8 +150,51 @@ impl Batch {
             input_ids: Tensor::from_vec(ids, (b, t), device)?,
             attention_mask: Tensor::from_vec(mask, (b, t), device)?,
             targets,
+            retain: examples.iter().map(|e| e.retain).collect(),
             real_tokens: examples.iter().map(|e| e.ids.len()).sum(),
         })
+    }
+
+    /// Whether target `i` is on a retain row.
+    pub fn is_retain_target(&self, i: usize) -> bool {
+        self.retain.get(self.targets[i].row) == Some(&true)
+    }
+
+    /// The retain rows alone, same width; their targets in the same order as here. `None` when
+    /// the batch has none.
+    pub fn retain_rows(&self) -> Result<Option<Batch>> {
+        let b = self.input_ids.dim(0)?;
+        if self.retain.len() != b {
+            return Err(TrainError::Internal(format!(
+                "{} retain flags for a batch of {b} rows",
+                self.retain.len()
+            )));
+        }
+        let rows: Vec<u32> = (0..b as u32).filter(|&r| self.retain[r as usize]).collect();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        // New index of each kept row.
+        let mut new_row = vec![None; b];
+        for (i, &r) in rows.iter().enumerate() {
+            new_row[r as usize] = Some(i);
+        }
+        let targets = self
+            .targets
+            .iter()
+            .filter_map(|x| new_row[x.row].map(|row| Target { row, ..*x }))
+            .collect();
+        let n = rows.len();
+        let index = Tensor::from_vec(rows, n, self.input_ids.device())?;
+        let attention_mask = self.attention_mask.index_select(&index, 0)?;
+        let real_tokens = attention_mask.sum_all()?.to_scalar::<u32>()? as usize;
+        Ok(Some(Batch {
+            input_ids: self.input_ids.index_select(&index, 0)?,
+            attention_mask,
+            targets,
+            retain: vec![true; n],
+            real_tokens,
+        }))
     }
 }
 
@@ -234,11 +284,13 @@ mod tests {
             ids: vec![5, 6, 7, 8, 9],
             target_start: 3,
             target_end: 5,
+            retain: false,
         };
         let short = TokenizedExample {
             ids: vec![1, 2, 3],
             target_start: 2,
             target_end: 3,
+            retain: true,
         };
         let batch = Batch::left_padded(&[&long, &short], 0, &Device::Cpu).unwrap();
         assert_eq!(

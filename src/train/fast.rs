@@ -10,6 +10,10 @@
 //! Gemma-2 (extra norms, soft-caps, sliding windows), full fine-tuning and non-f32 models take
 //! the autodiff path ([`applies`] decides). The held-out loss ([`batch_loss`]) runs the same
 //! forward without tapes for every f32 CPU Llama-style model, full fine-tuning included.
+//!
+//! With a retain term (λ > 0) a batch's retain rows also run that tape-free forward on the model
+//! with its adapter switched off; the base logits at their targets enter the logit gradient
+//! (`λ·unit·(softmax − p_base)`, [`cross_entropy_in_place`]) and nothing else changes.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -18,7 +22,7 @@ use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 
 use super::data::Batch;
-use super::{Result, TrainError};
+use super::{Result, StepLoss, TrainError};
 use crate::lora::PEFT_PREFIX;
 use crate::model::decoder::{Block, Decoder};
 use crate::model::fused::{
@@ -62,21 +66,22 @@ fn lora_factor(key: &str) -> Option<(&str, Factor)> {
 /// `(dA, dB)` of each adapted module, by full module name, row-major.
 type FactorGrads = HashMap<String, (Vec<f32>, Vec<f32>)>;
 
-/// Like [`super::loss_and_grads`]: the gradients of `Σ NLL / n_total` over `batches`, in `params`
-/// order, and the mean loss.
+/// Like [`super::loss_and_grads`]: the gradients of `(Σ NLL + retain_kl·Σ KL) / n_total` over
+/// `batches`, in `params` order, and the step's loss.
 pub fn loss_and_grads(
     decoder: &Decoder,
     params: &[(&String, &Var)],
     batches: &[Batch],
-) -> Result<(f64, Vec<Tensor>)> {
-    let (loss, grads, _) = timed_loss_and_grads(decoder, params, batches)?;
+    retain_kl: f64,
+) -> Result<(StepLoss, Vec<Tensor>)> {
+    let (loss, grads, _) = timed_loss_and_grads(decoder, params, batches, retain_kl)?;
     Ok((loss, grads))
 }
 
 /// Seconds a step spent in each half.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepTiming {
-    /// Embedding, blocks, head and loss.
+    /// Embedding, blocks, head and loss (and the base model's forward for the retain term).
     pub forward_s: f64,
     /// The loss's gradient back through the head and the blocks, down to the LoRA factors.
     pub backward_s: f64,
@@ -87,22 +92,29 @@ pub fn timed_loss_and_grads(
     decoder: &Decoder,
     params: &[(&String, &Var)],
     batches: &[Batch],
-) -> Result<(f64, Vec<Tensor>, StepTiming)> {
+    retain_kl: f64,
+) -> Result<(StepLoss, Vec<Tensor>, StepTiming)> {
     let n_total: usize = batches.iter().map(|b| b.targets.len()).sum();
     if n_total == 0 {
         return Err(TrainError::Internal("a step with no target tokens".into()));
     }
+    let base = (retain_kl > 0.0).then(|| super::without_adapter(decoder));
+    let retain = base.as_ref().map(|base| (base, retain_kl as f32));
     let mut total: FactorGrads = HashMap::new();
     let mut timing = StepTiming::default();
-    let mut loss_sum = 0f64;
+    let (mut nll_sum, mut kl_sum, mut n_retain) = (0f64, 0f64, 0usize);
     for batch in batches {
-        loss_sum += batch_grads(
+        let sums = batch_grads(
             decoder,
             batch,
             1.0 / n_total as f32,
+            retain,
             &mut total,
             &mut timing,
         )?;
+        nll_sum += sums.nll;
+        kl_sum += sums.kl;
+        n_retain += sums.n_retain;
     }
     let grads = params
         .iter()
@@ -119,7 +131,8 @@ pub fn timed_loss_and_grads(
             Ok(Tensor::from_slice(values, var.shape(), var.device())?)
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((loss_sum / n_total as f64, grads, timing))
+    let loss = StepLoss::new(nll_sum, kl_sum, n_retain, n_total, retain_kl);
+    Ok((loss, grads, timing))
 }
 
 /// The shape of one batch: `b` sequences of `t` tokens, `h` query heads in `kv` groups of `g`,
@@ -263,32 +276,75 @@ impl Targets {
         })
     }
 
-    /// The head's logits `(n, vocab)` turned in place into the gradient of `unit · Σ NLL`, and
-    /// the NLL sum; `then` reads that gradient with the head's weights `(vocab, d)`.
-    fn loss<T>(
-        &self,
-        decoder: &Decoder,
-        unit: f32,
-        then: impl FnOnce(&[f32], View) -> CResult<T>,
-    ) -> CResult<(f64, T)> {
+    /// The head's logits `(n, vocab)`.
+    fn logits(&self, decoder: &Decoder) -> CResult<Vec<f32>> {
         let d = decoder.config.hidden_size;
-        let head = decoder.lm_head.as_ref().unwrap_or(&decoder.embed_tokens);
         let n = self.rows.len();
-        with_slice::<f32, _>(head, |e| {
+        with_slice::<f32, _>(head_weight(decoder), |e| {
             let vocab = e.len() / d;
-            let head = View::rows(e, vocab, d);
             let mut logits = vec![0f32; n * vocab];
             product(
                 &mut logits,
                 View::rows(&self.normed, n, d),
-                head.t(),
+                View::rows(e, vocab, d).t(),
                 1.0,
                 false,
             )?;
-            let loss = cross_entropy_in_place(&mut logits, vocab, &self.tokens, unit)?;
-            Ok((loss, then(&logits, head)?))
+            Ok(logits)
         })
     }
+
+    /// The head's logits turned in place into the gradient of `unit · (Σ NLL + λ·Σ KL)` (the KL
+    /// part only with `retain`), and the NLL and KL sums; `then` reads that gradient with the
+    /// head's weights `(vocab, d)`.
+    fn loss<T>(
+        &self,
+        decoder: &Decoder,
+        unit: f32,
+        retain: Option<&Retain>,
+        then: impl FnOnce(&[f32], View) -> CResult<T>,
+    ) -> CResult<(LossSums, T)> {
+        let d = decoder.config.hidden_size;
+        let mut logits = self.logits(decoder)?;
+        with_slice::<f32, _>(head_weight(decoder), |e| {
+            let vocab = e.len() / d;
+            let sums = cross_entropy_in_place(&mut logits, vocab, &self.tokens, unit, retain)?;
+            Ok((sums, then(&logits, View::rows(e, vocab, d))?))
+        })
+    }
+}
+
+/// The output projection `(vocab, d)`: `lm_head`, or the embeddings when tied.
+fn head_weight(decoder: &Decoder) -> &Tensor {
+    decoder.lm_head.as_ref().unwrap_or(&decoder.embed_tokens)
+}
+
+/// Sums over a batch's targets.
+#[derive(Clone, Copy, Default)]
+struct LossSums {
+    nll: f64,
+    /// Over the retain targets only.
+    kl: f64,
+    n_retain: usize,
+}
+
+/// The retain term of one batch: per target, the base model's logits row where it is a retain
+/// target, and the weight λ.
+struct Retain<'a> {
+    base: Vec<Option<&'a [f32]>>,
+    lambda: f32,
+}
+
+/// The logits `(n_retain, vocab)` of the model with its adapter switched off (`base`) at
+/// `batch`'s retain targets, in target order, forward only; `None` when the batch has none.
+fn base_logits(base: &Decoder, batch: &Batch) -> Result<Option<Vec<f32>>> {
+    let Some(rows) = batch.retain_rows()? else {
+        return Ok(None);
+    };
+    let prepared = Prepared::new(base, &rows)?;
+    let h = forward_blocks(base, &rows, &prepared.frame(), None)?;
+    let targets = Targets::new(base, &rows, prepared.dims.t, &h)?;
+    Ok(Some(targets.logits(base)?))
 }
 
 /// The summed NLL of `batch`'s targets, forward only: each block's activations are dropped as
@@ -298,20 +354,47 @@ pub fn batch_loss(decoder: &Decoder, batch: &Batch) -> Result<f64> {
     let prepared = Prepared::new(decoder, batch)?;
     let h = forward_blocks(decoder, batch, &prepared.frame(), None)?;
     let targets = Targets::new(decoder, batch, prepared.dims.t, &h)?;
-    Ok(targets.loss(decoder, 1.0, |_, _| Ok(()))?.0)
+    Ok(targets.loss(decoder, 1.0, None, |_, _| Ok(()))?.0.nll)
 }
 
-/// The loss sum of one batch; adds the LoRA gradients of `loss_sum · unit` (`unit` = 1 / the
-/// step's target count) into `grads`.
+/// The loss sums of one batch; adds the LoRA gradients of `(Σ NLL + λ·Σ KL) · unit` (`unit` =
+/// 1 / the step's target count) into `grads`. `retain`: the model with its adapter switched off
+/// and λ, when the step has a retain term.
 fn batch_grads(
     decoder: &Decoder,
     batch: &Batch,
     unit: f32,
+    retain: Option<(&Decoder, f32)>,
     grads: &mut FactorGrads,
     timing: &mut StepTiming,
-) -> Result<f64> {
+) -> Result<LossSums> {
     let start = Instant::now();
     let prepared = Prepared::new(decoder, batch)?;
+    let base = match retain {
+        Some((base, _)) => base_logits(base, batch)?,
+        None => None,
+    };
+    let vocab = decoder.config.vocab_size;
+    let retain = match (base.as_deref(), retain) {
+        (Some(base), Some((_, lambda))) => {
+            let mut rows = base.chunks_exact(vocab);
+            let base = (0..batch.targets.len())
+                .map(|i| {
+                    if batch.is_retain_target(i) {
+                        rows.next()
+                            .ok_or_else(|| {
+                                TrainError::Internal("fewer base rows than retain targets".into())
+                            })
+                            .map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Retain { base, lambda })
+        }
+        _ => None,
+    };
     let frame = prepared.frame();
     let dims = prepared.dims;
     let d = decoder.config.hidden_size;
@@ -322,7 +405,7 @@ fn batch_grads(
     let targets = Targets::new(decoder, batch, dims.t, &h)?;
     let n = targets.rows.len();
     let mut forward_s = 0.0;
-    let (loss, dnormed) = targets.loss(decoder, unit, |dlogits, head| {
+    let (sums, dnormed) = targets.loss(decoder, unit, retain.as_ref(), |dlogits, head| {
         // The logits now hold their gradient.
         forward_s = start.elapsed().as_secs_f64();
         let vocab = head.rows;
@@ -350,7 +433,7 @@ fn batch_grads(
     }
     timing.forward_s += forward_s;
     timing.backward_s += start.elapsed().as_secs_f64() - forward_s;
-    Ok(loss)
+    Ok(sums)
 }
 
 /// Per-batch constants of attention: rotary tables `(b, t, hd)`, the additive mask `(b, t, t)`.
@@ -665,25 +748,48 @@ fn rms_grad(norm: &RmsNorm, x: &[f32], dy: &[f32]) -> CResult<Vec<f32>> {
 }
 
 /// Summed NLL of `tokens` under `logits: (n, vocab)`; overwrites the logits with the gradient of
-/// `unit · Σ NLL` (`unit · (softmax − onehot)` per row), one exponential per element.
+/// `unit · Σ NLL` (`unit · (softmax − onehot)` per row), one exponential per element. With
+/// `retain`, a row with base logits also pays `λ · KL(p_base ‖ softmax)`, whose gradient adds
+/// `λ · unit · (softmax − p_base)`; its KL is summed into the result's `kl`.
 fn cross_entropy_in_place(
     logits: &mut [f32],
     vocab: usize,
     tokens: &[u32],
     unit: f32,
-) -> CResult<f64> {
+    retain: Option<&Retain>,
+) -> CResult<LossSums> {
     if tokens.iter().any(|&t| t as usize >= vocab) || logits.len() != tokens.len() * vocab {
         candle_core::bail!(
             "cross-entropy: {} tokens do not fit logits of {vocab}",
             tokens.len()
         );
     }
-    let loss = logits
+    if let Some(r) = retain {
+        if r.base.len() != tokens.len() || r.base.iter().flatten().any(|b| b.len() != vocab) {
+            candle_core::bail!("cross-entropy: base logits do not match the targets");
+        }
+    }
+    let (nll, kl, n_retain) = logits
         .par_chunks_mut(vocab)
         .zip(tokens.par_iter())
-        .map(|(row, &tok)| {
+        .enumerate()
+        .map(|(i, (row, &tok))| {
             let target = row[tok as usize];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // KL(p ‖ q) = Σ p·(z_base − z) + lse(z) − lse(z_base); the first part reads the
+            // logits before they turn into the gradient.
+            let base = retain
+                .and_then(|r| r.base[i].map(|b| (b, r.lambda)))
+                .map(|(b, lambda)| {
+                    let (max_b, sum_b) = exp_sum(b);
+                    let inv = 1.0 / sum_b;
+                    let cross: f64 = b
+                        .iter()
+                        .zip(row.iter())
+                        .map(|(&zb, &z)| ((zb - max_b).exp() as f64 * inv) * (zb - z) as f64)
+                        .sum();
+                    (b, lambda, max_b, sum_b, cross)
+                });
             // Long rows: sum in f64 so the f32 sum does not drift.
             let mut sum = 0f64;
             for z in row.iter_mut() {
@@ -694,11 +800,30 @@ fn cross_entropy_in_place(
             for z in row.iter_mut() {
                 *z *= scale;
             }
+            let mut kl = 0f64;
+            if let Some((b, lambda, max_b, sum_b, cross)) = base {
+                // p_base's row scaled by `unit` exactly as the softmax was: where the two logit
+                // rows are equal, the added gradient is exactly 0.
+                let scale_b = unit / sum_b as f32;
+                for (g, &zb) in row.iter_mut().zip(b) {
+                    *g += lambda * (*g - (zb - max_b).exp() * scale_b);
+                }
+                kl = cross + (max as f64 + sum.ln()) - (max_b as f64 + sum_b.ln());
+            }
             row[tok as usize] -= unit;
-            sum.ln() + (max - target) as f64
+            let nll = sum.ln() + (max - target) as f64;
+            (nll, kl, usize::from(base.is_some()))
         })
-        .sum();
-    Ok(loss)
+        .reduce(|| (0.0, 0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+    Ok(LossSums { nll, kl, n_retain })
+}
+
+/// The max of a row of logits and `Σ exp(z − max)`, summed in f64 as [`cross_entropy_in_place`]
+/// sums the softmax.
+fn exp_sum(row: &[f32]) -> (f32, f64) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum = row.iter().map(|&z| (z - max).exp() as f64).sum();
+    (max, sum)
 }
 
 #[derive(Clone, Copy, PartialEq)]

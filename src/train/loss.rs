@@ -5,6 +5,9 @@
 //! Only the target rows go through the final norm and the vocabulary projection: the body runs
 //! once with the last block's output captured, and the head is applied to the gathered rows. This
 //! is the decoder's own head (final norm, tied or separate `lm_head`, Gemma's logit soft-cap).
+//!
+//! The retain term ([`retain_kl_sum`]) compares those logits with the base model's at the same
+//! targets.
 
 use candle_core::{DType, Module, Tensor, D};
 
@@ -21,6 +24,8 @@ pub struct LossOutput {
     /// `(n_targets,)`, in the batch's target order.
     pub token_nll: Tensor,
     pub n_targets: usize,
+    /// `(n_targets, vocab)` f32, in the batch's target order.
+    pub logits: Tensor,
 }
 
 /// `log softmax` over the last dimension; the max is detached (it cancels in the gradient).
@@ -51,8 +56,8 @@ pub fn head_logits(decoder: &Decoder, h: &Tensor) -> candle_core::Result<Tensor>
     Ok(logits)
 }
 
-/// Forward pass on `batch` and the summed NLL of its targets.
-pub fn response_token_loss(decoder: &Decoder, batch: &Batch) -> Result<LossOutput> {
+/// Logits `(n_targets, vocab)` f32 of `batch`'s targets, in its target order.
+fn target_logits(decoder: &Decoder, batch: &Batch) -> Result<Tensor> {
     let (b, t) = batch.input_ids.dims2()?;
     let last = Resid::In(decoder.config.num_layers);
     let out = decoder.forward(
@@ -70,22 +75,27 @@ pub fn response_token_loss(decoder: &Decoder, batch: &Batch) -> Result<LossOutpu
         .get(&last)
         .ok_or(super::TrainError::NoCapture)?; // (b, t, d)
     let d = hidden.dim(D::Minus1)?;
-    let device = hidden.device();
     let rows: Vec<u32> = batch
         .targets
         .iter()
         .map(|x| (x.row * t + x.pos) as u32)
         .collect();
-    let token_ids: Vec<u32> = batch.targets.iter().map(|x| x.token).collect();
     let n = rows.len();
-    let rows = Tensor::from_vec(rows, n, device)?;
+    let rows = Tensor::from_vec(rows, n, hidden.device())?;
     let picked = hidden.reshape((b * t, d))?.index_select(&rows, 0)?; // (n, d)
-    let logits = head_logits(decoder, &picked)?.to_dtype(DType::F32)?; // (n, vocab)
+    Ok(head_logits(decoder, &picked)?.to_dtype(DType::F32)?) // (n, vocab)
+}
+
+/// Forward pass on `batch` and the summed NLL of its targets.
+pub fn response_token_loss(decoder: &Decoder, batch: &Batch) -> Result<LossOutput> {
+    let logits = target_logits(decoder, batch)?; // (n, vocab)
+    let token_ids: Vec<u32> = batch.targets.iter().map(|x| x.token).collect();
+    let n = token_ids.len();
     let token_nll = if crate::model::fused::supported(&logits) {
         // One pass per row forward and backward instead of the (n, vocab) op chain.
         crate::model::fused::row_cross_entropy(&logits, &token_ids)?
     } else {
-        let tokens = Tensor::from_vec(token_ids, (n, 1), device)?;
+        let tokens = Tensor::from_vec(token_ids, (n, 1), logits.device())?;
         log_softmax(&logits)?
             .gather(&tokens, 1)?
             .squeeze(1)?
@@ -95,5 +105,32 @@ pub fn response_token_loss(decoder: &Decoder, batch: &Batch) -> Result<LossOutpu
         sum: token_nll.sum_all()?,
         token_nll,
         n_targets: n,
+        logits,
     })
+}
+
+/// `Σ KL(p_base ‖ p_θ)` over `batch`'s retain targets and their count, `None` when it has no
+/// retain row. `logits` are the adapted model's, from [`response_token_loss`] (the sum is
+/// differentiable through them); `base` is the same model with its adapter switched off, run
+/// on the retain rows only and detached.
+pub fn retain_kl_sum(
+    base: &Decoder,
+    batch: &Batch,
+    logits: &Tensor,
+) -> Result<Option<(Tensor, usize)>> {
+    let Some(rows) = batch.retain_rows()? else {
+        return Ok(None);
+    };
+    let base_logits = target_logits(base, &rows)?.detach(); // (n_retain, vocab)
+    let picked: Vec<u32> = (0..batch.targets.len())
+        .filter(|&i| batch.is_retain_target(i))
+        .map(|i| i as u32)
+        .collect();
+    let n = picked.len();
+    let adapted = logits.index_select(&Tensor::from_vec(picked, n, logits.device())?, 0)?;
+    let log_p = log_softmax(&base_logits)?;
+    let log_q = log_softmax(&adapted)?;
+    // KL(p ‖ q) = Σ p·(log p − log q); its gradient in the adapted logits is q − p.
+    let kl = (log_p.exp()? * (log_p - log_q)?)?.sum_all()?;
+    Ok(Some((kl, n)))
 }

@@ -31,7 +31,7 @@ use crate::model::decoder::Decoder;
 use crate::model::ModelError;
 
 pub use data::{tokenize_chat, Batch, BatchPlan, ChatExample, Target, TokenizedExample};
-pub use loss::{response_token_loss, LossOutput};
+pub use loss::{response_token_loss, retain_kl_sum, LossOutput};
 pub use optim::{clip_grad_norm, lr_at, AdamW};
 
 /// Every setting of a training run. Saved into each checkpoint; a resume must match it.
@@ -72,6 +72,17 @@ pub struct TrainConfig {
     /// Checkpoint every this many optimizer steps; one is always written at the end and on
     /// interruption. `None` = only those.
     pub checkpoint_every: Option<usize>,
+    /// Weight λ of the retain term: each step's loss adds λ·Σ KL(base ‖ adapted) of the next-token
+    /// distributions at the response tokens of retain (benign) examples, divided by the same
+    /// target count as the NLL, so the adapter moves the model only where it must. The base is
+    /// the model with the adapter switched off. 0 = no retain term (and no extra forward pass);
+    /// left out of saved configs then, so those written before it existed still compare equal.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retain_kl: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Default for TrainConfig {
@@ -92,6 +103,7 @@ impl Default for TrainConfig {
             max_seq_len: 1024,
             eval_every: Some(50),
             checkpoint_every: Some(50),
+            retain_kl: 0.0,
         }
     }
 }
@@ -192,6 +204,10 @@ pub enum CurveRecord {
         targets: usize,
         tokens: usize,
         tokens_per_s: f64,
+        /// Mean KL(base ‖ adapted) over the step's retain targets; absent when `retain_kl` is 0
+        /// or the step had none. `loss` is the NLL alone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retain_kl: Option<f64>,
     },
     Eval {
         step: usize,
@@ -216,24 +232,56 @@ pub struct TrainSummary {
     pub resumed_from: Option<usize>,
     /// Stopped early by the stop flag or `stop_after`.
     pub interrupted: bool,
+    /// Mean NLL of the last step (without the retain term).
     pub last_loss: Option<f64>,
     pub last_eval_loss: Option<f64>,
     pub checkpoint: PathBuf,
     pub tokens_per_s: f64,
 }
 
-/// Sum of the gradients of `loss / n_total` over `batches`, for every `Var` in `params` order, and
-/// the mean loss over all their targets. LoRA factors of Llama-style models take the
+/// What a step's loss is made of.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepLoss {
+    /// `(Σ NLL + λ·Σ KL) / n_total`: the objective the step's gradients are of.
+    pub total: f64,
+    /// `Σ NLL / n_total`: the mean NLL of the step's targets.
+    pub nll: f64,
+    /// `Σ KL / n_retain`: the mean KL(base ‖ adapted) of the step's retain targets; `None` when
+    /// λ = 0 or the step has none.
+    pub retain_kl: Option<f64>,
+}
+
+impl StepLoss {
+    fn new(nll_sum: f64, kl_sum: f64, n_retain: usize, n_total: usize, retain_kl: f64) -> Self {
+        Self {
+            total: (nll_sum + retain_kl * kl_sum) / n_total as f64,
+            nll: nll_sum / n_total as f64,
+            retain_kl: (n_retain > 0).then(|| kl_sum / n_retain as f64),
+        }
+    }
+}
+
+/// The same model with every LoRA slot removed: the base distribution of the retain term. The
+/// clone shares the weights' storage, so it costs no copy.
+fn without_adapter(decoder: &Decoder) -> Decoder {
+    let mut base = decoder.clone();
+    crate::model::lora::clear(&mut base);
+    base
+}
+
+/// Sum of the gradients of `(Σ NLL + retain_kl·Σ KL) / n_total` over `batches`, for every `Var`
+/// in `params` order, and the step's loss. LoRA factors of Llama-style models take the
 /// hand-written step ([`fast`]), everything else candle's autodiff ([`autodiff_loss_and_grads`]).
 pub fn loss_and_grads(
     decoder: &Decoder,
     params: &[(&String, &Var)],
     batches: &[Batch],
-) -> Result<(f64, Vec<Tensor>)> {
+    retain_kl: f64,
+) -> Result<(StepLoss, Vec<Tensor>)> {
     if fast::applies(decoder, params) {
-        fast::loss_and_grads(decoder, params, batches)
+        fast::loss_and_grads(decoder, params, batches, retain_kl)
     } else {
-        autodiff_loss_and_grads(decoder, params, batches)
+        autodiff_loss_and_grads(decoder, params, batches, retain_kl)
     }
 }
 
@@ -243,21 +291,30 @@ pub fn autodiff_loss_and_grads(
     decoder: &Decoder,
     params: &[(&String, &Var)],
     batches: &[Batch],
-) -> Result<(f64, Vec<Tensor>)> {
+    retain_kl: f64,
+) -> Result<(StepLoss, Vec<Tensor>)> {
     let n_total: usize = batches.iter().map(|b| b.targets.len()).sum();
     if n_total == 0 {
         return Err(TrainError::Internal("a step with no target tokens".into()));
     }
+    let base = (retain_kl > 0.0).then(|| without_adapter(decoder));
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-    let mut loss_sum = 0f64;
+    let (mut nll_sum, mut kl_sum, mut n_retain) = (0f64, 0f64, 0usize);
+    let scalar = |t: &Tensor| -> Result<f64> {
+        Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+    };
     for batch in batches {
         let out = response_token_loss(decoder, batch)?;
-        let scaled = (&out.sum / n_total as f64)?;
-        loss_sum += out
-            .sum
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        let store = scaled.backward()?;
+        nll_sum += scalar(&out.sum)?;
+        let mut objective = out.sum.clone();
+        if let Some(base) = &base {
+            if let Some((kl, n)) = retain_kl_sum(base, batch, &out.logits)? {
+                kl_sum += scalar(&kl)?;
+                n_retain += n;
+                objective = (objective + (kl * retain_kl)?)?;
+            }
+        }
+        let store = (objective / n_total as f64)?.backward()?;
         for (slot, (name, var)) in grads.iter_mut().zip(params) {
             let g = store
                 .get(var.as_tensor())
@@ -274,7 +331,10 @@ pub fn autodiff_loss_and_grads(
         .into_iter()
         .map(|g| g.ok_or_else(|| TrainError::Internal("empty step".into())))
         .collect::<Result<Vec<_>>>()?;
-    Ok((loss_sum / n_total as f64, grads))
+    Ok((
+        StepLoss::new(nll_sum, kl_sum, n_retain, n_total, retain_kl),
+        grads,
+    ))
 }
 
 /// Mean response-token loss over `examples` (no gradient taken).
@@ -317,7 +377,7 @@ pub fn first_non_finite(trainable: &Trainable) -> Result<Option<String>> {
     Ok(None)
 }
 
-fn validate(cfg: &TrainConfig, data: &TrainData<'_>) -> Result<()> {
+fn validate(cfg: &TrainConfig, data: &TrainData<'_>, trainable: &Trainable) -> Result<()> {
     let bad = |m: &str| Err(TrainError::Config(m.to_string()));
     if cfg.batch_size == 0 || cfg.grad_accum_steps == 0 {
         return bad("batch_size and grad_accum_steps must be positive");
@@ -331,8 +391,20 @@ fn validate(cfg: &TrainConfig, data: &TrainData<'_>) -> Result<()> {
     if cfg.eval_every == Some(0) || cfg.checkpoint_every == Some(0) {
         return bad("eval_every / checkpoint_every must be positive (or absent)");
     }
+    if !(cfg.retain_kl.is_finite() && cfg.retain_kl >= 0.0) {
+        return bad("retain_kl must be finite and non-negative");
+    }
     if data.train.is_empty() {
         return Err(TrainError::NoData);
+    }
+    if cfg.retain_kl > 0.0 {
+        // The base is the model with the adapter off; full fine-tuning changes the base itself.
+        if trainable.adapter.is_none() {
+            return bad("retain_kl needs a LoRA adapter (full fine-tuning has no base to keep)");
+        }
+        if !data.train.iter().any(|e| e.retain) {
+            return bad("retain_kl is set but no training example is a retain example");
+        }
     }
     for (index, e) in data.train.iter().chain(data.eval).enumerate() {
         if e.ids.len() > cfg.max_seq_len {
@@ -357,19 +429,23 @@ fn validate(cfg: &TrainConfig, data: &TrainData<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Names the first field that differs between two configs.
+/// Names the first field that differs between two configs. A field left out of one side (one
+/// at its neutral value, see [`TrainConfig::retain_kl`]) differs from any value on the other.
 fn config_difference(saved: &TrainConfig, now: &TrainConfig) -> Option<TrainError> {
     let a = serde_json::to_value(saved).ok()?;
     let b = serde_json::to_value(now).ok()?;
     let (a, b) = (a.as_object()?, b.as_object()?);
-    a.iter().find_map(|(k, v)| {
-        let w = b.get(k)?;
-        (v != w).then(|| TrainError::ConfigChanged {
-            field: k.clone(),
-            saved: v.to_string(),
-            now: w.to_string(),
+    let shown = |v: Option<&serde_json::Value>| v.map_or("absent".to_string(), |v| v.to_string());
+    a.keys()
+        .chain(b.keys().filter(|k| !a.contains_key(*k)))
+        .find_map(|k| {
+            let (v, w) = (a.get(k), b.get(k));
+            (v != w).then(|| TrainError::ConfigChanged {
+                field: k.clone(),
+                saved: shown(v),
+                now: shown(w),
+            })
         })
-    })
 }
 
 /// Appends records to `loss_curve.jsonl`; on resume, drops the records after the checkpoint.
@@ -438,7 +514,7 @@ pub fn run(
     data: TrainData<'_>,
     opts: RunOptions<'_>,
 ) -> Result<TrainSummary> {
-    validate(cfg, &data)?;
+    validate(cfg, &data, trainable)?;
     let params: Vec<(&String, &Var)> = trainable.vars.iter().collect();
     let mut opt = AdamW::from_config(cfg);
     let mut done = 0usize;
@@ -486,14 +562,15 @@ pub fn run(
                 Batch::left_padded(&picked, data.pad_id, decoder.device())
             })
             .collect::<Result<Vec<_>>>()?;
-        let (loss, mut grads) = loss_and_grads(decoder, &params, &batches)?;
-        if !loss.is_finite() {
+        let (step_loss, mut grads) = loss_and_grads(decoder, &params, &batches, cfg.retain_kl)?;
+        if !step_loss.total.is_finite() {
             return Err(TrainError::NonFiniteLoss {
                 step: done + 1,
-                loss,
+                loss: step_loss.total,
                 last_checkpoint,
             });
         }
+        let loss = step_loss.nll;
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFiniteGradient {
@@ -524,13 +601,25 @@ pub fn run(
             targets,
             tokens,
             tokens_per_s,
+            retain_kl: step_loss.retain_kl,
         })?;
         last_loss = Some(loss);
         bar.set_position(done as u64);
+        let kl = step_loss
+            .retain_kl
+            .map_or(String::new(), |kl| format!("  kl {kl:.4}"));
         bar.set_message(format!(
-            "loss {loss:.4}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"
+            "loss {loss:.4}{kl}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"
         ));
-        tracing::debug!(step = done, loss, lr, grad_norm, tokens_per_s, "step");
+        tracing::debug!(
+            step = done,
+            loss,
+            retain_kl = step_loss.retain_kl,
+            lr,
+            grad_norm,
+            tokens_per_s,
+            "step"
+        );
 
         let at_end = done == cfg.max_steps;
         if !data.eval.is_empty()
@@ -566,4 +655,33 @@ pub fn run(
         checkpoint,
         tokens_per_s: tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_without_retain_kl_load_and_compare_equal() {
+        let cfg = TrainConfig::default();
+        let json = serde_json::to_value(&cfg).unwrap();
+        assert!(json.get("retain_kl").is_none(), "{json}");
+        // A config saved before the field existed: the default's keys, without it.
+        let old: TrainConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old.retain_kl, 0.0);
+        assert!(config_difference(&old, &cfg).is_none());
+        let with = TrainConfig {
+            retain_kl: 0.25,
+            ..cfg.clone()
+        };
+        assert!(serde_json::to_value(&with).unwrap()["retain_kl"] == 0.25);
+        for (saved, now) in [(&with, &cfg), (&cfg, &with)] {
+            match config_difference(saved, now) {
+                Some(TrainError::ConfigChanged { field, .. }) => assert_eq!(field, "retain_kl"),
+                other => panic!("expected ConfigChanged, got {other:?}"),
+            }
+        }
+        let parsed: TrainConfig = toml::from_str(&toml::to_string(&with).unwrap()).unwrap();
+        assert_eq!(parsed, with);
+    }
 }

@@ -219,11 +219,13 @@ fn tiny_batch() -> Batch {
         ids: rows[0].clone(),
         target_start: 5,
         target_end: 11,
+        retain: false,
     };
     let b = TokenizedExample {
         ids: rows[1][3..].to_vec(),
         target_start: 5,
         target_end: 9,
+        retain: false,
     };
     Batch::left_padded(&[&a, &b], 0, &Device::Cpu).unwrap()
 }
@@ -233,7 +235,7 @@ fn tiny_batch() -> Batch {
 fn assert_gradient_coverage(tr: &Trainable, model: &Decoder) {
     let params: Vec<_> = tr.vars.iter().collect();
     let batch = tiny_batch();
-    let (_, grads) = loss_and_grads(model, &params, std::slice::from_ref(&batch)).unwrap();
+    let (_, grads) = loss_and_grads(model, &params, std::slice::from_ref(&batch), 0.0).unwrap();
     AdamW::new(0.9, 0.999, 1e-8, 0.0)
         .step(&params, &grads, 1e-2)
         .unwrap();

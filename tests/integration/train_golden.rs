@@ -13,7 +13,7 @@ use sails::model::lora::Adapter;
 use sails::model::weights::{load_safetensors_file, WeightMap};
 use sails::train::{
     autodiff_loss_and_grads, clip_grad_norm, fast, loss_and_grads, response_token_loss, AdamW,
-    Batch, Target,
+    Batch, StepLoss, Target,
 };
 
 fn step_dir() -> std::path::PathBuf {
@@ -62,6 +62,7 @@ fn batch(prefix: &str) -> Batch {
             .unwrap(),
         attention_mask: mask,
         targets,
+        retain: vec![false; labels.len()],
         real_tokens,
     }
 }
@@ -123,7 +124,8 @@ fn lora_gradients_and_clipping_match_reference() {
     let (model, tr) = model_with_adapter();
     let reference = reference();
     let p = params(&tr);
-    let (loss, mut grads) = loss_and_grads(&model, &p, &[batch("")]).unwrap();
+    let (loss, mut grads) = loss_and_grads(&model, &p, &[batch("")], 0.0).unwrap();
+    let loss = loss.total;
     assert!((loss - 38.33522460551199).abs() < 1e-4 + 1e-4 * 38.34);
     for ((name, _), g) in p.iter().zip(&grads) {
         let want = &reference[&format!("{name}.grad")];
@@ -153,7 +155,8 @@ fn unpadded_sequence_gives_its_own_mean_and_gradients() {
     let (model, tr) = model_with_adapter();
     let reference = reference();
     let p = params(&tr);
-    let (loss, grads) = loss_and_grads(&model, &p, &[batch("seq1_unpadded.")]).unwrap();
+    let (loss, grads) = loss_and_grads(&model, &p, &[batch("seq1_unpadded.")], 0.0).unwrap();
+    let loss = loss.total;
     // seq1_unpadded alone: 45.97030793148971 (its own mean over 4 targets).
     assert!(
         (loss - 45.97030793148971).abs() < 1e-4 + 1e-4 * 45.97,
@@ -228,7 +231,7 @@ fn two_training_steps_end_to_end_match_reference() {
     let p = params(&tr);
     let mut opt = golden_adamw();
     let b = batch("");
-    let (_, grads) = loss_and_grads(&model, &p, std::slice::from_ref(&b)).unwrap();
+    let (_, grads) = loss_and_grads(&model, &p, std::slice::from_ref(&b), 0.0).unwrap();
     opt.step(&p, &grads, 1e-3).unwrap();
     for (name, var) in &p {
         let want = &reference[&format!("{name}.after_step1")];
@@ -241,7 +244,8 @@ fn two_training_steps_end_to_end_match_reference() {
             0.0,
         );
     }
-    let (loss2, grads) = loss_and_grads(&model, &p, std::slice::from_ref(&b)).unwrap();
+    let (loss2, grads) = loss_and_grads(&model, &p, std::slice::from_ref(&b), 0.0).unwrap();
+    let loss2 = loss2.total;
     // The step-2 loss (at after_step1): 35.601211934901116.
     assert!(
         (loss2 - 35.601211934901116).abs() < 1e-4 + 1e-4 * 35.6,
@@ -262,7 +266,8 @@ fn two_training_steps_end_to_end_match_reference() {
             0.0,
         );
     }
-    let (loss3, _) = loss_and_grads(&model, &p, &[b]).unwrap();
+    let (loss3, _) = loss_and_grads(&model, &p, &[b], 0.0).unwrap();
+    let loss3 = loss3.total;
     // Loss at after_step2: 32.950807545753364.
     assert!(
         (loss3 - 32.950807545753364).abs() < 1e-4 + 1e-4 * 32.95,
@@ -273,10 +278,10 @@ fn two_training_steps_end_to_end_match_reference() {
 /// The hand-written LoRA step against candle's autodiff on fresh random factors (every `B`
 /// non-zero, so every `A` gradient is too): a padded batch and an unpadded one accumulated into
 /// one step, grouped-query attention, all seven projections adapted.
-#[test]
-fn hand_written_step_equals_autodiff_on_random_factors() {
-    let (model, tr) = model_with_adapter();
-    let mut state = 0x5eed_u64;
+/// Sets every factor to fresh uniform values in ±0.2 from a seeded generator (every `B`
+/// non-zero, so every `A` gradient is too).
+fn randomize(tr: &Trainable, seed: u64) {
+    let mut state = seed;
     for var in tr.vars.values() {
         let values: Vec<f32> = (0..var.elem_count())
             .map(|_| {
@@ -289,11 +294,18 @@ fn hand_written_step_equals_autodiff_on_random_factors() {
         var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap())
             .unwrap();
     }
+}
+
+#[test]
+fn hand_written_step_equals_autodiff_on_random_factors() {
+    let (model, tr) = model_with_adapter();
+    randomize(&tr, 0x5eed);
     let p = params(&tr);
     assert!(fast::applies(&model, &p));
     let batches = [batch(""), batch("seq1_unpadded.")];
-    let (fast_loss, fast_grads) = fast::loss_and_grads(&model, &p, &batches).unwrap();
-    let (auto_loss, auto_grads) = autodiff_loss_and_grads(&model, &p, &batches).unwrap();
+    let (fast_loss, fast_grads) = fast::loss_and_grads(&model, &p, &batches, 0.0).unwrap();
+    let (auto_loss, auto_grads) = autodiff_loss_and_grads(&model, &p, &batches, 0.0).unwrap();
+    let (fast_loss, auto_loss) = (fast_loss.total, auto_loss.total);
     assert!(
         (fast_loss - auto_loss).abs() < 1e-5 * auto_loss.abs(),
         "loss {fast_loss} vs {auto_loss}"
@@ -315,4 +327,229 @@ fn hand_written_step_equals_autodiff_on_random_factors() {
         (forward_only - auto_loss).abs() < 1e-5 * auto_loss.abs(),
         "forward-only loss {forward_only} vs {auto_loss}"
     );
+}
+
+/// The golden batches with retain rows: sequence 0 of the padded batch (not sequence 1, so the
+/// base runs on a subset of the rows), and the unpadded sequence 1 alone. 6 + 4 of the 14
+/// targets are retain targets.
+fn retain_batches() -> [Batch; 2] {
+    let mut mixed = batch("");
+    mixed.retain = vec![true, false];
+    let mut alone = batch("seq1_unpadded.");
+    alone.retain = vec![true];
+    [mixed, alone]
+}
+
+fn bits(grads: &[Tensor]) -> Vec<Vec<u32>> {
+    grads
+        .iter()
+        .map(|g| flat(g).iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+type Step = fn(
+    &Decoder,
+    &[(&String, &Var)],
+    &[Batch],
+    f64,
+) -> sails::train::Result<(StepLoss, Vec<Tensor>)>;
+
+const STEPS: [(&str, Step); 2] = [
+    ("hand-written", fast::loss_and_grads),
+    ("autodiff", autodiff_loss_and_grads),
+];
+
+/// λ = 0 is the step as it was: retain flags change nothing and no KL is reported, λ > 0 on
+/// batches without retain rows changes nothing either, and autodiff's loss and gradients are
+/// bit for bit those of `response_token_loss`'s sum / n_total, backward (its code before the
+/// retain term).
+#[test]
+fn retain_kl_zero_leaves_loss_and_gradients_bit_identical() {
+    let (model, tr) = model_with_adapter();
+    randomize(&tr, 0x5eed);
+    let p = params(&tr);
+    let plain = [batch(""), batch("seq1_unpadded.")];
+    let flagged = retain_batches();
+    for (path, step) in STEPS {
+        let (l0, g0) = step(&model, &p, &plain, 0.0).unwrap();
+        let (l1, g1) = step(&model, &p, &flagged, 0.0).unwrap();
+        let (l2, g2) = step(&model, &p, &plain, 0.5).unwrap();
+        assert_eq!(l0.retain_kl, None, "{path}");
+        assert_eq!(l0.total.to_bits(), l0.nll.to_bits(), "{path}");
+        assert_eq!(l1, l0, "{path}: retain flags at λ = 0");
+        assert_eq!(l2, l0, "{path}: λ > 0 without retain rows");
+        assert!(bits(&g1) == bits(&g0), "{path}: retain flags at λ = 0");
+        assert!(bits(&g2) == bits(&g0), "{path}: λ > 0 without retain rows");
+    }
+    let n_total = 14.0;
+    let (mut loss_sum, mut want): (f64, Vec<Option<Tensor>>) = (0.0, vec![None; p.len()]);
+    for b in &plain {
+        let out = response_token_loss(&model, b).unwrap();
+        loss_sum += out
+            .sum
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let store = (&out.sum / n_total).unwrap().backward().unwrap();
+        for (slot, (_, var)) in want.iter_mut().zip(&p) {
+            let g = store.get(var.as_tensor()).unwrap().clone();
+            *slot = Some(match slot.take() {
+                Some(acc) => (acc + g).unwrap(),
+                None => g,
+            });
+        }
+    }
+    let want: Vec<Tensor> = want.into_iter().map(Option::unwrap).collect();
+    let (got, grads) = autodiff_loss_and_grads(&model, &p, &plain, 0.0).unwrap();
+    assert_eq!(got.total.to_bits(), (loss_sum / n_total).to_bits());
+    assert!(bits(&grads) == bits(&want));
+}
+
+/// The hand-written step with a retain term against candle's autodiff (KL through its own
+/// log-softmax) on fresh random factors, at the tolerances of the plain step's comparison; the
+/// term is not idle (the gradients move well beyond that tolerance).
+#[test]
+fn retain_kl_hand_written_step_equals_autodiff_on_random_factors() {
+    let (model, tr) = model_with_adapter();
+    randomize(&tr, 0x7e7a_1e55);
+    let p = params(&tr);
+    let batches = retain_batches();
+    let lambda = 0.7;
+    let (fast_loss, fast_grads) = fast::loss_and_grads(&model, &p, &batches, lambda).unwrap();
+    let (auto_loss, auto_grads) = autodiff_loss_and_grads(&model, &p, &batches, lambda).unwrap();
+    let (fast_kl, auto_kl) = (fast_loss.retain_kl.unwrap(), auto_loss.retain_kl.unwrap());
+    for (what, f, a) in [
+        ("total", fast_loss.total, auto_loss.total),
+        ("nll", fast_loss.nll, auto_loss.nll),
+        ("retain_kl", fast_kl, auto_kl),
+    ] {
+        assert!((f - a).abs() < 1e-5 * a.abs(), "{what}: {f} vs {a}");
+    }
+    assert!(
+        auto_kl > 0.01,
+        "the random adapter barely moves the model: KL {auto_kl}"
+    );
+    let (_, nll_grads) = fast::loss_and_grads(&model, &p, &batches, 0.0).unwrap();
+    let mut moved = 0f32;
+    for (((name, _), (f, a)), n) in p
+        .iter()
+        .zip(fast_grads.iter().zip(&auto_grads))
+        .zip(&nll_grads)
+    {
+        let (f, a, n) = (flat(f), flat(a), flat(n));
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert_close(name, &f, &a, 1e-5 * scale, 1e-4);
+        let change = f
+            .iter()
+            .zip(&n)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        moved = moved.max(change / scale);
+    }
+    assert!(
+        moved > 1e-2,
+        "the KL term changes the gradients by {moved} at most"
+    );
+}
+
+/// `log softmax` of a row, in f64.
+fn log_softmax_f64(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let lse = max
+        + row
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// The step's KL against one computed in f64 from the full logits of the adapted model and of
+/// a copy with the adapter removed: KL = Σ_retain targets Σ_v p·(log p − log q), p the base's.
+#[test]
+fn retain_kl_value_matches_an_f64_computation_from_both_logit_sets() {
+    let (model, tr) = model_with_adapter();
+    randomize(&tr, 0x5eed);
+    let p = params(&tr);
+    let batches = retain_batches();
+    let mut base = model.clone();
+    sails::model::lora::clear(&mut base);
+    let (mut kl_sum, mut n_retain) = (0f64, 0usize);
+    for b in &batches {
+        let logits = |m: &Decoder| {
+            m.forward(Forward::logits(&b.input_ids, Some(&b.attention_mask)), None)
+                .unwrap()
+                .logits
+                .unwrap()
+                .to_vec3::<f32>()
+                .unwrap()
+        };
+        let (adapted, original) = (logits(&model), logits(&base));
+        for x in b.targets.iter().filter(|x| b.retain[x.row]) {
+            let log_p = log_softmax_f64(&original[x.row][x.pos]);
+            let log_q = log_softmax_f64(&adapted[x.row][x.pos]);
+            kl_sum += log_p
+                .iter()
+                .zip(&log_q)
+                .map(|(lp, lq)| lp.exp() * (lp - lq))
+                .sum::<f64>();
+            n_retain += 1;
+        }
+    }
+    assert_eq!(n_retain, 10);
+    let want = kl_sum / n_retain as f64;
+    assert!(want > 0.1, "KL {want}");
+    let lambda = 0.7;
+    for (path, step) in STEPS {
+        let (loss, _) = step(&model, &p, &batches, lambda).unwrap();
+        let got = loss.retain_kl.unwrap();
+        assert!(
+            (got - want).abs() <= 1e-4 * want,
+            "{path}: KL {got} vs {want}"
+        );
+        // (Σ NLL + λ Σ KL) / n_total, n_total = 14.
+        let total = loss.nll + lambda * kl_sum / 14.0;
+        assert!(
+            (loss.total - total).abs() <= 1e-5 * total,
+            "{path}: loss {} vs {total}",
+            loss.total
+        );
+    }
+}
+
+/// With every `B` zero the adapter is the base: the hand-written step's KL is exactly 0 and its
+/// gradients are bit for bit those without the term (base and adapted logits come out of the
+/// same kernels, so they are equal, and p_base is scaled exactly as the softmax). On the autodiff
+/// path the model without trainable tensors takes candle's gradient-free kernels, so both are 0
+/// only to rounding there.
+#[test]
+fn retain_kl_is_exactly_zero_when_the_adapter_is_the_base() {
+    let (model, tr) = model_with_adapter();
+    randomize(&tr, 0x5eed);
+    for (name, var) in &tr.vars {
+        if name.contains("lora_B") {
+            var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
+        }
+    }
+    let p = params(&tr);
+    let batches = retain_batches();
+    let (with, g) = fast::loss_and_grads(&model, &p, &batches, 0.7).unwrap();
+    let (without, g0) = fast::loss_and_grads(&model, &p, &batches, 0.0).unwrap();
+    assert_eq!(with.retain_kl, Some(0.0));
+    assert_eq!(with.total.to_bits(), without.total.to_bits());
+    assert!(bits(&g) == bits(&g0));
+    assert!(
+        g0.iter().any(|t| flat(t).iter().any(|&x| x != 0.0)),
+        "all gradients are zero: nothing was compared"
+    );
+    let (with, g) = autodiff_loss_and_grads(&model, &p, &batches, 0.7).unwrap();
+    let (_, g0) = autodiff_loss_and_grads(&model, &p, &batches, 0.0).unwrap();
+    let kl = with.retain_kl.unwrap();
+    assert!(kl.abs() < 1e-9, "autodiff KL {kl}");
+    for ((name, _), (a, b)) in p.iter().zip(g.iter().zip(&g0)) {
+        let b = flat(b);
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert_close(name, &flat(a), &b, 1e-6 * scale.max(1e-6), 0.0);
+    }
 }

@@ -44,6 +44,7 @@ fn examples() -> Vec<TokenizedExample> {
                 ids,
                 target_start: len - n,
                 target_end: len,
+                retain: false,
             }
         })
         .collect()
@@ -75,7 +76,19 @@ fn run(
     resume: bool,
     stop_after: Option<usize>,
 ) -> Result<train::TrainSummary, TrainError> {
-    let data = examples();
+    run_on(&examples(), cfg, model, tr, out, resume, stop_after)
+}
+
+/// [`run`] on `data`: the first 8 examples train, the last 2 are held out.
+fn run_on(
+    data: &[TokenizedExample],
+    cfg: &TrainConfig,
+    model: &Decoder,
+    tr: &Trainable,
+    out: &Path,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> Result<train::TrainSummary, TrainError> {
     let stop = AtomicBool::new(false);
     train::run(
         cfg,
@@ -258,4 +271,122 @@ fn non_finite_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint() {
         other => panic!("expected NonFiniteLoss at step 1, got {other:?}"),
     }
     assert!(train::checkpoint::latest(out.path()).unwrap().is_none());
+}
+
+/// The examples with every other one a retain example.
+fn retain_examples() -> Vec<TokenizedExample> {
+    examples()
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| TokenizedExample {
+            retain: i % 2 == 0,
+            ..e
+        })
+        .collect()
+}
+
+#[test]
+fn retain_kl_run_logs_the_kl_keeps_the_held_out_loss_nll_and_must_resume_with_it() {
+    let cfg = TrainConfig {
+        retain_kl: 0.5,
+        ..config()
+    };
+    let data = retain_examples();
+    let (model, tr) = tiny_with_lora();
+    let out = tempfile::tempdir().unwrap();
+    run_on(&data, &cfg, &model, &tr, out.path(), false, None).unwrap();
+    let records = curve(out.path());
+    let kls: Vec<Option<f64>> = records
+        .iter()
+        .filter_map(|r| match r {
+            CurveRecord::Train { retain_kl, .. } => Some(*retain_kl),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kls.len(), 6);
+    // Kaiming init has B = 0: the first step's adapter is the base, so its KL is exactly 0.
+    assert_eq!(kls[0], Some(0.0));
+    assert!(kls[1..].iter().flatten().any(|&kl| kl > 0.0), "{kls:?}");
+    // The held-out loss is the NLL alone: the last one equals `eval_loss` of the final model.
+    let last_eval = records
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            CurveRecord::Eval { loss, .. } => Some(*loss),
+            _ => None,
+        })
+        .unwrap();
+    let (nll, _) = train::eval_loss(&model, &data[8..], cfg.batch_size, 0).unwrap();
+    assert_eq!(last_eval.to_bits(), nll.to_bits());
+
+    // A run without the term writes no retain_kl field at all.
+    let (model, tr) = tiny_with_lora();
+    let plain = tempfile::tempdir().unwrap();
+    run(&config(), &model, &tr, plain.path(), false, None).unwrap();
+    let text = std::fs::read_to_string(plain.path().join("loss_curve.jsonl")).unwrap();
+    assert!(!text.contains("retain_kl"), "{text}");
+
+    // Resuming the λ = 0.5 run without the term is refused, naming it.
+    let (model, tr) = tiny_with_lora();
+    match run_on(&data, &config(), &model, &tr, out.path(), true, None) {
+        Err(TrainError::ConfigChanged { field, saved, now }) => assert_eq!(
+            (field.as_str(), saved.as_str(), now.as_str()),
+            ("retain_kl", "0.5", "absent")
+        ),
+        other => panic!("expected ConfigChanged, got {other:?}"),
+    }
+}
+
+#[test]
+fn retain_kl_settings_are_validated() {
+    let (model, tr) = tiny_with_lora();
+    let out = tempfile::tempdir().unwrap();
+    let with = |retain_kl| TrainConfig {
+        retain_kl,
+        ..config()
+    };
+    for bad in [-0.1, f64::NAN, f64::INFINITY] {
+        match run_on(
+            &retain_examples(),
+            &with(bad),
+            &model,
+            &tr,
+            out.path(),
+            false,
+            None,
+        ) {
+            Err(TrainError::Config(m)) => assert!(m.contains("retain_kl"), "{m}"),
+            other => panic!("retain_kl {bad}: expected a config error, got {other:?}"),
+        }
+    }
+    // No retain example: the term would silently do nothing.
+    match run(&with(0.5), &model, &tr, out.path(), false, None) {
+        Err(TrainError::Config(m)) => assert!(m.contains("no training example"), "{m}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    // Full fine-tuning has no adapter to switch off.
+    let dir = golden_dir().join("tiny-llama");
+    let dcfg = DecoderConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let mut w = WeightMap::from_safetensors_dir(&dir, &Device::Cpu).unwrap();
+    let mut full = Decoder::load(dcfg, &mut w, &Device::Cpu, DType::F32).unwrap();
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into()],
+        rslora: false,
+        init: LoraInit::Full,
+    };
+    let full_tr = inject(&mut full, &lora, 0).unwrap();
+    match run_on(
+        &retain_examples(),
+        &with(0.5),
+        &full,
+        &full_tr,
+        out.path(),
+        false,
+        None,
+    ) {
+        Err(TrainError::Config(m)) => assert!(m.contains("LoRA adapter"), "{m}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
 }
