@@ -27,7 +27,11 @@ pub enum SuiteArg {
     Overrefusal,
     /// True/false statement accuracy and held-out Alpaca loss (no generation).
     Capability,
+    /// The four evaluation suites (not validation).
     All,
+    /// Model selection, never evaluation: harmful training-side prompts and benign requests with
+    /// safety concerns held out of training (`val-harmful` safety, `val-benign` refusal rate).
+    Validation,
 }
 
 impl SuiteArg {
@@ -37,6 +41,7 @@ impl SuiteArg {
             SuiteArg::Overrefusal => vec![Suite::Overrefusal, Suite::XstestUnsafe],
             SuiteArg::Capability => vec![Suite::Capability],
             SuiteArg::All => EvalConfig::default().suites,
+            SuiteArg::Validation => Suite::VALIDATION.to_vec(),
         }
     }
 }

@@ -149,6 +149,8 @@ pub enum Split {
     Train,
     /// Evaluation only.
     Eval,
+    /// Held out of training for model selection (training-side sources, never an evaluation item).
+    Validation,
     /// Used by neither (a duplicate, or outside every suite, e.g. HarmBench contextual behaviours).
     Excluded,
 }
@@ -165,9 +167,14 @@ pub enum Suite {
     XstestUnsafe,
     /// True/false statement accuracy and held-out Alpaca loss (no generation).
     Capability,
+    /// Validation: harmful training-side prompts held out of training; safety rate.
+    ValHarmful,
+    /// Validation: benign requests with safety concerns held out of training; refusal rate.
+    ValBenign,
 }
 
 impl Suite {
+    /// The evaluation suites (validation is not evaluation).
     pub const ALL: [Suite; 4] = [
         Suite::Harmful,
         Suite::Overrefusal,
@@ -175,12 +182,22 @@ impl Suite {
         Suite::Capability,
     ];
 
+    /// The validation suites, for model selection.
+    pub const VALIDATION: [Suite; 2] = [Suite::ValHarmful, Suite::ValBenign];
+
+    /// Whether the suite's rate counts safe answers (not complied) rather than refusals.
+    pub fn counts_safe(self) -> bool {
+        matches!(self, Suite::Harmful | Suite::ValHarmful)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Suite::Harmful => "harmful",
             Suite::Overrefusal => "overrefusal",
             Suite::XstestUnsafe => "xstest-unsafe",
             Suite::Capability => "capability",
+            Suite::ValHarmful => "val-harmful",
+            Suite::ValBenign => "val-benign",
         }
     }
 }
@@ -246,6 +263,15 @@ pub struct SplitConfig {
     pub advbench_eval_frac: f64,
     /// Share of the Alpaca pairs held out for the capability loss.
     pub alpaca_eval_frac: f64,
+    /// Share of the training-side harmful prompts (AdvBench, UncensorBench, many-shot) and
+    /// benign requests with safety concerns (CoCoNot, benign-but-edgy) held out of training for
+    /// model selection (the validation suites).
+    #[serde(default = "default_validation_frac")]
+    pub validation_frac: f64,
+}
+
+fn default_validation_frac() -> f64 {
+    0.15
 }
 
 impl Default for SplitConfig {
@@ -257,6 +283,9 @@ impl Default for SplitConfig {
             advbench_eval_frac: 0.2,
             // ~100 held-out pairs for the loss; the rest (~900) for training.
             alpaca_eval_frac: 0.1,
+            // ~57 harmful and ~90 benign prompts: enough to rank configurations, little taken
+            // from training.
+            validation_frac: default_validation_frac(),
         }
     }
 }
@@ -344,6 +373,9 @@ pub struct Splits {
     excluded: Vec<Exclusion>,
     /// The training texts most similar to an evaluation text, most similar first.
     closest_kept: Vec<NearPair>,
+    /// Validation: harmful and benign training-side prompts held out of training.
+    val_harmful: Vec<PromptRecord>,
+    val_benign: Vec<PromptRecord>,
     /// Normalised text of every row of every evaluation data set → the id that claims it.
     eval_pool: EvalPool,
 }
@@ -358,6 +390,7 @@ impl Splits {
         for (name, f) in [
             ("advbench_eval_frac", config.advbench_eval_frac),
             ("alpaca_eval_frac", config.alpaca_eval_frac),
+            ("validation_frac", config.validation_frac),
         ] {
             if !(0.0..1.0).contains(&f) {
                 return Err(DataError::Config(format!(
@@ -550,6 +583,39 @@ impl Splits {
                 ..r
             })
             .collect();
+        // Validation: a seeded share of the training-side harmful prompts and benign requests
+        // with safety concerns, held out of training for model selection. Its own hash, so it
+        // does not follow the AdvBench and Alpaca draws.
+        let val_seed = config.seed.wrapping_add(1);
+        let held = |text: &str| hash_unit(val_seed, text) < config.validation_frac;
+        let validation = |r: PromptRecord| PromptRecord {
+            split: Split::Validation,
+            ..r
+        };
+        let answered = |p: AnsweredPrompt, source: Source| PromptRecord {
+            id: p.id,
+            source,
+            text: p.prompt,
+            category: String::new(),
+            split: Split::Validation,
+        };
+        let (val, train_harmful): (Vec<_>, Vec<_>) =
+            train_harmful.into_iter().partition(|r| held(&r.text));
+        let mut val_harmful: Vec<PromptRecord> = val.into_iter().map(validation).collect();
+        let (val, uncensored): (Vec<_>, Vec<_>) =
+            uncensored.into_iter().partition(|p| held(&p.prompt));
+        val_harmful.extend(val.into_iter().map(|p| answered(p, Source::UncensorBench)));
+        let (val, many_shot): (Vec<_>, Vec<_>) = many_shot.into_iter().partition(|r| held(&r.text));
+        val_harmful.extend(val.into_iter().map(validation));
+        let (val, coconot): (Vec<_>, Vec<_>) = coconot.into_iter().partition(|p| held(&p.prompt));
+        let mut val_benign: Vec<PromptRecord> = val
+            .into_iter()
+            .map(|p| answered(p, Source::Coconot))
+            .collect();
+        let (val, benign_edgy): (Vec<_>, Vec<_>) =
+            benign_edgy.into_iter().partition(|r| held(&r.text));
+        val_benign.extend(val.into_iter().map(validation));
+
         // A pair is used whole or not at all: its point is the contrast.
         let mut pairs_kept = Vec::new();
         for mut pair in pairs {
@@ -588,6 +654,8 @@ impl Splits {
             many_shot,
             excluded,
             closest_kept: Vec::new(),
+            val_harmful,
+            val_benign,
             eval_pool: pool,
         };
         // The construction above should already guarantee this; check it anyway.
@@ -666,7 +734,7 @@ impl Splits {
         let needs: &[&str] = match suite {
             Suite::Harmful => &["harmbench-test", "strongreject", "jbb-behaviors"],
             Suite::Capability => &["rho-facts"],
-            Suite::Overrefusal | Suite::XstestUnsafe => &[],
+            Suite::Overrefusal | Suite::XstestUnsafe | Suite::ValHarmful | Suite::ValBenign => &[],
         };
         self.missing
             .iter()
@@ -696,6 +764,8 @@ impl Splits {
             Suite::Overrefusal => &self.xstest_safe,
             Suite::XstestUnsafe => &self.xstest_unsafe,
             Suite::Capability => &[],
+            Suite::ValHarmful => &self.val_harmful,
+            Suite::ValBenign => &self.val_benign,
         }
     }
 
@@ -779,6 +849,11 @@ impl Splits {
         for (id, _) in self.training_items() {
             members.insert(id.to_owned(), "train".into());
         }
+        for suite in Suite::VALIDATION {
+            for r in self.eval_suite(suite) {
+                members.insert(r.id.clone(), format!("validation/{}", suite.name()));
+            }
+        }
         for e in &self.excluded {
             members.insert(e.id.clone(), "excluded".into());
         }
@@ -795,6 +870,8 @@ impl Splits {
             "eval/overrefusal",
             "eval/xstest-unsafe",
             "eval/capability",
+            "validation/val-harmful",
+            "validation/val-benign",
             "train",
             "excluded",
         ]

@@ -602,7 +602,7 @@ fn cli_fetch_tries_every_asset_and_fails_at_the_end() {
         assert_eq!(name, want);
         match name.as_str() {
             n if vendored(n) => assert_eq!(status, "fetched", "{n}"),
-            "advbench" | "pyrit-refusal" | "pyrit-objective" => assert!(
+            "advbench" | "pyrit-refusal" | "pyrit-objective" | "pyrit-many-shot" => assert!(
                 status.starts_with(&format!(
                     "failed: asset `{name}` needs pyrit==1.1.0 (wheel)"
                 )) && status.contains("(it offers: 0.9.0, 1.0.0)")
@@ -743,7 +743,7 @@ fn cli_check_remote_asks_once_per_archive_and_reports_each_answer() {
     let lines = status_lines(&out);
     let want = |name: &str| -> String {
         match name {
-            "advbench" | "pyrit-refusal" | "pyrit-objective" => {
+            "advbench" | "pyrit-refusal" | "pyrit-objective" | "pyrit-many-shot" => {
                 "not served (registry offers: 1.0.0)".into()
             }
             "benign-edgy" | "refusal-pairs" | "rho-facts" => format!(

