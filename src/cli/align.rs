@@ -342,11 +342,13 @@ pub(super) fn write_toml<T: Serialize>(path: &Path, value: &T) -> anyhow::Result
     Ok(())
 }
 
-/// `sails eval` arguments for one evaluation (with `adapter`, the aligned model).
+/// `sails eval` arguments for one evaluation of `suite` (`all`, or a comma-separated list; with
+/// `adapter`, the aligned model).
 pub(super) fn eval_args(
     model: &str,
     out: &Path,
     e: &EvalPlan,
+    suite: &str,
     adapter: Option<PathBuf>,
 ) -> Vec<String> {
     let mut a = vec![
@@ -354,7 +356,7 @@ pub(super) fn eval_args(
         s("--model"),
         model.to_string(),
         s("--suite"),
-        s("all"),
+        s(suite),
         s("--out"),
         s(out.display()),
         s("--max-new-tokens"),
@@ -775,6 +777,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
                     &cfg.model,
                     &run.path(stage),
                     e,
+                    "all",
                     adapter.map(|ad| run.path(ad)),
                 );
                 sails(&run, stage, &a)

@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use sails::eval::metrics::Rate;
-use sails::eval::Metrics;
+use sails::data::Suite;
+use sails::eval::metrics::{frontier_diff, safety_minus_overrefusal, FrontierDiff, Rate};
+use sails::eval::{counts, read_jsonl, GenerationRecord, Metrics};
 use sails::manifest::{RunManifest, StagePlan};
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +35,7 @@ pub enum CompareMethod {
 }
 
 impl CompareMethod {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             CompareMethod::Sails => "sails",
             CompareMethod::Lora => "lora",
@@ -83,6 +84,23 @@ pub struct CompareArgs {
     /// Items per evaluation suite [default: the run's eval.limit].
     #[arg(long)]
     pub eval_limit: Option<usize>,
+    /// Adapter scales each trained method is evaluated at (comma-separated).
+    ///
+    /// Each method × seed's update (alpha/r · B·A, or full fine-tuning's weight change) is
+    /// multiplied by each scale at load time, without retraining, and evaluated on the harmful and
+    /// XSTest suites into compare/<method>-s<seed>/eval-x<scale>/. The capability suite runs only
+    /// at scale 1, the table's evaluation (always made), which keeps the other scales cheap. With
+    /// more than one scale, compare.json, compare.md and the report also get each method's
+    /// safety / over-refusal frontier and a test of the first of --methods against each other on
+    /// it. 0 is the base model, the same for every method (it is evaluated for each all the same).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "S,...",
+        default_value = "1",
+        value_parser = super::eval::parse_adapter_scale
+    )]
+    pub scales: Vec<f64>,
     /// Redo every method's stages.
     #[arg(long)]
     pub force: bool,
@@ -157,6 +175,70 @@ pub struct Comparison {
     pub eval_limit: Option<usize>,
     pub model_params: usize,
     pub rows: Vec<MethodRow>,
+    /// With more than one `--scales`: each method along its adapter scales, and the tests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frontier: Option<Frontier>,
+}
+
+/// One method × seed at one adapter scale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedPoint {
+    pub seed: u64,
+    /// Safety rate on the harmful suite, with its Wilson interval and counts.
+    pub safety: Rate,
+    /// Refusal rate on XSTest's safe prompts.
+    pub overrefusal: Rate,
+}
+
+/// One method at one adapter scale over its seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrontierPoint {
+    pub method: CompareMethod,
+    pub scale: f64,
+    pub safety: Figure,
+    pub overrefusal: Figure,
+    pub per_seed: Vec<SeedPoint>,
+}
+
+/// Method A against method B on the whole frontier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrontierTest {
+    pub method_a: CompareMethod,
+    pub method_b: CompareMethod,
+    pub test: FrontierDiff,
+    /// The same difference from each seed's pair of adapters alone, in --seeds order.
+    pub per_seed: Vec<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frontier {
+    /// Increasing.
+    pub scales: Vec<f64>,
+    /// Method × scale, in --methods then scale order.
+    pub points: Vec<FrontierPoint>,
+    pub tests: Vec<FrontierTest>,
+}
+
+/// Resamples of the frontier test's bootstrap and permutations, and their seed.
+const FRONTIER_RESAMPLES: usize = 10_000;
+const FRONTIER_SEED: u64 = 0;
+
+/// The suites an evaluation at a scale other than 1 runs.
+const SCALED_SUITES: &str = "harmful,overrefusal";
+
+/// A method × seed's folder under the run.
+fn method_dir(method: CompareMethod, seed: u64) -> String {
+    format!("compare/{}-s{seed}", method.name())
+}
+
+/// Its evaluation at `scale`, inside [`method_dir`]: `eval` at 1 (every suite: the table's),
+/// `eval-x<scale>` otherwise.
+fn eval_dir(scale: f64) -> String {
+    if scale == 1.0 {
+        "eval".into()
+    } else {
+        format!("eval-x{scale}")
+    }
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> anyhow::Result<T> {
@@ -202,6 +284,17 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
     if args.methods.is_empty() || args.seeds.is_empty() {
         bail!("give at least one method and one seed");
     }
+    let mut scales = args.scales.clone();
+    scales.sort_by(f64::total_cmp);
+    if scales.windows(2).any(|w| w[0] == w[1]) {
+        bail!("--scales lists a scale twice: {:?}", args.scales);
+    }
+    // Scale 1 is always evaluated: the table is made from it.
+    let mut eval_scales = scales.clone();
+    if !eval_scales.contains(&1.0) {
+        eval_scales.push(1.0);
+        eval_scales.sort_by(f64::total_cmp);
+    }
     let layout = Layout { root: root.clone() };
     let mut runner = Runner {
         run: &layout,
@@ -224,7 +317,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     for &method in &args.methods {
         for &seed in &args.seeds {
-            let tag = format!("compare/{}-s{seed}", method.name());
+            let tag = method_dir(method, seed);
             let mut tc = train_cfg.clone();
             tc.seed = seed;
             if method == CompareMethod::Full {
@@ -317,28 +410,47 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
                     sails(&layout, &format!("{}-s{seed}-train", method.name()), &a)
                 },
             )?;
-            let eval_stage = format!("{tag}/eval");
-            runner.stage(
-                StagePlan {
-                    name: &eval_stage,
-                    inputs: vec![model_path.clone(), root.join(&tag).join("train/adapter")],
-                    config: serde_json::to_value(&eval)?,
-                    outputs: vec![PathBuf::from(&tag).join("eval/metrics.json")],
-                },
-                |fresh| {
-                    let dir = root.join(&tag).join("eval");
-                    if fresh {
-                        remove_dir(&dir)?;
-                    }
-                    let a = eval_args(
-                        &cfg.model,
-                        &dir,
-                        &eval,
-                        Some(root.join(&tag).join("train/adapter")),
-                    );
-                    sails(&layout, &format!("{}-s{seed}-eval", method.name()), &a)
-                },
-            )?;
+            let adapter = root.join(&tag).join("train/adapter");
+            for &scale in &eval_scales {
+                let dir_name = eval_dir(scale);
+                let eval_stage = format!("{tag}/{dir_name}");
+                // At scale 1 the stage's config is what it was before scales existed, so runs
+                // made then stay up to date.
+                let (suite, config) = if scale == 1.0 {
+                    ("all", serde_json::to_value(&eval)?)
+                } else {
+                    (
+                        SCALED_SUITES,
+                        serde_json::json!({
+                            "eval": &eval, "adapter_scale": scale, "suite": SCALED_SUITES
+                        }),
+                    )
+                };
+                runner.stage(
+                    StagePlan {
+                        name: &eval_stage,
+                        inputs: vec![model_path.clone(), adapter.clone()],
+                        config,
+                        outputs: vec![PathBuf::from(&tag).join(&dir_name).join("metrics.json")],
+                    },
+                    |fresh| {
+                        let dir = root.join(&tag).join(&dir_name);
+                        if fresh {
+                            remove_dir(&dir)?;
+                        }
+                        let mut a =
+                            eval_args(&cfg.model, &dir, &eval, suite, Some(adapter.clone()));
+                        if scale != 1.0 {
+                            a.extend([s("--adapter-scale"), s(scale)]);
+                        }
+                        sails(
+                            &layout,
+                            &format!("{}-s{seed}-{dir_name}", method.name()),
+                            &a,
+                        )
+                    },
+                )?;
+            }
         }
     }
     let model = sails::model::load::ChatModel::load(
@@ -365,6 +477,11 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
         eval_limit: eval.limit,
         model_params,
         rows,
+        frontier: if scales.len() > 1 {
+            Some(frontier(&root, &args.methods, &args.seeds, &scales)?)
+        } else {
+            None
+        },
     };
     let out = root.join("compare");
     std::fs::create_dir_all(&out)?;
@@ -413,8 +530,8 @@ fn method_row(
     let mut losses = Vec::new();
     let mut seconds = Vec::new();
     let mut trainable_params = 0;
-    for seed in seeds {
-        let tag = format!("compare/{}-s{seed}", method.name());
+    for &seed in seeds {
+        let tag = method_dir(method, seed);
         metrics.push(read_json(&root.join(&tag).join("eval/metrics.json"))?);
         if let Some(l) = last_eval_loss(&root.join(&tag).join("train/loss_curve.jsonl"))? {
             losses.push(l);
@@ -455,6 +572,151 @@ fn method_row(
         final_heldout_loss: (!losses.is_empty()).then(|| Spread::of(&losses)),
         train_seconds: Spread::of(&seconds),
     })
+}
+
+/// Each method at each scale, and the first method tested against each other one.
+fn frontier(
+    root: &std::path::Path,
+    methods: &[CompareMethod],
+    seeds: &[u64],
+    scales: &[f64],
+) -> anyhow::Result<Frontier> {
+    let mut points = Vec::new();
+    for &method in methods {
+        for &scale in scales {
+            let mut per_seed = Vec::new();
+            for &seed in seeds {
+                let path = root
+                    .join(method_dir(method, seed))
+                    .join(eval_dir(scale))
+                    .join("metrics.json");
+                let m: Metrics = read_json(&path)?;
+                let rate = |suite: &str| {
+                    m.suites
+                        .get(suite)
+                        .map(|s| s.rate)
+                        .with_context(|| format!("{}: no {suite} suite", path.display()))
+                };
+                per_seed.push(SeedPoint {
+                    seed,
+                    safety: rate("harmful")?,
+                    overrefusal: rate("overrefusal")?,
+                });
+            }
+            points.push(FrontierPoint {
+                method,
+                scale,
+                safety: figure(&per_seed.iter().map(|p| &p.safety).collect::<Vec<_>>()),
+                overrefusal: figure(&per_seed.iter().map(|p| &p.overrefusal).collect::<Vec<_>>()),
+                per_seed,
+            });
+        }
+    }
+    let mut tests = Vec::new();
+    if let Some((&first, others)) = methods.split_first() {
+        let load = |method| -> anyhow::Result<Vec<Outcomes>> {
+            seeds
+                .iter()
+                .map(|&seed| outcomes(root, method, seed, scales))
+                .collect()
+        };
+        let a = load(first)?;
+        for &other in others {
+            let b = load(other)?;
+            let (harmful, overrefusal) = paired_differences(&a, &b, scales.len());
+            let test = frontier_diff(&harmful, &overrefusal, FRONTIER_RESAMPLES, FRONTIER_SEED)
+                .with_context(|| {
+                    format!(
+                        "{} and {} share no evaluated prompt of both suites at every scale",
+                        first.name(),
+                        other.name()
+                    )
+                })?;
+            let per_seed = (0..seeds.len())
+                .map(|i| {
+                    let (h, o) = paired_differences(&a[i..=i], &b[i..=i], scales.len());
+                    safety_minus_overrefusal(&h, &o)
+                })
+                .collect();
+            tests.push(FrontierTest {
+                method_a: first,
+                method_b: other,
+                test,
+                per_seed,
+            });
+        }
+    }
+    Ok(Frontier {
+        scales: scales.to_vec(),
+        points,
+        tests,
+    })
+}
+
+/// One method × seed's outcomes per prompt id: its suite and, at each scale in order, whether it
+/// counted (harmful: safe; XSTest safe: refused).
+type Outcomes = BTreeMap<String, (Suite, Vec<bool>)>;
+
+fn outcomes(
+    root: &std::path::Path,
+    method: CompareMethod,
+    seed: u64,
+    scales: &[f64],
+) -> anyhow::Result<Outcomes> {
+    let mut out = Outcomes::new();
+    for &scale in scales {
+        let path = root
+            .join(method_dir(method, seed))
+            .join(eval_dir(scale))
+            .join("generations.jsonl");
+        let records: Vec<GenerationRecord> =
+            read_jsonl(&path).with_context(|| format!("reading {}", path.display()))?;
+        for r in records {
+            if matches!(r.suite, Suite::Harmful | Suite::Overrefusal) {
+                let counted = counts(r.suite, r.label);
+                out.entry(r.id)
+                    .or_insert((r.suite, Vec::new()))
+                    .1
+                    .push(counted);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Per-prompt differences A − B of the outcome averaged over the scales and seeds (`a[i]` and
+/// `b[i]` are seed i's), split into (harmful, XSTest safe). Only prompts that every evaluation of
+/// both holds at all `n_scales` scales are kept, in id order, so the resampling that follows is
+/// reproducible.
+fn paired_differences(a: &[Outcomes], b: &[Outcomes], n_scales: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut harmful, mut overrefusal) = (Vec::new(), Vec::new());
+    let Some(first) = a.first() else {
+        return (harmful, overrefusal);
+    };
+    let n = (a.len() * n_scales) as f64;
+    for (id, (suite, _)) in first {
+        let mut totals = [0usize; 2];
+        let mut complete = true;
+        for (side, runs) in [a, b].iter().enumerate() {
+            for run in runs.iter() {
+                match run.get(id) {
+                    Some((_, v)) if v.len() == n_scales => {
+                        totals[side] += v.iter().filter(|&&x| x).count()
+                    }
+                    _ => complete = false,
+                }
+            }
+        }
+        if !complete {
+            continue;
+        }
+        let diff = (totals[0] as f64 - totals[1] as f64) / n;
+        match suite {
+            Suite::Harmful => harmful.push(diff),
+            _ => overrefusal.push(diff),
+        }
+    }
+    (harmful, overrefusal)
 }
 
 fn pct(f: &Figure) -> String {
@@ -512,6 +774,43 @@ pub fn markdown(c: &Comparison) -> String {
             r.train_seconds.mean
         ));
     }
+    if let Some(f) = &c.frontier {
+        md.push_str(
+            "\nFrontier: each method's adapter with its update scaled (safety and over-refusal \
+             on XSTest safe, in %, as above).\n\n| method | scale | safety | over-refusal |\n\
+             |---|---|---|---|\n",
+        );
+        for p in &f.points {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                p.method.name(),
+                p.scale,
+                pct(&p.safety),
+                pct(&p.overrefusal)
+            ));
+        }
+        for t in &f.tests {
+            md.push_str(&format!(
+                "\n{} − {}: difference in (safety − over-refusal) averaged over scales and seeds \
+                 {:+.3} [{:+.3}, {:+.3}] (bootstrap 95 %), p = {:.4} (sign-flip over {} harmful + \
+                 {} XSTest prompts, {} resamples); per seed {}.\n",
+                t.method_a.name(),
+                t.method_b.name(),
+                t.test.diff,
+                t.test.lo,
+                t.test.hi,
+                t.test.p_value,
+                t.test.harmful_items,
+                t.test.overrefusal_items,
+                t.test.resamples,
+                t.per_seed
+                    .iter()
+                    .map(|v| format!("{v:+.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
     md
 }
 
@@ -529,5 +828,71 @@ mod tests {
         assert!((f.seeds.sd - 0.125f64.sqrt()).abs() < 1e-12);
         assert_eq!((f.pooled.k, f.pooled.n), (15, 20));
         assert!(f.pooled.lo < 0.75 && f.pooled.hi > 0.75);
+    }
+
+    #[test]
+    fn paired_differences_average_over_scales_and_seeds_on_complete_prompts() {
+        let outcomes = |rows: &[(&str, Suite, &[bool])]| -> Outcomes {
+            rows.iter()
+                .map(|(id, suite, v)| (id.to_string(), (*suite, v.to_vec())))
+                .collect()
+        };
+        // Two scales, two seeds. h1: A safe 2 + 2 of 4, B 1 + 0 of 4 → (4 − 1)/4 = 0.75.
+        // o1: A refused 1 + 0, B 2 + 1 → (1 − 3)/4 = −0.5. h2 lacks a scale in A's seed 1: left out.
+        let a = [
+            outcomes(&[
+                ("h1", Suite::Harmful, &[true, true]),
+                ("o1", Suite::Overrefusal, &[false, true]),
+                ("h2", Suite::Harmful, &[true, true]),
+            ]),
+            outcomes(&[
+                ("h1", Suite::Harmful, &[true, true]),
+                ("o1", Suite::Overrefusal, &[false, false]),
+                ("h2", Suite::Harmful, &[true]),
+            ]),
+        ];
+        let b = [
+            outcomes(&[
+                ("h1", Suite::Harmful, &[false, true]),
+                ("o1", Suite::Overrefusal, &[true, true]),
+                ("h2", Suite::Harmful, &[false, false]),
+            ]),
+            outcomes(&[
+                ("h1", Suite::Harmful, &[false, false]),
+                ("o1", Suite::Overrefusal, &[true, false]),
+                ("h2", Suite::Harmful, &[false, false]),
+            ]),
+        ];
+        let (h, o) = paired_differences(&a, &b, 2);
+        assert_eq!((h, o), (vec![0.75], vec![-0.5]));
+        // Seed 0 alone: h1 (2 − 1)/2 = 0.5, h2 (2 − 0)/2 = 1, o1 (1 − 2)/2 = −0.5.
+        let (h, o) = paired_differences(&a[..1], &b[..1], 2);
+        assert_eq!((h.clone(), o.clone()), (vec![0.5, 1.0], vec![-0.5]));
+        // Δ(safety − over-refusal) = mean(0.5, 1) − (−0.5) = 1.25
+        assert_eq!(safety_minus_overrefusal(&h, &o), 1.25);
+    }
+
+    #[test]
+    fn scales_parse_checked_with_one_as_the_default() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["sails", "compare", "--run", "r"];
+            argv.extend_from_slice(extra);
+            crate::cli::Cli::try_parse_from(argv).map(|cli| match cli.command {
+                crate::cli::Command::Compare(a) => a.scales,
+                _ => panic!("not compare"),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), vec![1.0]);
+        assert_eq!(
+            parse(&["--scales", "0.5,1,1.5"]).unwrap(),
+            vec![0.5, 1.0, 1.5]
+        );
+        assert!(parse(&["--scales=0.5,-1"]).is_err());
+        assert!(parse(&["--scales", "0.5,nan"]).is_err());
+        assert_eq!(
+            (eval_dir(1.0), eval_dir(0.5)),
+            ("eval".into(), "eval-x0.5".into())
+        );
     }
 }

@@ -46,6 +46,26 @@ impl SuiteArg {
     }
 }
 
+/// The suites of several `--suite` values, each once, in the order first named.
+fn suites_of(args: &[SuiteArg]) -> Vec<Suite> {
+    let mut out = Vec::new();
+    for s in args.iter().flat_map(|a| a.suites()) {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// `--adapter-scale`: a number, finite and >= 0.
+pub(super) fn parse_adapter_scale(text: &str) -> Result<f64, String> {
+    let s: f64 = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number: {e}"))?;
+    sails::model::lora::check_adapter_scale(s).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
 /// Options for the optional LLM judge.
 #[derive(Debug, Clone, Args)]
 pub struct LlmJudgeArgs {
@@ -87,9 +107,17 @@ pub struct EvalArgs {
     pub command: Option<EvalCommand>,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Which suite to run.
-    #[arg(long, value_enum, default_value = "all")]
-    pub suite: SuiteArg,
+    /// Which suites to run (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
+    pub suite: Vec<SuiteArg>,
+    /// Multiply the adapter's update by S (default 1: as trained; 0: the base model).
+    ///
+    /// The update alpha/r · B·A (or a full fine-tuning run's weight change) is scaled at load
+    /// time, so one trained adapter gives a whole safety / over-refusal trade-off without
+    /// retraining. S must be finite and >= 0. It is recorded in eval-config.json and metrics.json,
+    /// and a run directory evaluated at another scale is refused rather than resumed.
+    #[arg(long, value_name = "S", value_parser = parse_adapter_scale, requires = "adapter")]
+    pub adapter_scale: Option<f64>,
     /// Only the first N items of each suite (a quick, documented subset).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
@@ -246,7 +274,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let cfg = EvalConfig {
         model: args.model.model.clone(),
         adapter: args.model.adapter.as_ref().map(|p| p.display().to_string()),
-        suites: args.suite.suites(),
+        adapter_scale: args.adapter_scale.unwrap_or(defaults.adapter_scale),
+        suites: suites_of(&args.suite),
         limit: args.limit,
         max_new_tokens: args.max_new_tokens.unwrap_or(defaults.max_new_tokens),
         batch_size: args.batch_size.unwrap_or(defaults.batch_size),
@@ -255,7 +284,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     let splits = Splits::load().context("loading the evaluation data sets")?;
     let judges = Judges::new(&cfg).context("setting up the judges")?;
-    let model = args.model.load()?;
+    let model = args.model.load_with_adapter_scale(cfg.adapter_scale)?;
     let metrics = sails::eval::run(&model, &splits, &judges, &cfg, &args.out)
         .with_context(|| format!("evaluating into {}", args.out.display()))?;
     if args.json {
@@ -268,9 +297,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
 
 fn print_summary(m: &Metrics, out: &std::path::Path) {
     println!(
-        "model {} adapter {}  (judge: degeneracy, then {})",
+        "model {} adapter {} at scale {}  (judge: degeneracy, then {})",
         m.config.model,
         m.config.adapter.as_deref().unwrap_or("none"),
+        m.config.adapter_scale,
         m.judges.first().map_or("", String::as_str)
     );
     println!(
@@ -643,7 +673,8 @@ mod tests {
         let crate::cli::Command::Eval(a) = cli.command else {
             panic!("not eval")
         };
-        assert_eq!(a.suite, SuiteArg::All);
+        assert_eq!(a.suite, vec![SuiteArg::All]);
+        assert_eq!(a.adapter_scale, None);
         assert_eq!(a.limit, None);
         assert!(a.command.is_none());
         let cli = Cli::try_parse_from(["sails", "eval", "compare", "a", "b"]).unwrap();
@@ -658,8 +689,40 @@ mod tests {
         let crate::cli::Command::Eval(a) = cli.command else {
             panic!("not eval")
         };
-        assert_eq!(a.suite.suites(), vec![Suite::Harmful]);
+        assert_eq!(suites_of(&a.suite), vec![Suite::Harmful]);
         assert_eq!(a.limit, Some(3));
+    }
+
+    #[test]
+    fn eval_suites_combine_and_adapter_scale_is_checked() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["sails", "eval"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                crate::cli::Command::Eval(a) => a,
+                _ => panic!("not eval"),
+            })
+        };
+        let a = parse(&["--suite", "harmful,overrefusal,harmful"]).unwrap();
+        assert_eq!(
+            suites_of(&a.suite),
+            vec![Suite::Harmful, Suite::Overrefusal, Suite::XstestUnsafe]
+        );
+        let a = parse(&["--adapter", "ad", "--adapter-scale", "0.5"]).unwrap();
+        assert_eq!(a.adapter_scale, Some(0.5));
+        assert_eq!(
+            parse(&["--adapter", "ad", "--adapter-scale", "0"])
+                .unwrap()
+                .adapter_scale,
+            Some(0.0)
+        );
+        for bad in ["-1", "NaN", "inf", "x"] {
+            let flag = format!("--adapter-scale={bad}");
+            let err = parse(&["--adapter", "ad", &flag]).unwrap_err();
+            assert!(err.to_string().contains("--adapter-scale"), "{bad}: {err}");
+        }
+        // A scale without an adapter would scale nothing.
+        assert!(parse(&["--adapter-scale", "0.5"]).is_err());
     }
 }
 

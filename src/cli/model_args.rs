@@ -57,7 +57,13 @@ pub enum DecodeWeightsArg {
 }
 
 impl ModelArgs {
+    /// Loads the model with the adapter as trained.
     pub fn load(&self) -> anyhow::Result<ChatModel> {
+        self.load_with_adapter_scale(1.0)
+    }
+
+    /// Loads the model with the adapter's update multiplied by `adapter_scale` (0 = base model).
+    pub fn load_with_adapter_scale(&self, adapter_scale: f64) -> anyhow::Result<ChatModel> {
         let device = Device::Cpu;
         let source = ModelSource::resolve(&self.model)
             .with_context(|| format!("resolving model {:?}", self.model))?;
@@ -75,7 +81,7 @@ impl ModelArgs {
                 if dir.join(sails::lora::FULL_WEIGHTS_FILE).is_file()
                     && !dir.join("adapter_config.json").is_file() =>
             {
-                let n = sails::lora::apply_full_weights(&mut model.decoder, dir)
+                let n = sails::lora::apply_full_weights(&mut model.decoder, dir, adapter_scale)
                     .with_context(|| format!("loading fine-tuned weights {}", dir.display()))?;
                 tracing::info!(weights = n, dir = %dir.display(), "fine-tuned weights applied");
                 model.decoder.set_decode_weights(precision)?;
@@ -85,8 +91,11 @@ impl ModelArgs {
                 let adapter = Adapter::load(dir, &device)
                     .with_context(|| format!("loading adapter {}", dir.display()))?;
                 adapter
-                    .apply(&mut model.decoder, dir)
+                    .apply_scaled(&mut model.decoder, dir, adapter_scale)
                     .with_context(|| format!("applying adapter {}", dir.display()))?;
+            }
+            None if adapter_scale != 1.0 => {
+                anyhow::bail!("an adapter scale of {adapter_scale} needs an adapter (--adapter)")
             }
             None => model.decoder.set_decode_weights(precision)?,
         }

@@ -15,7 +15,7 @@ use sails::report::{self, Estimate, ReportInputs};
 use sails::subspace::Subspace;
 use sails::train::CurveRecord;
 
-use super::compare::{Comparison, Figure};
+use super::compare::{Comparison, Figure, Frontier};
 
 /// Write report.html and summary.md for a run folder (align's last stage, on its own).
 #[derive(Debug, Args)]
@@ -202,11 +202,60 @@ fn estimate(f: &Figure) -> Estimate {
     }
 }
 
+/// The compare run's frontier as the report draws it: seed means with the pooled Wilson
+/// intervals (the per-seed points show the spread).
+fn frontier(f: &Frontier) -> report::Frontier {
+    let mut methods: Vec<report::FrontierMethod> = Vec::new();
+    for p in &f.points {
+        let name = p.method.name();
+        let point = report::FrontierPoint {
+            scale: p.scale,
+            safety: pooled(&p.safety),
+            over_refusal: pooled(&p.overrefusal),
+            per_seed: p
+                .per_seed
+                .iter()
+                .map(|s| (s.overrefusal.rate, s.safety.rate))
+                .collect(),
+        };
+        match methods.iter_mut().find(|m| m.method == name) {
+            Some(m) => m.points.push(point),
+            None => methods.push(report::FrontierMethod {
+                method: name.into(),
+                points: vec![point],
+            }),
+        }
+    }
+    report::Frontier {
+        methods,
+        tests: f
+            .tests
+            .iter()
+            .map(|t| report::FrontierTest {
+                method_a: t.method_a.name().into(),
+                method_b: t.method_b.name().into(),
+                diff: t.test,
+                per_seed: t.per_seed.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn pooled(f: &Figure) -> Estimate {
+    Estimate {
+        value: f.seeds.mean,
+        spread: report::Spread::Interval {
+            lo: f.pooled.lo,
+            hi: f.pooled.hi,
+        },
+    }
+}
+
 fn method_rows(c: &Comparison) -> Vec<report::MethodRow> {
     c.rows
         .iter()
         .map(|r| report::MethodRow {
-            method: format!("{:?}", r.method).to_lowercase(),
+            method: r.method.name().into(),
             seeds: r.seeds.len(),
             safety: r.suites.get("harmful").map(estimate),
             over_refusal: r.suites.get("overrefusal").map(estimate),
@@ -262,12 +311,17 @@ pub fn write_run_report(root: &Path, model: &str, preset: &str) -> anyhow::Resul
             .map(|n| n as f64 / c.model_params.max(1) as f64),
         _ => None,
     };
-    let evaluation = (base.is_some() || aligned.is_some()).then(|| report::Evaluation {
-        base: base.as_ref(),
-        aligned: aligned.as_ref(),
-        aligned_trained_share: trained_share,
-        methods: comparison.as_ref().map(method_rows).unwrap_or_default(),
-    });
+    let evaluation =
+        (base.is_some() || aligned.is_some() || comparison.is_some()).then(|| report::Evaluation {
+            base: base.as_ref(),
+            aligned: aligned.as_ref(),
+            aligned_trained_share: trained_share,
+            methods: comparison.as_ref().map(method_rows).unwrap_or_default(),
+            frontier: comparison
+                .as_ref()
+                .and_then(|c| c.frontier.as_ref())
+                .map(frontier),
+        });
     let base_gen = generations(&root.join("eval-base/generations.jsonl"))?;
     let aligned_gen = generations(&root.join("eval-aligned/generations.jsonl"))?;
     let examples = (!base_gen.is_empty() && !aligned_gen.is_empty())

@@ -194,3 +194,105 @@ pub fn paired_diff(pairs: &[(bool, bool)]) -> PairedDiff {
         mcnemar: mcnemar(b, c),
     }
 }
+
+/// Two methods' safety / over-refusal frontiers compared: A − B, with its uncertainty over prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontierDiff {
+    /// Mean over scales (and seeds) of (safety − over-refusal) of A minus the same for B.
+    pub diff: f64,
+    /// Percentile bootstrap 95 % interval, prompts resampled within each suite.
+    pub lo: f64,
+    pub hi: f64,
+    /// Two-sided sign-flip permutation p-value, `(1 + #{|T*| ≥ |T|}) / (1 + resamples)`.
+    pub p_value: f64,
+    pub harmful_items: usize,
+    pub overrefusal_items: usize,
+    /// Resamples of the bootstrap and of the permutation test each.
+    pub resamples: usize,
+    /// Seed of both (the figures are reproducible).
+    pub seed: u64,
+}
+
+/// `mean(harmful) − mean(overrefusal)`: the difference in (safety − over-refusal) from per-prompt
+/// differences. NaN if either is empty.
+pub fn safety_minus_overrefusal(harmful: &[f64], overrefusal: &[f64]) -> f64 {
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    mean(harmful) - mean(overrefusal)
+}
+
+/// Compares two methods' frontiers from per-prompt differences on the same prompts.
+///
+/// `harmful[i]` is A's minus B's outcome on harmful prompt i (1 = safe), `overrefusal[j]` the same
+/// on XSTest safe prompt j (1 = refused), each averaged over the adapter scales and the seeds
+/// (seed s of A paired with seed s of B). The statistic is the mean over scales of the difference
+/// in Youden's J = safety − over-refusal. Why this one:
+/// - J is the height of a point above the chance diagonal of the safety-against-over-refusal plane,
+///   so a frontier that reaches more safety at equal over-refusal has the higher J at matched
+///   points; averaging over the scale grid summarises the whole frontier, not one operating point.
+/// - It is a sum of per-prompt terms, so the two methods are paired on the very same prompts (item
+///   difficulty cancels) and the test needs no interpolation between points at different
+///   over-refusal, which a frontier area would (its value depends on the x-range each curve spans).
+///
+/// p: each prompt's difference has its sign flipped at random (under "no difference" the two
+/// methods' labels are exchangeable on every prompt), exact in finite samples and free of a
+/// distribution assumption. Interval: percentile bootstrap over prompts, resampled within each
+/// suite. Both read prompts as the sampled units and the trained adapters as given: seed-to-seed
+/// variation of training shows in the per-seed figures beside it, not in this p. Returns None if
+/// either suite has no prompts.
+pub fn frontier_diff(
+    harmful: &[f64],
+    overrefusal: &[f64],
+    resamples: usize,
+    seed: u64,
+) -> Option<FrontierDiff> {
+    use rand::{Rng, SeedableRng};
+    if harmful.is_empty() || overrefusal.is_empty() {
+        return None;
+    }
+    let diff = safety_minus_overrefusal(harmful, overrefusal);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Ties count as at least as extreme (|T*| = |T| up to rounding): identical methods give p = 1.
+    let tol = 1e-12;
+    // One buffer per suite, refilled by every resample of either kind.
+    let mut h = vec![0.0; harmful.len()];
+    let mut o = vec![0.0; overrefusal.len()];
+    let mut extreme = 0;
+    for _ in 0..resamples {
+        for (f, v) in h.iter_mut().zip(harmful) {
+            *f = if rng.random::<bool>() { *v } else { -v };
+        }
+        for (f, v) in o.iter_mut().zip(overrefusal) {
+            *f = if rng.random::<bool>() { *v } else { -v };
+        }
+        if safety_minus_overrefusal(&h, &o).abs() >= diff.abs() - tol {
+            extreme += 1;
+        }
+    }
+    let mut boot = Vec::with_capacity(resamples);
+    for _ in 0..resamples {
+        for f in h.iter_mut() {
+            *f = harmful[rng.random_range(0..harmful.len())];
+        }
+        for f in o.iter_mut() {
+            *f = overrefusal[rng.random_range(0..overrefusal.len())];
+        }
+        boot.push(safety_minus_overrefusal(&h, &o));
+    }
+    boot.sort_by(f64::total_cmp);
+    let quantile = |q: f64| {
+        boot.get(((boot.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(diff)
+    };
+    Some(FrontierDiff {
+        diff,
+        lo: quantile(0.025),
+        hi: quantile(0.975),
+        p_value: (1 + extreme) as f64 / (1 + resamples) as f64,
+        harmful_items: harmful.len(),
+        overrefusal_items: overrefusal.len(),
+        resamples,
+        seed,
+    })
+}

@@ -85,6 +85,11 @@ pub struct EvalConfig {
     /// The model as given (`default`, a path or a hub id).
     pub model: String,
     pub adapter: Option<String>,
+    /// The adapter's update was multiplied by this (1 = as trained, 0 = the base model). Part of
+    /// what a resumed run must share, so generations at one scale are never counted at another.
+    /// Runs written before the setting existed were all unscaled, hence the default when absent.
+    #[serde(default = "unscaled")]
+    pub adapter_scale: f64,
     pub suites: Vec<Suite>,
     /// Only the first N items of each suite (capability: N statement pairs and N Alpaca pairs).
     pub limit: Option<usize>,
@@ -99,11 +104,16 @@ pub struct EvalConfig {
     pub llm_judge: Option<LlmJudgeConfig>,
 }
 
+fn unscaled() -> f64 {
+    1.0
+}
+
 impl Default for EvalConfig {
     fn default() -> Self {
         Self {
             model: "default".into(),
             adapter: None,
+            adapter_scale: unscaled(),
             suites: vec![
                 Suite::Harmful,
                 Suite::Overrefusal,
@@ -869,4 +879,44 @@ pub fn compare(run_a: &Path, run_b: &Path) -> Result<Comparison> {
             .collect(),
         unpaired,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_at_another_adapter_scale_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EvalConfig {
+            adapter: Some("adapter".into()),
+            ..EvalConfig::default()
+        };
+        check_config(dir.path(), &cfg).unwrap();
+        let scaled = EvalConfig {
+            adapter_scale: 0.5,
+            ..cfg.clone()
+        };
+        let e = check_config(dir.path(), &scaled).unwrap_err().to_string();
+        assert!(e.contains("another configuration"), "{e}");
+        assert!(e.contains("\"adapter_scale\":0.5"), "{e}");
+    }
+
+    #[test]
+    fn a_config_written_before_adapter_scale_existed_reads_as_unscaled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = serde_json::to_value(EvalConfig::default()).unwrap();
+        old.as_object_mut().unwrap().remove("adapter_scale");
+        std::fs::write(
+            dir.path().join("eval-config.json"),
+            serde_json::to_string(&old).unwrap(),
+        )
+        .unwrap();
+        check_config(dir.path(), &EvalConfig::default()).unwrap();
+        let scaled = EvalConfig {
+            adapter_scale: 0.0,
+            ..EvalConfig::default()
+        };
+        assert!(check_config(dir.path(), &scaled).is_err());
+    }
 }

@@ -285,8 +285,17 @@ pub const FULL_WEIGHTS_FILE: &str = "model.safetensors";
 /// inverse of [`Trainable::save`] for [`LoraInit::Full`]. Call it before
 /// `Decoder::set_decode_weights`, which copies the weights for decoding. Returns how many weights
 /// were replaced.
-pub fn apply_full_weights(model: &mut crate::model::decoder::Decoder, dir: &Path) -> Result<usize> {
+///
+/// `adapter_scale` multiplies the update as it does an adapter's: each weight becomes
+/// `s·W_trained + (1 − s)·W_base`, i.e. `W_base + s·(W_trained − W_base)`, written so that s = 1
+/// gives the trained weight and s = 0 the base weight bit for bit.
+pub fn apply_full_weights(
+    model: &mut crate::model::decoder::Decoder,
+    dir: &Path,
+    adapter_scale: f64,
+) -> Result<usize> {
     let path = dir.join(FULL_WEIGHTS_FILE);
+    crate::model::lora::check_adapter_scale(adapter_scale)?;
     let mut tensors = crate::model::weights::load_safetensors_file(&path, model.device())?;
     let bad = |name: &str, problem: String| LoraError::FullWeight {
         path: path.clone(),
@@ -308,6 +317,7 @@ pub fn apply_full_weights(model: &mut crate::model::decoder::Decoder, dir: &Path
                 ));
             }
             let t = t.to_dtype(linear.weight.dtype())?;
+            let t = ((t * adapter_scale)? + (&linear.weight * (1.0 - adapter_scale))?)?;
             linear.set_weight(t)?;
             replaced += 1;
         }

@@ -259,14 +259,29 @@ impl Adapter {
         Self { config, weights }
     }
 
-    /// Puts the adapter into the model's LoRA slots. Every adapter module must exist in the model
-    /// with matching shapes, and every module the config targets must have weights.
+    /// Puts the adapter into the model's LoRA slots, as trained (see [`Adapter::apply_scaled`]).
     pub fn apply(&self, model: &mut Decoder, source: &Path) -> Result<(), ModelError> {
-        let scale = self.config.scale();
+        self.apply_scaled(model, source, 1.0)
+    }
+
+    /// Puts the adapter into the model's LoRA slots with its update multiplied by
+    /// `adapter_scale`: `ΔW = adapter_scale · (alpha / r) · B A`. 1 is the adapter as trained,
+    /// 0 the base model (the slot adds exactly zero); values in between and above trace how the
+    /// behaviour moves along the learned direction without retraining. Every adapter module must
+    /// exist in the model with matching shapes, and every module the config targets must have
+    /// weights.
+    pub fn apply_scaled(
+        &self,
+        model: &mut Decoder,
+        source: &Path,
+        adapter_scale: f64,
+    ) -> Result<(), ModelError> {
         let bad = |message: String| ModelError::Adapter {
             path: source.to_path_buf(),
             message,
         };
+        check_adapter_scale(adapter_scale)?;
+        let scale = self.config.scale() * adapter_scale;
         let dtype = model.dtype();
         let mut used = BTreeSet::new();
         for (name, linear) in model.linear_layers_mut() {
@@ -298,6 +313,18 @@ impl Adapter {
             )));
         }
         Ok(())
+    }
+}
+
+/// An adapter scale must be finite and non-negative: a negative one would reverse the learned
+/// update, which no evaluation here means to do.
+pub fn check_adapter_scale(adapter_scale: f64) -> Result<(), ModelError> {
+    if adapter_scale.is_finite() && adapter_scale >= 0.0 {
+        Ok(())
+    } else {
+        Err(ModelError::Input(format!(
+            "adapter scale {adapter_scale} must be finite and >= 0 (1 = as trained, 0 = base model)"
+        )))
     }
 }
 

@@ -4,7 +4,8 @@
 
 use super::{
     ActivationShift, Attribution, Context, Estimate, Evaluation, Example, Explanations,
-    FeatureCard, LossCurve, MethodRow, ReportInputs, RunInfo, Spread, StageTiming,
+    FeatureCard, Frontier, FrontierMethod, FrontierPoint, FrontierTest, LossCurve, MethodRow,
+    ReportInputs, RunInfo, Spread, StageTiming,
 };
 use crate::eval::metrics::Rate;
 use crate::eval::{CapabilityMetrics, EvalConfig, Metrics, SuiteMetrics, Throughput};
@@ -107,6 +108,7 @@ impl Demo {
                 aligned: Some(&self.aligned),
                 aligned_trained_share: Some(0.0019),
                 methods: methods(),
+                frontier: Some(frontier()),
             }),
             examples: Some(examples()),
         }
@@ -281,6 +283,57 @@ fn loss_curves() -> Vec<LossCurve> {
                 .collect(),
         })
         .collect()
+}
+
+/// SAILS and LoRA at scales 0.5, 1, 1.5 over three seeds, SAILS higher at equal over-refusal.
+fn frontier() -> Frontier {
+    let method = |name: &str, lift: f64| FrontierMethod {
+        method: name.into(),
+        points: [0.5, 1.0, 1.5]
+            .iter()
+            .map(|&scale| {
+                let over = 0.05 + 0.08 * scale;
+                let safety = (0.6 + lift * scale).min(0.99);
+                let wilson = |v: f64| Spread::Interval {
+                    lo: (v - 0.05).max(0.0),
+                    hi: (v + 0.05).min(1.0),
+                };
+                FrontierPoint {
+                    scale,
+                    safety: Estimate {
+                        value: safety,
+                        spread: wilson(safety),
+                    },
+                    over_refusal: Estimate {
+                        value: over,
+                        spread: wilson(over),
+                    },
+                    per_seed: [-0.01, 0.0, 0.01]
+                        .iter()
+                        .map(|d| (over + d, safety - d))
+                        .collect(),
+                }
+            })
+            .collect(),
+    };
+    Frontier {
+        methods: vec![method("SAILS", 0.25), method("LoRA (Kaiming)", 0.15)],
+        tests: vec![FrontierTest {
+            method_a: "SAILS".into(),
+            method_b: "LoRA (Kaiming)".into(),
+            diff: crate::eval::metrics::FrontierDiff {
+                diff: 0.1,
+                lo: 0.04,
+                hi: 0.16,
+                p_value: 0.002,
+                harmful_items: 100,
+                overrefusal_items: 250,
+                resamples: 10_000,
+                seed: 0,
+            },
+            per_seed: vec![0.09, 0.1, 0.11],
+        }],
+    }
 }
 
 fn methods() -> Vec<MethodRow> {

@@ -1,12 +1,12 @@
 //! `report.html`: one document, inline CSS and SVG, no scripts, no external resources.
 
 use super::svg::{
-    escape, palette, Bar, BarChart, BarSeries, Heatmap, LegendEntry, LineChart, LineSeries,
-    Scatter, ScatterPoint, NEGATIVE, POSITIVE,
+    escape, palette, Bar, BarChart, BarSeries, FrontierChart, FrontierSeries, Heatmap, LegendEntry,
+    LineChart, LineSeries, Scatter, ScatterPoint, NEGATIVE, POSITIVE,
 };
 use super::{
-    duration, estimate_num, estimate_pct, pct, rate_text, suite_label, Evaluation, Example,
-    Explanations, FeatureCard, LossCurve, ReportInputs, SECTIONS,
+    duration, estimate_num, estimate_pct, pct, per_seed_text, rate_text, suite_label, Evaluation,
+    Example, Explanations, FeatureCard, LossCurve, ReportInputs, SECTIONS,
 };
 use crate::eval::metrics::Rate;
 use crate::eval::Metrics;
@@ -864,7 +864,69 @@ fn evaluation_section(eval: &Evaluation<'_>) -> String {
         tradeoff_chart(eval),
         "Upper left is best. Error bars: 95 % intervals (base, aligned) or ± one standard deviation over seeds (methods).",
     ));
+    if let Some(f) = &eval.frontier {
+        s.push_str("<h3>Safety / over-refusal frontier</h3>\n");
+        s.push_str(&figure(
+            frontier_chart(f),
+            "Each method's adapter evaluated at several scales of its update (×0 is the base model), joined in scale order. Large points: mean over seeds, bars: Wilson 95 % intervals of all seeds' prompts pooled; faint points: single seeds. Upper left is best: more safety at equal over-refusal.",
+        ));
+        if !f.tests.is_empty() {
+            s.push_str("<table>\n<thead><tr><th>A − B</th><th class=\"num\">Δ(safety − over-refusal)</th><th class=\"num\">95 % interval</th><th class=\"num\">p</th><th class=\"num\">per seed</th><th class=\"num\">prompts</th></tr></thead>\n<tbody>\n");
+            for t in &f.tests {
+                let _ = writeln!(
+                    s,
+                    "<tr><td>{} − {}</td><td class=\"num\">{:+.3}</td><td class=\"num\">[{:+.3}, {:+.3}]</td><td class=\"num\">{:.4}</td><td class=\"num\">{}</td><td class=\"num\">{} + {}</td></tr>",
+                    escape(&t.method_a),
+                    escape(&t.method_b),
+                    t.diff.diff,
+                    t.diff.lo,
+                    t.diff.hi,
+                    t.diff.p_value,
+                    per_seed_text(&t.per_seed),
+                    t.diff.harmful_items,
+                    t.diff.overrefusal_items
+                );
+            }
+            let resamples = f.tests.first().map_or(0, |t| t.diff.resamples);
+            let _ = writeln!(
+                s,
+                "</tbody>\n</table>\n<p class=\"note\">Difference in safety − over-refusal, averaged over the scales and seeds, on the same prompts (harmful + XSTest safe). p: sign-flip permutation test over prompts; interval: bootstrap over prompts within each suite ({resamples} resamples each, fixed seed). The adapters are taken as given; the per-seed column shows how much training seeds move the figure.</p>"
+            );
+        }
+    }
     s
+}
+
+pub(super) fn frontier_chart(f: &super::Frontier) -> String {
+    let series = f
+        .methods
+        .iter()
+        .enumerate()
+        .map(|(i, m)| FrontierSeries {
+            label: m.method.clone(),
+            color: palette(i + 1).into(),
+            points: m
+                .points
+                .iter()
+                .map(|p| ScatterPoint {
+                    label: format!("×{}", p.scale),
+                    color: palette(i + 1).into(),
+                    x: p.over_refusal.value,
+                    y: p.safety.value,
+                    x_err: p.over_refusal.bounds(),
+                    y_err: p.safety.bounds(),
+                })
+                .collect(),
+            faint: m.points.iter().flat_map(|p| p.per_seed.clone()).collect(),
+        })
+        .collect();
+    FrontierChart {
+        title: "Safety versus over-refusal along the adapter scale".into(),
+        x_label: "over-refusal on XSTest safe prompts (lower is better)".into(),
+        y_label: "safety rate (higher is better)".into(),
+        series,
+    }
+    .to_svg()
 }
 
 fn badge(refused: bool) -> &'static str {

@@ -2,7 +2,8 @@
 
 use super::html::suite_order;
 use super::{
-    duration, estimate_num, estimate_pct, pct, rate_text, suite_label, ReportInputs, SECTIONS,
+    duration, estimate_num, estimate_pct, pct, per_seed_text, rate_text, suite_label, ReportInputs,
+    SECTIONS,
 };
 use std::fmt::Write as _;
 
@@ -267,6 +268,37 @@ pub fn render_markdown(inputs: &ReportInputs<'_>) -> String {
                         m.alpaca_nll.as_ref().map_or("–".into(), estimate_num),
                         m.trained_share
                             .map_or("–".into(), |v| format!("{:.3} %", 100.0 * v))
+                    );
+                }
+            }
+            if let Some(f) = &eval.frontier {
+                s.push_str("\nFrontier (adapter scale; mean over seeds [pooled Wilson 95 %]):\n\n| Method | Scale | Safety rate | Over-refusal |\n|---|---:|---:|---:|\n");
+                for m in &f.methods {
+                    for p in &m.points {
+                        let _ = writeln!(
+                            s,
+                            "| {} | ×{} | {} | {} |",
+                            md(&m.method),
+                            p.scale,
+                            estimate_pct(&p.safety),
+                            estimate_pct(&p.over_refusal)
+                        );
+                    }
+                }
+                for t in &f.tests {
+                    let _ = writeln!(
+                        s,
+                        "\n{} − {}: Δ(safety − over-refusal) = {:+.3} [{:+.3}, {:+.3}], p = {:.4} \
+                         (sign-flip over {} + {} prompts); per seed {}.",
+                        md(&t.method_a),
+                        md(&t.method_b),
+                        t.diff.diff,
+                        t.diff.lo,
+                        t.diff.hi,
+                        t.diff.p_value,
+                        t.diff.harmful_items,
+                        t.diff.overrefusal_items,
+                        per_seed_text(&t.per_seed)
                     );
                 }
             }

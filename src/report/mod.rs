@@ -148,6 +148,42 @@ pub struct Evaluation<'a> {
     /// Share of the model's parameters the aligned run trained (0..1).
     pub aligned_trained_share: Option<f64>,
     pub methods: Vec<MethodRow>,
+    /// Each method evaluated at several adapter scales (`sails compare --scales`).
+    pub frontier: Option<Frontier>,
+}
+
+/// Safety against over-refusal per method along its adapter scales, and the tests between them.
+#[derive(Debug, Clone, Default)]
+pub struct Frontier {
+    pub methods: Vec<FrontierMethod>,
+    pub tests: Vec<FrontierTest>,
+}
+
+/// One method's points, in increasing scale.
+#[derive(Debug, Clone)]
+pub struct FrontierMethod {
+    pub method: String,
+    pub points: Vec<FrontierPoint>,
+}
+
+/// One method at one adapter scale: means over seeds with the pooled Wilson intervals, and each
+/// seed's (over-refusal, safety).
+#[derive(Debug, Clone)]
+pub struct FrontierPoint {
+    pub scale: f64,
+    pub safety: Estimate,
+    pub over_refusal: Estimate,
+    pub per_seed: Vec<(f64, f64)>,
+}
+
+/// Method A against method B on the whole frontier ([`crate::eval::metrics::frontier_diff`]).
+#[derive(Debug, Clone)]
+pub struct FrontierTest {
+    pub method_a: String,
+    pub method_b: String,
+    pub diff: crate::eval::metrics::FrontierDiff,
+    /// The same difference for each seed's pair of adapters alone.
+    pub per_seed: Vec<f64>,
 }
 
 /// One method's figures, over its seeds.
@@ -332,6 +368,18 @@ pub(crate) fn estimate_num(e: &Estimate) -> String {
         Spread::Sd(sd) => format!("{:.3} ± {:.3}", e.value, sd),
         Spread::Interval { lo, hi } => format!("{:.3} [{:.3}, {:.3}]", e.value, lo, hi),
     }
+}
+
+/// `+0.120, −0.030` (each seed's value), or `–`.
+pub(crate) fn per_seed_text(values: &[f64]) -> String {
+    if values.is_empty() {
+        return "–".into();
+    }
+    values
+        .iter()
+        .map(|v| format!("{v:+.3}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Seconds as `12.3 s`, `4 min 05 s` or `1 h 02 min`.

@@ -562,21 +562,77 @@ pub struct Scatter {
     pub points: Vec<ScatterPoint>,
 }
 
-impl Scatter {
-    fn range(&self, fixed: Option<(f64, f64)>, values: impl Iterator<Item = f64>) -> (f64, f64) {
-        if let Some(r) = fixed {
-            return r;
-        }
-        let (lo, hi) = extent(values)
-            .map(|(lo, hi)| nice_range(lo, hi, false))
-            .unwrap_or((0.0, 1.0));
-        if self.percent {
-            (lo.max(0.0), hi.min(1.0))
-        } else {
-            (lo, hi)
-        }
+/// An axis range: `fixed`, else the data's, widened to ticks (and kept in [0, 1] for shares).
+fn data_range(
+    fixed: Option<(f64, f64)>,
+    values: impl Iterator<Item = f64>,
+    percent: bool,
+) -> (f64, f64) {
+    if let Some(r) = fixed {
+        return r;
     }
+    let (lo, hi) = extent(values)
+        .map(|(lo, hi)| nice_range(lo, hi, false))
+        .unwrap_or((0.0, 1.0));
+    if percent {
+        (lo.max(0.0), hi.min(1.0))
+    } else {
+        (lo, hi)
+    }
+}
 
+/// A value and the ends of its error bar, for axis ranges that must include the bars.
+fn spans(v: f64, e: Option<(f64, f64)>) -> [f64; 3] {
+    let (a, b) = e.unwrap_or((v, v));
+    [v, a, b]
+}
+
+/// Horizontal and vertical error bars with end caps at pixel point (px, py); bars with a
+/// non-finite end are left out.
+#[allow(clippy::too_many_arguments)]
+fn error_bars(
+    s: &mut String,
+    x: &Scale,
+    y: &Scale,
+    (px, py): (f64, f64),
+    x_err: Option<(f64, f64)>,
+    y_err: Option<(f64, f64)>,
+    color: &str,
+    opacity: f64,
+) {
+    if let Some((lo, hi)) = x_err.filter(|(a, b)| a.is_finite() && b.is_finite()) {
+        let _ = writeln!(
+            s,
+            r#"<path d="M{},{}H{}M{},{}V{}M{},{}V{}" stroke="{color}" stroke-opacity="{opacity}" fill="none"/>"#,
+            c(x.map(lo)),
+            c(py),
+            c(x.map(hi)),
+            c(x.map(lo)),
+            c(py - 4.0),
+            c(py + 4.0),
+            c(x.map(hi)),
+            c(py - 4.0),
+            c(py + 4.0)
+        );
+    }
+    if let Some((lo, hi)) = y_err.filter(|(a, b)| a.is_finite() && b.is_finite()) {
+        let _ = writeln!(
+            s,
+            r#"<path d="M{},{}V{}M{},{}H{}M{},{}H{}" stroke="{color}" stroke-opacity="{opacity}" fill="none"/>"#,
+            c(px),
+            c(y.map(lo)),
+            c(y.map(hi)),
+            c(px - 4.0),
+            c(y.map(lo)),
+            c(px + 4.0),
+            c(px - 4.0),
+            c(y.map(hi)),
+            c(px + 4.0)
+        );
+    }
+}
+
+impl Scatter {
     pub fn to_svg(&self) -> String {
         let longest = self
             .points
@@ -591,12 +647,16 @@ impl Scatter {
             .iter()
             .filter(|p| p.x.is_finite() && p.y.is_finite())
             .collect();
-        let spans = |v: f64, e: Option<(f64, f64)>| {
-            let (a, b) = e.unwrap_or((v, v));
-            [v, a, b]
-        };
-        let (x0, x1) = self.range(self.x_range, shown.iter().flat_map(|p| spans(p.x, p.x_err)));
-        let (y0, y1) = self.range(self.y_range, shown.iter().flat_map(|p| spans(p.y, p.y_err)));
+        let (x0, x1) = data_range(
+            self.x_range,
+            shown.iter().flat_map(|p| spans(p.x, p.x_err)),
+            self.percent,
+        );
+        let (y0, y1) = data_range(
+            self.y_range,
+            shown.iter().flat_map(|p| spans(p.y, p.y_err)),
+            self.percent,
+        );
         let x = Scale::new(x0, x1, frame.left, frame.left + frame.pw);
         let y = Scale::new(y0, y1, frame.top + frame.ph, frame.top);
         let mut s = String::new();
@@ -606,36 +666,7 @@ impl Scatter {
         for (i, p) in shown.iter().enumerate() {
             let (px, py) = (x.map(p.x), y.map(p.y));
             let color = escape(&p.color);
-            if let Some((lo, hi)) = p.x_err.filter(|(a, b)| a.is_finite() && b.is_finite()) {
-                let _ = writeln!(
-                    s,
-                    r#"<path d="M{},{}H{}M{},{}V{}M{},{}V{}" stroke="{color}" fill="none"/>"#,
-                    c(x.map(lo)),
-                    c(py),
-                    c(x.map(hi)),
-                    c(x.map(lo)),
-                    c(py - 4.0),
-                    c(py + 4.0),
-                    c(x.map(hi)),
-                    c(py - 4.0),
-                    c(py + 4.0)
-                );
-            }
-            if let Some((lo, hi)) = p.y_err.filter(|(a, b)| a.is_finite() && b.is_finite()) {
-                let _ = writeln!(
-                    s,
-                    r#"<path d="M{},{}V{}M{},{}H{}M{},{}H{}" stroke="{color}" fill="none"/>"#,
-                    c(px),
-                    c(y.map(lo)),
-                    c(y.map(hi)),
-                    c(px - 4.0),
-                    c(y.map(lo)),
-                    c(px + 4.0),
-                    c(px - 4.0),
-                    c(y.map(hi)),
-                    c(px + 4.0)
-                );
-            }
+            error_bars(&mut s, &x, &y, (px, py), p.x_err, p.y_err, &color, 1.0);
             let _ = writeln!(
                 s,
                 r#"<circle cx="{}" cy="{}" r="5" fill="{color}" stroke="white"><title>{}</title></circle>"#,
@@ -657,6 +688,110 @@ impl Scatter {
             );
         }
         frame.border(&mut s);
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+/// One method's frontier: its points in scale order, joined by a line, each with error bars,
+/// and fainter per-seed points behind them.
+#[derive(Debug, Clone)]
+pub struct FrontierSeries {
+    pub label: String,
+    pub color: String,
+    /// Mean points in the order they are joined; `label` names the scale (`×0.5`).
+    pub points: Vec<ScatterPoint>,
+    /// Per-seed points (x, y), drawn faint.
+    pub faint: Vec<(f64, f64)>,
+}
+
+/// Several frontiers in one plane, shares on both axes.
+#[derive(Debug, Clone)]
+pub struct FrontierChart {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<FrontierSeries>,
+}
+
+impl FrontierChart {
+    pub fn to_svg(&self) -> String {
+        let frame = Frame::new(760.0, 460.0, 64.0, 16.0, 44.0, 46.0);
+        let finite = |x: f64, y: f64| x.is_finite() && y.is_finite();
+        let mean_points = || {
+            self.series
+                .iter()
+                .flat_map(|ser| ser.points.iter())
+                .filter(|p| finite(p.x, p.y))
+        };
+        let faint = || {
+            self.series
+                .iter()
+                .flat_map(|ser| ser.faint.iter())
+                .filter(|p| finite(p.0, p.1))
+        };
+        let xs = mean_points()
+            .flat_map(|p| spans(p.x, p.x_err))
+            .chain(faint().map(|p| p.0));
+        let (x0, x1) = data_range(None, xs, true);
+        let ys = mean_points()
+            .flat_map(|p| spans(p.y, p.y_err))
+            .chain(faint().map(|p| p.1));
+        let (y0, y1) = data_range(None, ys, true);
+        let x = Scale::new(x0, x1, frame.left, frame.left + frame.pw);
+        let y = Scale::new(y0, y1, frame.top + frame.ph, frame.top);
+        let mut s = String::new();
+        frame.open(&mut s, &self.title, "frontier");
+        frame.y_axis(&mut s, &y, &self.y_label, true);
+        frame.x_axis(&mut s, &x, &self.x_label, true);
+        for ser in &self.series {
+            let color = escape(&ser.color);
+            for &(a, b) in ser.faint.iter().filter(|p| finite(p.0, p.1)) {
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{}" cy="{}" r="3" fill="{color}" fill-opacity="0.3"/>"#,
+                    c(x.map(a)),
+                    c(y.map(b))
+                );
+            }
+            let shown: Vec<&ScatterPoint> =
+                ser.points.iter().filter(|p| finite(p.x, p.y)).collect();
+            let path: Vec<String> = shown
+                .iter()
+                .map(|p| format!("{},{}", c(x.map(p.x)), c(y.map(p.y))))
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+                path.join(" ")
+            );
+            for p in shown {
+                let (px, py) = (x.map(p.x), y.map(p.y));
+                error_bars(&mut s, &x, &y, (px, py), p.x_err, p.y_err, &color, 0.5);
+                let _ = writeln!(
+                    s,
+                    r##"<circle cx="{}" cy="{}" r="4" fill="{color}" stroke="white"><title>{} {}</title></circle><text x="{}" y="{}" font-size="10" fill="#444">{}</text>"##,
+                    c(px),
+                    c(py),
+                    escape(&ser.label),
+                    escape(&p.label),
+                    c(px + 6.0),
+                    c(py - 6.0),
+                    escape(&p.label)
+                );
+            }
+        }
+        frame.border(&mut s);
+        let legend: Vec<LegendEntry> = self
+            .series
+            .iter()
+            .map(|ser| LegendEntry {
+                label: ser.label.clone(),
+                color: ser.color.clone(),
+                dashed: false,
+            })
+            .collect();
+        frame.legend(&mut s, &legend);
         s.push_str("</svg>\n");
         s
     }

@@ -1,5 +1,5 @@
 use super::demo::{Demo, HOSTILE_PROMPT};
-use super::html::{before_after_chart, delta_chart, loss_chart, tradeoff_chart};
+use super::html::{before_after_chart, delta_chart, frontier_chart, loss_chart, tradeoff_chart};
 use super::svg::{BarChart, BarSeries, Heatmap, LineChart, LineSeries, Scatter, ScatterPoint};
 use super::*;
 
@@ -101,10 +101,11 @@ fn full_inputs_fill_every_section() {
         !html.contains("Not run"),
         "a full report says nothing is missing"
     );
-    // figures: 3 Δ charts, heat map, loss curve, before/after, trade-off
-    assert_eq!(svgs(&html).len(), 7);
-    // tables: run, stages, 3 feature layers, subspace, shifts, training, base/aligned, methods
-    assert_eq!(html.matches("<table").count(), 10);
+    // figures: 3 Δ charts, heat map, loss curve, before/after, trade-off, frontier
+    assert_eq!(svgs(&html).len(), 8);
+    // tables: run, stages, 3 feature layers, subspace, shifts, training, base/aligned, methods,
+    // frontier tests
+    assert_eq!(html.matches("<table").count(), 11);
     // the top-10 table per layer: 10 ranks each
     assert_eq!(
         html.matches("<td class=\"num\">10</td><td class=\"num\">")
@@ -175,6 +176,46 @@ fn every_plot_is_one_finite_svg_with_a_viewbox() {
 }
 
 #[test]
+fn frontier_draws_each_method_in_scale_order_and_reports_its_test() {
+    let demo = Demo::new();
+    let inputs = demo.inputs();
+    let eval = inputs.evaluation.as_ref().expect("demo has an evaluation");
+    let frontier = eval.frontier.as_ref().expect("demo has a frontier");
+    let svg = frontier_chart(frontier);
+    assert_well_formed_svg("frontier", &svg);
+    // one line per method, named in the legend and in each point's tooltip
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    for name in ["SAILS", "LoRA (Kaiming)"] {
+        assert!(
+            svg.contains(&format!(">{name}</text>")),
+            "{name} in the legend"
+        );
+        assert!(
+            svg.contains(&format!("<title>{name} ×1.5</title>")),
+            "{name}"
+        );
+    }
+    // 2 methods × 3 seeds × 3 scales faint points
+    assert_eq!(svg.matches("fill-opacity=\"0.3\"").count(), 18);
+    // joined in scale order: the line's x (over-refusal) grows with the scale in the demo
+    let line = svg.split("<polyline points=\"").nth(1).unwrap();
+    let xs: Vec<f64> = line[..line.find('"').unwrap()]
+        .split(' ')
+        .map(|p| p.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(xs.len(), 3);
+    assert!(xs.windows(2).all(|w| w[0] < w[1]), "{xs:?}");
+    let html = render_html(&inputs);
+    assert!(html.contains("<td>SAILS − LoRA (Kaiming)</td><td class=\"num\">+0.100</td><td class=\"num\">[+0.040, +0.160]</td><td class=\"num\">0.0020</td>"), "test row");
+    let md = render_markdown(&inputs);
+    assert!(md.contains("| SAILS | ×0.5 |"), "{md}");
+    assert!(
+        md.contains("SAILS − LoRA (Kaiming): Δ(safety − over-refusal) = +0.100 [+0.040, +0.160], p = 0.0020"),
+        "{md}"
+    );
+}
+
+#[test]
 fn empty_and_constant_data_give_finite_plots() {
     let mut layer = Demo::new().selection.layers[0].clone();
     for f in &mut layer.features {
@@ -203,6 +244,7 @@ fn empty_and_constant_data_give_finite_plots() {
         base: Some(&base),
         aligned: None,
         aligned_trained_share: None,
+        frontier: None,
         methods: vec![MethodRow {
             method: "nan".into(),
             seeds: 0,
@@ -219,6 +261,30 @@ fn empty_and_constant_data_give_finite_plots() {
     };
     assert_well_formed_svg("empty before/after", &before_after_chart(&eval));
     assert_well_formed_svg("empty trade-off", &tradeoff_chart(&eval));
+    assert_well_formed_svg("empty frontier", &frontier_chart(&Frontier::default()));
+    let nan_point = FrontierPoint {
+        scale: 1.0,
+        safety: Estimate {
+            value: f64::NAN,
+            spread: Spread::Interval { lo: 0.0, hi: 1.0 },
+        },
+        over_refusal: Estimate {
+            value: 0.2,
+            spread: Spread::None,
+        },
+        per_seed: vec![(f64::NAN, 0.5), (0.2, 0.2)],
+    };
+    let nan_frontier = Frontier {
+        methods: vec![FrontierMethod {
+            method: "nan".into(),
+            points: vec![nan_point],
+        }],
+        tests: vec![],
+    };
+    assert_well_formed_svg(
+        "frontier without finite means",
+        &frontier_chart(&nan_frontier),
+    );
 
     let charts = [
         BarChart {

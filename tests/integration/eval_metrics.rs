@@ -84,3 +84,48 @@ fn paired_difference_interval_stays_within_plus_minus_one() {
     assert!(d.hi <= 1.0 && d.hi > d.diff, "{}", d.hi);
     assert!(d.lo < d.diff && d.lo > 0.5, "{}", d.lo);
 }
+
+#[test]
+fn frontier_diff_of_identical_methods_is_zero_with_a_large_p() {
+    use sails::eval::metrics::frontier_diff;
+    // Every prompt the same for both methods: T = 0, every flip gives 0 as well, so p = 1 and the
+    // bootstrap never leaves 0.
+    let d = frontier_diff(&[0.0; 20], &[0.0; 30], 2000, 7).unwrap();
+    assert_eq!((d.diff, d.lo, d.hi, d.p_value), (0.0, 0.0, 0.0, 1.0));
+    // Methods that differ prompt by prompt but not on balance: harmful +1, −1, … (mean 0),
+    // XSTest +0.5, −0.5, … (mean 0). T = 0; p stays 1 (ties count) and the interval covers 0.
+    let h: Vec<f64> = (0..40)
+        .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    let o: Vec<f64> = (0..40)
+        .map(|i| if i % 2 == 0 { 0.5 } else { -0.5 })
+        .collect();
+    let d = frontier_diff(&h, &o, 2000, 7).unwrap();
+    assert!(d.diff.abs() < 1e-12);
+    assert!(d.p_value > 0.5, "{d:?}");
+    assert!(d.lo < 0.0 && d.hi > 0.0, "{d:?}");
+    assert_eq!((d.harmful_items, d.overrefusal_items), (40, 40));
+}
+
+#[test]
+fn frontier_diff_of_a_method_better_on_every_prompt_is_significant() {
+    use sails::eval::metrics::frontier_diff;
+    // A safe where B complied on all 25 harmful prompts (+1 each) and A answered where B refused
+    // on all 25 XSTest prompts (−1 each): T = 1 − (−1) = 2. A random flip reaches |T*| = 2 only
+    // when all 50 signs agree, P = 2·2⁻⁵⁰, so no resample does and p = 1/(1 + 2000).
+    let d = frontier_diff(&[1.0; 25], &[-1.0; 25], 2000, 7).unwrap();
+    assert_eq!(d.diff, 2.0);
+    assert_eq!(d.p_value, 1.0 / 2001.0);
+    assert_eq!((d.lo, d.hi), (2.0, 2.0));
+    // Worked example: harmful diffs mean (1 + 0 + 0 + 1)/4 = 0.5, XSTest (−0.5 + 0.5)/2 = 0:
+    // T = 0.5 − 0 = 0.5; the same seed gives the same figures.
+    let a = frontier_diff(&[1.0, 0.0, 0.0, 1.0], &[-0.5, 0.5], 500, 3).unwrap();
+    assert_eq!(a.diff, 0.5);
+    assert_eq!(
+        a,
+        frontier_diff(&[1.0, 0.0, 0.0, 1.0], &[-0.5, 0.5], 500, 3).unwrap()
+    );
+    assert!(a.lo <= 0.5 && a.hi >= 0.5);
+    // No prompts in a suite: nothing to compare.
+    assert!(frontier_diff(&[], &[1.0], 10, 0).is_none());
+}

@@ -57,12 +57,24 @@ fn interrupted_evaluation_resumes_without_redoing_prompts() {
     // A different generation setting cannot resume into the same directory.
     let cfg3 = EvalConfig {
         max_new_tokens: 5,
-        ..cfg
+        ..cfg.clone()
     };
     let e = run(&model, &splits, &judges, &cfg3, dir.path())
         .unwrap_err()
         .to_string();
     assert!(e.contains("another configuration"), "{e}");
+    // Nor can an evaluation at another adapter scale reuse these generations.
+    let cfg4 = EvalConfig {
+        adapter_scale: 0.5,
+        ..cfg
+    };
+    let e = run(&model, &splits, &judges, &cfg4, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("another configuration") && e.contains("adapter_scale"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -99,6 +99,79 @@ fn peft_adapter_applied_and_merged_match_reference() {
 }
 
 #[test]
+fn adapter_scale_multiplies_the_update() {
+    let dir = golden_dir().join("tiny-llama-lora");
+    let reference =
+        load_safetensors_file(&dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let (ids, mask, rows) = tiny_inputs();
+    let adapter = Adapter::load(&dir, &Device::Cpu).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scaled = |s: f64| {
+        let mut model = tiny_llama(DType::F32);
+        adapter.apply_scaled(&mut model, &dir, s).unwrap();
+        model
+    };
+    // Scale 1 is the adapter as `apply` puts it in, bit for bit, and PEFT's logits.
+    let mut plain = tiny_llama(DType::F32);
+    adapter.apply(&mut plain, &dir).unwrap();
+    let one = logits(&scaled(1.0), &ids, &mask);
+    assert_eq!(flat(&one), flat(&logits(&plain, &ids, &mask)));
+    // Tolerance from the golden README: 1e-4 + 1e-4·|ref|.
+    assert_close(
+        "scale 1",
+        &real_positions(&one, &rows),
+        &real_positions(&reference["logits_with_adapter"], &rows),
+        1e-4,
+        1e-4,
+    );
+    // Scale 0 is the base model: bit-identical to no adapter, and PEFT's base logits.
+    let zero = logits(&scaled(0.0), &ids, &mask);
+    assert_eq!(
+        flat(&zero),
+        flat(&logits(&tiny_llama(DType::F32), &ids, &mask))
+    );
+    assert_close(
+        "scale 0",
+        &real_positions(&zero, &rows),
+        &real_positions(&reference["logits_base"], &rows),
+        1e-4,
+        1e-4,
+    );
+    // Scale 0.5 halves ΔW: merged weights are W + ½·(W_merged − W) with PEFT's W_merged.
+    let mut half = scaled(0.5);
+    assert_eq!(merge_into(&mut half).unwrap(), 14);
+    let base: HashMap<String, Tensor> = tiny_llama(DType::F32)
+        .linear_layers()
+        .into_iter()
+        .map(|(n, l)| (format!("{n}.weight"), l.weight.clone()))
+        .collect();
+    let ours: HashMap<String, Tensor> = half
+        .linear_layers()
+        .into_iter()
+        .map(|(n, l)| (format!("{n}.weight"), l.weight.clone()))
+        .collect();
+    let merged =
+        load_safetensors_file(&dir.join("merged_weights.safetensors"), &Device::Cpu).unwrap();
+    for (name, full) in &merged {
+        let w = flat(&base[name]);
+        let want: Vec<f32> = w
+            .iter()
+            .zip(flat(full))
+            .map(|(w, m)| w + 0.5 * (m - w))
+            .collect();
+        // The README's weight tolerance.
+        assert_close(name, &flat(&ours[name]), &want, 1e-6, 1e-6);
+    }
+    for bad in [-0.5, f64::NAN, f64::INFINITY] {
+        let err = adapter
+            .apply_scaled(&mut tiny_llama(DType::F32), &dir, bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("finite and >= 0"), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn peft_adapter_round_trips_through_save_and_load() {
     let dir = golden_dir().join("tiny-llama-lora");
     let adapter = Adapter::load(&dir, &Device::Cpu).unwrap();

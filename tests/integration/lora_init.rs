@@ -312,7 +312,7 @@ fn full_fine_tuning_weights_saved_then_applied_reproduce_the_trained_model() {
     trainable.save(dir.path()).unwrap();
     let mut fresh = tiny();
     let before = logits(&fresh);
-    let n = sails::lora::apply_full_weights(&mut fresh, dir.path()).unwrap();
+    let n = sails::lora::apply_full_weights(&mut fresh, dir.path(), 1.0).unwrap();
     assert_eq!(n, trainable.vars.len());
     // the trained model runs the differentiable path (its weights are Vars), the fresh one the
     // fused inference kernels: equal up to summation order
@@ -324,6 +324,32 @@ fn full_fine_tuning_weights_saved_then_applied_reproduce_the_trained_model() {
         1e-4,
     );
     assert_ne!(logits(&fresh), before, "the weights did change the model");
+    // scale 0 is the base model bit for bit; scale 0.5 is halfway: W + 0.5·(1.5W − W) = 1.25·W
+    let mut none = tiny();
+    sails::lora::apply_full_weights(&mut none, dir.path(), 0.0).unwrap();
+    assert_eq!(logits(&none), before);
+    let mut half = tiny();
+    sails::lora::apply_full_weights(&mut half, dir.path(), 0.5).unwrap();
+    let base = tiny();
+    let weights = |m: &sails::model::decoder::Decoder| -> Vec<f32> {
+        m.linear_layers()
+            .iter()
+            .flat_map(|(_, l)| l.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    let want: Vec<f32> = weights(&base)
+        .iter()
+        .zip(weights(&trained))
+        .map(|(b, t)| if t == *b { *b } else { 1.25 * b })
+        .collect();
+    common::assert_close(
+        "full weights at scale 0.5",
+        &weights(&half),
+        &want,
+        1e-6,
+        1e-6,
+    );
+    assert!(sails::lora::apply_full_weights(&mut tiny(), dir.path(), -1.0).is_err());
     // a weight that fits no module is an error naming it
     let bad: std::collections::HashMap<String, Tensor> = [(
         "model.layers.0.self_attn.nope.weight".to_string(),
@@ -333,6 +359,6 @@ fn full_fine_tuning_weights_saved_then_applied_reproduce_the_trained_model() {
     .collect();
     sails::model::weights::save_safetensors_atomic(&bad, &dir.path().join("model.safetensors"))
         .unwrap();
-    let err = sails::lora::apply_full_weights(&mut tiny(), dir.path()).unwrap_err();
+    let err = sails::lora::apply_full_weights(&mut tiny(), dir.path(), 1.0).unwrap_err();
     assert!(err.to_string().contains("nope"), "{err}");
 }
