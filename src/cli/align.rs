@@ -428,8 +428,8 @@ impl Runner<'_> {
 
 /// The fine-tuning data folder as `sails train` takes it (`--data <dir>`: train.jsonl, its held-out
 /// part and the examples' kinds), and the files a training stage depends on. The manifest is one
-/// of them only with a retain term, where its kinds change the loss; runs without one keep the
-/// inputs they recorded.
+/// of them only with a retain term, where its kinds change the loss, and the preference pairs only
+/// with a DPO term; runs without them keep the inputs they recorded.
 pub(super) fn train_data(dir: &Path, train: &TrainConfig) -> (Vec<String>, Vec<PathBuf>) {
     let mut inputs = vec![
         dir.join(sails::data::sft::TRAIN_FILE),
@@ -437,6 +437,10 @@ pub(super) fn train_data(dir: &Path, train: &TrainConfig) -> (Vec<String>, Vec<P
     ];
     if train.retain_kl > 0.0 {
         inputs.push(dir.join(sails::data::sft::MANIFEST_FILE));
+    }
+    if train.dpo_weight > 0.0 {
+        inputs.push(dir.join(sails::data::sft::PAIRS_FILE));
+        inputs.push(dir.join(sails::data::sft::HELDOUT_PAIRS_FILE));
     }
     (vec![s("--data"), s(dir.display())], inputs)
 }
@@ -669,15 +673,20 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
     }
 
     // 4. fine-tuning data
+    let mut data_outputs = vec![
+        PathBuf::from("data/train.jsonl"),
+        PathBuf::from("data/heldout.jsonl"),
+    ];
+    if cfg.data.preference_pairs {
+        data_outputs.push(PathBuf::from("data").join(sails::data::sft::PAIRS_FILE));
+        data_outputs.push(PathBuf::from("data").join(sails::data::sft::HELDOUT_PAIRS_FILE));
+    }
     runner.stage(
         StagePlan {
             name: "data",
             inputs: vec![model_path.clone()],
             config: serde_json::to_value(&cfg.data)?,
-            outputs: vec![
-                PathBuf::from("data/train.jsonl"),
-                PathBuf::from("data/heldout.jsonl"),
-            ],
+            outputs: data_outputs,
         },
         |fresh| {
             if fresh {
@@ -953,6 +962,29 @@ mod tests {
             .unwrap()
             .a;
         assert!(a.resolve().is_err(), "unknown keys are errors");
+    }
+
+    #[test]
+    fn dpo_settings_pass_through_and_add_the_pairs_to_the_training_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(
+            &file,
+            "[data]\npreference_pairs = true\n[train]\ndpo_weight = 1.0\ndpo_beta = 0.2\n",
+        )
+        .unwrap();
+        let cfg = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
+            .unwrap()
+            .a
+            .resolve()
+            .unwrap();
+        assert!(cfg.data.preference_pairs);
+        assert_eq!((cfg.train.dpo_weight, cfg.train.dpo_beta), (1.0, 0.2));
+        let (_, inputs) = train_data(Path::new("d"), &cfg.train);
+        assert!(inputs.contains(&PathBuf::from("d/pairs.jsonl")));
+        let quick = AlignConfig::preset(PresetArg::Quick);
+        let (_, inputs) = train_data(Path::new("d"), &quick.train);
+        assert_eq!(inputs.len(), 2, "{inputs:?}");
     }
 
     #[test]

@@ -93,6 +93,13 @@ pub struct BuildArgs {
     /// cookies?").
     #[arg(long)]
     refusal_pairs: bool,
+    /// Also write preference pairs for DPO training (pairs.jsonl, heldout_pairs.jsonl).
+    ///
+    /// One pair per example: a harmful prompt's refusal is preferred to the base model's own
+    /// greedy answer (generated here, so this needs the model), any other prompt's answer to the
+    /// composed refusal of that prompt. `sails train --dpo-weight` trains on them.
+    #[arg(long)]
+    preference_pairs: bool,
     /// Share of each kind held out (default 0.1).
     #[arg(long, value_name = "FRAC")]
     heldout_frac: Option<f64>,
@@ -148,6 +155,9 @@ fn config(args: &BuildArgs) -> anyhow::Result<SftConfig> {
     }
     if args.refusal_pairs {
         cfg.refusal_pairs = true;
+    }
+    if args.preference_pairs {
+        cfg.preference_pairs = true;
     }
     if let Some(n) = args.max_edgy {
         cfg.max_edgy = Some(n);
@@ -306,7 +316,10 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let splits = Splits::load().context("loading the prompt sets")?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let needs_model = cfg.helpful == HelpfulSource::Model || cfg.include_edgy || cfg.refusal_pairs;
+    let needs_model = cfg.helpful == HelpfulSource::Model
+        || cfg.include_edgy
+        || cfg.refusal_pairs
+        || cfg.preference_pairs;
     let generator = format!(
         "model={} adapter={} dtype={:?} decode_weights={:?} greedy max_new_tokens={}",
         args.model.model,
@@ -357,6 +370,14 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         };
         println!("{}", row("train", &m.train_counts));
         println!("{}", row("heldout", &m.heldout_counts));
+        if let Some(p) = &m.pairs {
+            println!(
+                "pairs    {:>6} train  {:>6} heldout  ({} harmful without a model answer)",
+                p.train,
+                p.heldout,
+                p.no_rejected.len()
+            );
+        }
         println!(
             "refusals: {} distinct over {} harmful examples (pools {}×{}×{})",
             m.distinct_refusals,
@@ -441,6 +462,12 @@ mod tests {
         assert!(!cfg.include_edgy);
         assert_eq!(cfg.helpful, HelpfulSource::Model);
         assert_eq!(cfg.harmful, Some(8));
+        assert!(!cfg.preference_pairs);
+        assert!(
+            config(&parse(&["--preference-pairs"]))
+                .unwrap()
+                .preference_pairs
+        );
     }
 
     #[test]

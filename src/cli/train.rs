@@ -10,11 +10,13 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use sails::data::sft::{Kind, SftSet};
+use sails::data::sft::{Kind, PreferencePair, SftSet};
 use sails::lora::{self, LoraConfig, LoraInit};
+use sails::model::chat::Message;
 use sails::model::load::{ChatModel, ModelSource};
 use sails::train::{
-    self, tokenize_chat, AdamW, Batch, ChatExample, RunOptions, Target, TrainConfig, TrainData,
+    self, tokenize_chat, AdamW, Batch, ChatExample, RunOptions, Target, TokenizedPair, TrainConfig,
+    TrainData,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -40,7 +42,8 @@ pub struct TrainArgs {
     /// taken on (its tokens and the end-of-turn token). A folder is what `sails data build`
     /// writes: its train.jsonl is trained on, its heldout.jsonl is the held-out set, and its
     /// sft_manifest.json gives each example's kind; every kind but harmful-refusal is a retain
-    /// example for --retain-kl.
+    /// example for --retain-kl. Its pairs.jsonl and heldout_pairs.jsonl (`data build
+    /// --preference-pairs`) are the preference pairs of --dpo-weight.
     #[arg(long, value_name = "FILE.jsonl|DIR")]
     data: PathBuf,
     /// Held-out examples (JSON lines) for the loss every `eval_every` steps; not with a data
@@ -113,6 +116,21 @@ pub struct TrainArgs {
     /// held-out loss stays the NLL alone either way.
     #[arg(long, value_name = "LAMBDA")]
     retain_kl: Option<f64>,
+    /// Weight W of the DPO preference term (0, the default, turns it off).
+    ///
+    /// Each step's loss becomes the SFT mean NLL + W · the mean over the step's preference pairs
+    /// of −log σ(β·[(log π(chosen) − log π_ref(chosen)) − (log π(rejected) − log
+    /// π_ref(rejected))]), log π being a response's summed token log-probs and π_ref the model
+    /// with the adapter off, computed once into --out/dpo_reference.json. Needs --data to be a
+    /// data folder built with --preference-pairs. A step draws batch_size pairs
+    /// (dpo_pairs_per_step in --config), run batch_size / 2 pairs per micro-batch; the loss curve
+    /// gains dpo_loss, dpo_margin and dpo_accuracy, the held-out records the same on the held-out
+    /// pairs.
+    #[arg(long, value_name = "W")]
+    dpo_weight: Option<f64>,
+    /// DPO's β: the scale of the log-ratio margin (default 0.1).
+    #[arg(long, value_name = "BETA")]
+    dpo_beta: Option<f64>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -159,6 +177,9 @@ struct Examples {
     /// Per training example: whether it is a retain (benign) example.
     retain: Vec<bool>,
     eval: Option<(PathBuf, Vec<ChatExample>)>,
+    /// The data folder's preference pairs (training, held-out); `None` for a JSON-lines file or a
+    /// folder built without them.
+    pairs: Option<(Vec<PreferencePair>, Vec<PreferencePair>)>,
 }
 
 /// The benign kinds: every one but the refusals, whose answers the adapter is there to change.
@@ -180,6 +201,7 @@ fn read_examples(data: &Path, eval_data: Option<&Path>) -> anyhow::Result<Exampl
             retain: vec![false; train.len()],
             train,
             eval,
+            pairs: None,
         });
     }
     if let Some(p) = eval_data {
@@ -201,7 +223,41 @@ fn read_examples(data: &Path, eval_data: Option<&Path>) -> anyhow::Result<Exampl
             .collect(),
         train: set.train,
         eval: Some((data.join(sails::data::sft::HELDOUT_FILE), set.heldout)),
+        pairs: set
+            .manifest
+            .pairs
+            .is_some()
+            .then_some((set.pairs, set.heldout_pairs)),
     })
+}
+
+/// Tokenizes each pair's prompt with its chosen and its rejected answer.
+fn tokenize_pairs(
+    model: &ChatModel,
+    path: &Path,
+    pairs: &[PreferencePair],
+) -> anyhow::Result<Vec<TokenizedPair>> {
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let side = |answer: &str| {
+                let chat = ChatExample {
+                    messages: vec![
+                        Message::user(p.prompt.clone()),
+                        Message::assistant(answer.to_owned()),
+                    ],
+                };
+                tokenize_chat(&model.tokenizer, &model.template, &chat, i)
+                    .with_context(|| format!("{}: pair {:?}", path.display(), p.id))
+            };
+            Ok(TokenizedPair {
+                id: p.id.clone(),
+                chosen: side(&p.chosen)?,
+                rejected: side(&p.rejected)?,
+            })
+        })
+        .collect()
 }
 
 fn read_bases(path: &Path) -> anyhow::Result<BTreeMap<usize, Tensor>> {
@@ -253,6 +309,12 @@ impl TrainArgs {
         }
         if let Some(v) = self.retain_kl {
             cfg.retain_kl = v;
+        }
+        if let Some(v) = self.dpo_weight {
+            cfg.dpo_weight = v;
+        }
+        if let Some(v) = self.dpo_beta {
+            cfg.dpo_beta = v;
         }
         Ok(cfg)
     }
@@ -333,6 +395,22 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         Some((path, chats)) => tokenize(path, chats, &vec![false; chats.len()])?,
         None => Vec::new(),
     };
+    let (pairs, eval_pairs) = match (&examples.pairs, cfg.dpo_weight > 0.0) {
+        (_, false) => (Vec::new(), Vec::new()),
+        (Some((train, heldout)), true) => (
+            tokenize_pairs(&model, &args.data.join(sails::data::sft::PAIRS_FILE), train)?,
+            tokenize_pairs(
+                &model,
+                &args.data.join(sails::data::sft::HELDOUT_PAIRS_FILE),
+                heldout,
+            )?,
+        ),
+        (None, true) => bail!(
+            "--dpo-weight needs preference pairs: pass a data folder built with \
+             `sails data build --preference-pairs` as --data instead of {}",
+            args.data.display()
+        ),
+    };
     let pad_id = model
         .tokenizer
         .pad_id()
@@ -347,6 +425,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         TrainData {
             train: &train_set,
             eval: &eval_set,
+            pairs: &pairs,
+            eval_pairs: &eval_pairs,
             pad_id,
         },
         RunOptions {
@@ -591,10 +671,24 @@ mod tests {
         let cfg = t.args.train_config().unwrap();
         assert_eq!((cfg.lr_peak, cfg.max_steps, cfg.warmup_steps), (1e-3, 5, 5));
         assert_eq!(cfg.retain_kl, 0.0);
+        assert_eq!(t.args.targets, ["q_proj", "down_proj"]);
         let t =
             T::try_parse_from(["t", "--data", "d", "--out", "o", "--retain-kl", "0.3"]).unwrap();
         assert_eq!(t.args.train_config().unwrap().retain_kl, 0.3);
-        assert_eq!(t.args.targets, ["q_proj", "down_proj"]);
+        let t = T::try_parse_from([
+            "t",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--dpo-weight",
+            "1",
+            "--dpo-beta",
+            "0.2",
+        ])
+        .unwrap();
+        let cfg = t.args.train_config().unwrap();
+        assert_eq!((cfg.dpo_weight, cfg.dpo_beta), (1.0, 0.2));
         assert!(T::try_parse_from(["t", "--out", "o"]).is_err());
     }
 }

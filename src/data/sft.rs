@@ -3,7 +3,7 @@
 //!
 //! In: the project's [`Splits`] (training side only) and an [`SftConfig`]; optionally a callback
 //! that answers prompts with the base model. Out: an [`SftSet`] (`train.jsonl`, `heldout.jsonl`,
-//! `sft_manifest.json`).
+//! `sft_manifest.json`, and with `preference_pairs` also `pairs.jsonl`, `heldout_pairs.jsonl`).
 //!
 //! # What goes in
 //!
@@ -37,6 +37,15 @@
 //! trained model by memorised wording. The pools are this project's own sentences; they share
 //! common words ("I can't", "sorry") with the evaluation judges' phrase lists, as any refusal does,
 //! but none is a copy of a judge's list.
+//!
+//! # Preference pairs
+//!
+//! With `preference_pairs`, every example of a part also becomes a [`PreferencePair`] (same id,
+//! same order) for the trainer's DPO term: a `harmful-refusal` example's refusal is `chosen` and
+//! the base model's own greedy answer to its prompt `rejected` (so the pair says "refuse instead
+//! of what you would have said"); any other example's answer is `chosen` and the composed
+//! [`refusal`] of its prompt `rejected` ("answer instead of refusing"). A harmful prompt whose
+//! model answer is empty gets no pair (`PairCounts::no_rejected`).
 //!
 //! # Sizes, order and the held-out part
 //!
@@ -82,6 +91,11 @@ pub enum SftError {
     NoAnswerer,
     #[error("answering {prompts} prompts with the model failed: {source}")]
     Answer { prompts: usize, source: AnswerError },
+    #[error(
+        "preference_pairs needs the base model's own answers to the harmful prompts (the \
+         rejected side of their pairs), but no answer callback was given: load a model"
+    )]
+    PairsNeedModel,
     #[error("the answer callback returned {got} answers for {expected} prompts")]
     AnswerCount { expected: usize, got: usize },
     #[error("{path}: {source}")]
@@ -190,6 +204,12 @@ pub struct SftConfig {
     /// PyRIT's many-shot harmful questions that are no evaluation item, refused (0: none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub many_shot: usize,
+    /// Also write preference pairs for the DPO term (`pairs.jsonl`, `heldout_pairs.jsonl`, one
+    /// per example): a harmful prompt's refusal preferred to the base model's own greedy answer,
+    /// every other prompt's answer preferred to its composed refusal ([`refusal`]). Needs the
+    /// model even when nothing else does.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub preference_pairs: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -217,6 +237,7 @@ impl Default for SftConfig {
             reference_max_chars: default_reference_max_chars(),
             uncensorbench: 0,
             many_shot: 0,
+            preference_pairs: false,
         }
     }
 }
@@ -322,6 +343,27 @@ pub struct Dropped {
     pub reason: String,
 }
 
+/// One line of `pairs.jsonl` / `heldout_pairs.jsonl`: for the example `id` (same id as its
+/// [`ExampleMeta`]), `chosen` is the preferred answer to `prompt` and `rejected` the other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreferencePair {
+    pub id: String,
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+/// The preference pairs' counts in `sft_manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairCounts {
+    pub train: usize,
+    pub heldout: usize,
+    /// Harmful examples left without a pair: the base model's answer was empty once trimmed.
+    pub no_rejected: Vec<String>,
+}
+
 /// `sft_manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -343,6 +385,10 @@ pub struct SftManifest {
     pub dropped: Vec<Dropped>,
     pub train: Vec<ExampleMeta>,
     pub heldout: Vec<ExampleMeta>,
+    /// With `preference_pairs`: how many pairs each part has (absent otherwise, so manifests
+    /// written before pairs existed read the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairs: Option<PairCounts>,
     /// File name → sha256 of the written bytes; filled by [`SftSet::save`].
     pub files: BTreeMap<String, String>,
 }
@@ -352,6 +398,10 @@ pub struct SftManifest {
 pub struct SftSet {
     pub train: Vec<ChatExample>,
     pub heldout: Vec<ChatExample>,
+    /// Preference pairs of the training part (empty without `preference_pairs`).
+    pub pairs: Vec<PreferencePair>,
+    /// Preference pairs of the held-out part.
+    pub heldout_pairs: Vec<PreferencePair>,
     pub manifest: SftManifest,
 }
 
@@ -538,6 +588,10 @@ pub fn build(
     if cfg.helpful == HelpfulSource::Model && answers.is_none() {
         return Err(SftError::NoAnswerer);
     }
+    if cfg.preference_pairs && answers.is_none() {
+        return Err(SftError::PairsNeedModel);
+    }
+    let mut answers = answers;
     let seed = cfg.seed;
     let mut dropped = Vec::new();
 
@@ -745,32 +799,16 @@ pub fn build(
     // The leak guard runs before any model time is spent.
     splits.assert_disjoint(items.iter().map(|it| it.prompt.as_str()))?;
 
-    let answer_source = match answers {
-        Some(a) => {
-            let pending: Vec<usize> = (0..items.len())
-                .filter(|&i| items[i].response.is_none())
-                .collect();
-            if !pending.is_empty() {
-                let prompts: Vec<String> =
-                    pending.iter().map(|&i| items[i].prompt.clone()).collect();
-                let got = (a.answer)(&prompts).map_err(|source| SftError::Answer {
-                    prompts: prompts.len(),
-                    source,
-                })?;
-                if got.len() != prompts.len() {
-                    return Err(SftError::AnswerCount {
-                        expected: prompts.len(),
-                        got: got.len(),
-                    });
-                }
-                for (i, answer) in pending.into_iter().zip(got) {
-                    items[i].response = Some(answer);
-                }
-            }
-            Some(a.source)
+    let answer_source = answers.as_ref().map(|a| a.source.clone());
+    if let Some(a) = answers.as_mut() {
+        let pending: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].response.is_none())
+            .collect();
+        let prompts: Vec<String> = pending.iter().map(|&i| items[i].prompt.clone()).collect();
+        for (i, answer) in pending.into_iter().zip(ask(a, prompts)?) {
+            items[i].response = Some(answer);
         }
-        None => None,
-    };
+    }
 
     // Trim; drop what is empty. Only model answers can be: refusals never are, and empty
     // reference answers left the pool above.
@@ -836,6 +874,10 @@ pub fn build(
     };
     let (train_examples, train_meta, train_counts) = to_examples(&train);
     let (heldout_examples, heldout_meta, heldout_counts) = to_examples(&heldout);
+    let (pairs, heldout_pairs, pair_counts) = match answers.as_mut() {
+        Some(a) if cfg.preference_pairs => preference_pairs(a, seed, &train, &heldout)?,
+        _ => (Vec::new(), Vec::new(), None),
+    };
     let distinct_refusals = kept
         .iter()
         .filter(|(it, _)| it.kind == Kind::HarmfulRefusal)
@@ -878,24 +920,96 @@ pub fn build(
         dropped,
         train: train_meta,
         heldout: heldout_meta,
+        pairs: pair_counts,
         files: BTreeMap::new(),
     };
     Ok(SftSet {
         train: train_examples,
         heldout: heldout_examples,
+        pairs,
+        heldout_pairs,
         manifest,
     })
+}
+
+/// Asks the model for one answer per prompt (nothing when there is no prompt).
+fn ask(a: &mut ModelAnswers<'_>, prompts: Vec<String>) -> Result<Vec<String>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let got = (a.answer)(&prompts).map_err(|source| SftError::Answer {
+        prompts: prompts.len(),
+        source,
+    })?;
+    if got.len() != prompts.len() {
+        return Err(SftError::AnswerCount {
+            expected: prompts.len(),
+            got: got.len(),
+        });
+    }
+    Ok(got)
+}
+
+/// The preference pairs of both parts, in the parts' order: a harmful example's refusal over the
+/// model's own answer to its prompt (asked for here, trimmed), any other example's answer over
+/// the composed refusal. A harmful example whose model answer is empty gets no pair.
+#[allow(clippy::type_complexity)]
+fn preference_pairs(
+    a: &mut ModelAnswers<'_>,
+    seed: u64,
+    train: &[&(Item, String)],
+    heldout: &[&(Item, String)],
+) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>, Option<PairCounts>)> {
+    let harmful: Vec<String> = train
+        .iter()
+        .chain(heldout)
+        .filter(|(it, _)| it.kind == Kind::HarmfulRefusal)
+        .map(|(it, _)| it.prompt.clone())
+        .collect();
+    let own: HashMap<String, String> = harmful.clone().into_iter().zip(ask(a, harmful)?).collect();
+    let mut no_rejected = Vec::new();
+    let mut to_pairs = |part: &[&(Item, String)]| -> Vec<PreferencePair> {
+        let mut pairs = Vec::with_capacity(part.len());
+        for (it, response) in part {
+            let rejected = match it.kind {
+                Kind::HarmfulRefusal => own
+                    .get(&it.prompt)
+                    .map_or(String::new(), |s| s.trim().to_owned()),
+                Kind::HarmlessHelpful | Kind::EdgyHelpful => refusal(seed, &it.prompt),
+            };
+            if rejected.is_empty() {
+                no_rejected.push(it.id.clone());
+                continue;
+            }
+            pairs.push(PreferencePair {
+                id: it.id.clone(),
+                prompt: it.prompt.clone(),
+                chosen: response.clone(),
+                rejected,
+            });
+        }
+        pairs
+    };
+    let (train_pairs, heldout_pairs) = (to_pairs(train), to_pairs(heldout));
+    let counts = PairCounts {
+        train: train_pairs.len(),
+        heldout: heldout_pairs.len(),
+        no_rejected,
+    };
+    Ok((train_pairs, heldout_pairs, Some(counts)))
 }
 
 pub const TRAIN_FILE: &str = "train.jsonl";
 pub const HELDOUT_FILE: &str = "heldout.jsonl";
 pub const MANIFEST_FILE: &str = "sft_manifest.json";
+pub const PAIRS_FILE: &str = "pairs.jsonl";
+pub const HELDOUT_PAIRS_FILE: &str = "heldout_pairs.jsonl";
 
-fn to_jsonl(examples: &[ChatExample]) -> Vec<u8> {
+fn to_jsonl<T: Serialize>(lines: &[T]) -> Vec<u8> {
     let mut out = Vec::new();
-    for e in examples {
-        // A ChatExample is strings only; serialising it cannot fail.
-        let line = serde_json::to_string(e).expect("a ChatExample serialises to JSON");
+    for e in lines {
+        // Examples and pairs are strings only; serialising them cannot fail.
+        let line = serde_json::to_string(e).expect("an example or pair serialises to JSON");
         out.extend_from_slice(line.as_bytes());
         out.push(b'\n');
     }
@@ -919,7 +1033,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<ChatExample>> {
     parse_jsonl(path, &bytes)
 }
 
-fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<ChatExample>> {
+fn parse_jsonl<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<Vec<T>> {
     let text = std::str::from_utf8(bytes).map_err(|e| SftError::Parse {
         path: path.to_path_buf(),
         line: 0,
@@ -939,16 +1053,24 @@ fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<ChatExample>> {
 }
 
 impl SftSet {
-    /// Writes `train.jsonl`, `heldout.jsonl` and `sft_manifest.json` (each through a temporary
-    /// file and a rename; the manifest last, with the sha256 of the two others).
+    /// Writes `train.jsonl`, `heldout.jsonl`, with preference pairs `pairs.jsonl` and
+    /// `heldout_pairs.jsonl`, and `sft_manifest.json` (each through a temporary file and a
+    /// rename; the manifest last, with the sha256 of the others).
     pub fn save(&mut self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|source| SftError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
+        let mut contents = vec![
+            (TRAIN_FILE, to_jsonl(&self.train)),
+            (HELDOUT_FILE, to_jsonl(&self.heldout)),
+        ];
+        if self.manifest.pairs.is_some() {
+            contents.push((PAIRS_FILE, to_jsonl(&self.pairs)));
+            contents.push((HELDOUT_PAIRS_FILE, to_jsonl(&self.heldout_pairs)));
+        }
         let mut files = BTreeMap::new();
-        for (name, examples) in [(TRAIN_FILE, &self.train), (HELDOUT_FILE, &self.heldout)] {
-            let bytes = to_jsonl(examples);
+        for (name, bytes) in contents {
             files.insert(name.to_owned(), sha256_hex(&bytes));
             crate::model::write_atomic(&dir.join(name), &bytes)?;
         }
@@ -974,40 +1096,53 @@ impl SftSet {
                 line: e.line(),
                 message: e.to_string(),
             })?;
-        let mut parts = Vec::new();
-        for (name, expected_len) in [
-            (TRAIN_FILE, manifest.train.len()),
-            (HELDOUT_FILE, manifest.heldout.len()),
-        ] {
-            let path = dir.join(name);
-            let bytes = read(&path)?;
-            let got = sha256_hex(&bytes);
-            let expected = manifest.files.get(name).cloned().unwrap_or_default();
-            if got != expected {
-                return Err(SftError::HashMismatch {
-                    path,
-                    expected,
-                    got,
-                });
-            }
-            let examples = parse_jsonl(&path, &bytes)?;
-            if examples.len() != expected_len {
-                return Err(SftError::CountMismatch {
-                    path,
-                    expected: expected_len,
-                    got: examples.len(),
-                });
-            }
-            parts.push(examples);
-        }
-        let heldout = parts.pop().unwrap_or_default();
-        let train = parts.pop().unwrap_or_default();
+        let train = read_checked(dir, &manifest, TRAIN_FILE, manifest.train.len())?;
+        let heldout = read_checked(dir, &manifest, HELDOUT_FILE, manifest.heldout.len())?;
+        let (pairs, heldout_pairs) = match &manifest.pairs {
+            Some(n) => (
+                read_checked(dir, &manifest, PAIRS_FILE, n.train)?,
+                read_checked(dir, &manifest, HELDOUT_PAIRS_FILE, n.heldout)?,
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
         Ok(Self {
             train,
             heldout,
+            pairs,
+            heldout_pairs,
             manifest,
         })
     }
+}
+
+/// The lines of `dir/name`, after checking the file's sha256 against the manifest's and the
+/// line count against `expected_len`.
+fn read_checked<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    manifest: &SftManifest,
+    name: &str,
+    expected_len: usize,
+) -> Result<Vec<T>> {
+    let path = dir.join(name);
+    let bytes = read(&path)?;
+    let got = sha256_hex(&bytes);
+    let expected = manifest.files.get(name).cloned().unwrap_or_default();
+    if got != expected {
+        return Err(SftError::HashMismatch {
+            path,
+            expected,
+            got,
+        });
+    }
+    let lines: Vec<T> = parse_jsonl(&path, &bytes)?;
+    if lines.len() != expected_len {
+        return Err(SftError::CountMismatch {
+            path,
+            expected: expected_len,
+            got: lines.len(),
+        });
+    }
+    Ok(lines)
 }
 
 #[cfg(test)]

@@ -14,6 +14,10 @@
 //! With a retain term (λ > 0) a batch's retain rows also run that tape-free forward on the model
 //! with its adapter switched off; the base logits at their targets enter the logit gradient
 //! (`λ·unit·(softmax − p_base)`, [`cross_entropy_in_place`]) and nothing else changes.
+//!
+//! A DPO micro-batch ([`dpo_loss_and_grads`], [`super::dpo`]) runs the same forward; once the
+//! logits give every row's log-prob, each target's logit gradient `softmax − onehot` is scaled by
+//! its row's coefficient (`±β σ(−m)·w/n_pairs`) and the backward is the SFT one.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -22,6 +26,7 @@ use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 
 use super::data::Batch;
+use super::dpo::{target_coefficients, DpoStats, PairBatch};
 use super::{Result, StepLoss, TrainError};
 use crate::lora::PEFT_PREFIX;
 use crate::model::decoder::{Block, Decoder};
@@ -109,6 +114,7 @@ pub fn timed_loss_and_grads(
             batch,
             1.0 / n_total as f32,
             retain,
+            None,
             &mut total,
             &mut timing,
         )?;
@@ -116,7 +122,47 @@ pub fn timed_loss_and_grads(
         kl_sum += sums.kl;
         n_retain += sums.n_retain;
     }
-    let grads = params
+    let grads = collect_grads(params, &total)?;
+    let loss = StepLoss::new(nll_sum, kl_sum, n_retain, n_total, retain_kl);
+    Ok((loss, grads, timing))
+}
+
+/// Like [`super::dpo::dpo_loss_and_grads`]: the gradients of `weight · mean ℓ_i` over the pairs
+/// of `batches`, in `params` order, and the pairs' sums.
+pub fn dpo_loss_and_grads(
+    decoder: &Decoder,
+    params: &[(&String, &Var)],
+    batches: &[PairBatch],
+    beta: f64,
+    weight: f64,
+) -> Result<(DpoStats, Vec<Tensor>)> {
+    let n_pairs: usize = batches.iter().map(|b| b.reference.len()).sum();
+    if n_pairs == 0 {
+        return Err(TrainError::Internal("a DPO step with no pairs".into()));
+    }
+    let unit = weight / n_pairs as f64;
+    let mut total: FactorGrads = HashMap::new();
+    let mut timing = StepTiming::default();
+    let mut stats = DpoStats::default();
+    for pb in batches {
+        let mut coefficients =
+            |token_nll: &[f64]| target_coefficients(beta, unit, pb, token_nll, &mut stats);
+        batch_grads(
+            decoder,
+            &pb.batch,
+            1.0,
+            None,
+            Some(&mut coefficients),
+            &mut total,
+            &mut timing,
+        )?;
+    }
+    Ok((stats, collect_grads(params, &total)?))
+}
+
+/// The summed factor gradients as tensors in `params` order.
+fn collect_grads(params: &[(&String, &Var)], total: &FactorGrads) -> Result<Vec<Tensor>> {
+    params
         .iter()
         .map(|(name, var)| {
             let missing = || TrainError::NoGradient {
@@ -130,9 +176,7 @@ pub fn timed_loss_and_grads(
             };
             Ok(Tensor::from_slice(values, var.shape(), var.device())?)
         })
-        .collect::<Result<Vec<_>>>()?;
-    let loss = StepLoss::new(nll_sum, kl_sum, n_retain, n_total, retain_kl);
-    Ok((loss, grads, timing))
+        .collect()
 }
 
 /// The shape of one batch: `b` sequences of `t` tokens, `h` query heads in `kv` groups of `g`,
@@ -295,21 +339,25 @@ impl Targets {
     }
 
     /// The head's logits turned in place into the gradient of `unit · (Σ NLL + λ·Σ KL)` (the KL
-    /// part only with `retain`), and the NLL and KL sums; `then` reads that gradient with the
-    /// head's weights `(vocab, d)`.
+    /// part only with `retain`), and the NLL and KL sums; `then` gets that gradient (to rescale
+    /// or read), each target's NLL, and the head's weights `(vocab, d)`.
     fn loss<T>(
         &self,
         decoder: &Decoder,
         unit: f32,
         retain: Option<&Retain>,
-        then: impl FnOnce(&[f32], View) -> CResult<T>,
+        then: impl FnOnce(&mut [f32], &[f64], View) -> CResult<T>,
     ) -> CResult<(LossSums, T)> {
         let d = decoder.config.hidden_size;
         let mut logits = self.logits(decoder)?;
         with_slice::<f32, _>(head_weight(decoder), |e| {
             let vocab = e.len() / d;
-            let sums = cross_entropy_in_place(&mut logits, vocab, &self.tokens, unit, retain)?;
-            Ok((sums, then(&logits, View::rows(e, vocab, d))?))
+            let (sums, token_nll) =
+                cross_entropy_in_place(&mut logits, vocab, &self.tokens, unit, retain)?;
+            Ok((
+                sums,
+                then(&mut logits, &token_nll, View::rows(e, vocab, d))?,
+            ))
         })
     }
 }
@@ -351,20 +399,36 @@ fn base_logits(base: &Decoder, batch: &Batch) -> Result<Option<Vec<f32>>> {
 /// soon as the next block has read them, so memory stays near one block's worth (the held-out
 /// loss during training; autodiff would keep every block's for a backward that never comes).
 pub fn batch_loss(decoder: &Decoder, batch: &Batch) -> Result<f64> {
+    Ok(forward_only(decoder, batch)?.0.nll)
+}
+
+/// Each target's NLL of `batch`, in its target order, forward only as [`batch_loss`] (the DPO
+/// reference and held-out log-probs).
+pub fn token_nll(decoder: &Decoder, batch: &Batch) -> Result<Vec<f64>> {
+    Ok(forward_only(decoder, batch)?.1)
+}
+
+fn forward_only(decoder: &Decoder, batch: &Batch) -> Result<(LossSums, Vec<f64>)> {
     let prepared = Prepared::new(decoder, batch)?;
     let h = forward_blocks(decoder, batch, &prepared.frame(), None)?;
     let targets = Targets::new(decoder, batch, prepared.dims.t, &h)?;
-    Ok(targets.loss(decoder, 1.0, None, |_, _| Ok(()))?.0.nll)
+    Ok(targets.loss(decoder, 1.0, None, |_, nll, _| Ok(nll.to_vec()))?)
 }
+
+/// Maps each target's NLL to a factor its logit gradient is multiplied by (DPO's per-row
+/// coefficients), once the forward is done.
+type Rescale<'a> = &'a mut dyn FnMut(&[f64]) -> Result<Vec<f32>>;
 
 /// The loss sums of one batch; adds the LoRA gradients of `(Σ NLL + λ·Σ KL) · unit` (`unit` =
 /// 1 / the step's target count) into `grads`. `retain`: the model with its adapter switched off
-/// and λ, when the step has a retain term.
+/// and λ, when the step has a retain term. `rescale`: per-target factors applied to the logit
+/// gradient before the backward (DPO).
 fn batch_grads(
     decoder: &Decoder,
     batch: &Batch,
     unit: f32,
     retain: Option<(&Decoder, f32)>,
+    rescale: Option<Rescale>,
     grads: &mut FactorGrads,
     timing: &mut StepTiming,
 ) -> Result<LossSums> {
@@ -405,10 +469,20 @@ fn batch_grads(
     let targets = Targets::new(decoder, batch, dims.t, &h)?;
     let n = targets.rows.len();
     let mut forward_s = 0.0;
-    let (sums, dnormed) = targets.loss(decoder, unit, retain.as_ref(), |dlogits, head| {
+    let (sums, dnormed) = targets.loss(decoder, unit, retain.as_ref(), |dlogits, nll, head| {
         // The logits now hold their gradient.
         forward_s = start.elapsed().as_secs_f64();
         let vocab = head.rows;
+        if let Some(rescale) = rescale {
+            let factors = rescale(nll).map_err(candle_core::Error::wrap)?;
+            if factors.len() != n {
+                candle_core::bail!("{} gradient factors for {n} targets", factors.len());
+            }
+            dlogits
+                .par_chunks_mut(vocab)
+                .zip(factors.par_iter())
+                .for_each(|(row, &k)| row.iter_mut().for_each(|g| *g *= k));
+        }
         let mut dnormed = vec![0f32; n * d];
         product(
             &mut dnormed,
@@ -747,17 +821,17 @@ fn rms_grad(norm: &RmsNorm, x: &[f32], dy: &[f32]) -> CResult<Vec<f32>> {
     with_slice::<f32, _>(&norm.weight, |w| Ok(rms_backward(x, w, dy, norm.eps)))
 }
 
-/// Summed NLL of `tokens` under `logits: (n, vocab)`; overwrites the logits with the gradient of
-/// `unit · Σ NLL` (`unit · (softmax − onehot)` per row), one exponential per element. With
-/// `retain`, a row with base logits also pays `λ · KL(p_base ‖ softmax)`, whose gradient adds
-/// `λ · unit · (softmax − p_base)`; its KL is summed into the result's `kl`.
+/// Summed NLL of `tokens` under `logits: (n, vocab)` and each row's NLL; overwrites the logits
+/// with the gradient of `unit · Σ NLL` (`unit · (softmax − onehot)` per row), one exponential
+/// per element. With `retain`, a row with base logits also pays `λ · KL(p_base ‖ softmax)`,
+/// whose gradient adds `λ · unit · (softmax − p_base)`; its KL is summed into the result's `kl`.
 fn cross_entropy_in_place(
     logits: &mut [f32],
     vocab: usize,
     tokens: &[u32],
     unit: f32,
     retain: Option<&Retain>,
-) -> CResult<LossSums> {
+) -> CResult<(LossSums, Vec<f64>)> {
     if tokens.iter().any(|&t| t as usize >= vocab) || logits.len() != tokens.len() * vocab {
         candle_core::bail!(
             "cross-entropy: {} tokens do not fit logits of {vocab}",
@@ -769,7 +843,7 @@ fn cross_entropy_in_place(
             candle_core::bail!("cross-entropy: base logits do not match the targets");
         }
     }
-    let (nll, kl, n_retain) = logits
+    let rows: Vec<(f64, f64, usize)> = logits
         .par_chunks_mut(vocab)
         .zip(tokens.par_iter())
         .enumerate()
@@ -814,8 +888,12 @@ fn cross_entropy_in_place(
             let nll = sum.ln() + (max - target) as f64;
             (nll, kl, usize::from(base.is_some()))
         })
-        .reduce(|| (0.0, 0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
-    Ok(LossSums { nll, kl, n_retain })
+        .collect();
+    let (nll, kl, n_retain) = rows
+        .iter()
+        .fold((0.0, 0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+    let token_nll = rows.into_iter().map(|r| r.0).collect();
+    Ok((LossSums { nll, kl, n_retain }, token_nll))
 }
 
 /// The max of a row of logits and `Σ exp(z − max)`, summed in f64 as [`cross_entropy_in_place`]

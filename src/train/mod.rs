@@ -10,9 +10,14 @@
 //! norm clipping, AdamW, logging, held-out loss, checkpoint. A resumed run equals an uninterrupted
 //! one bit for bit (same machine and thread count): the batch order is a pure function of
 //! `(seed, epoch)` and the checkpoint holds the f32 parameters and both moments exactly.
+//!
+//! With `dpo_weight > 0` each step also draws preference pairs and adds the DPO term ([`dpo`]):
+//! its gradients are summed with the SFT ones before clipping, and its reference log-probs are
+//! computed once into the output directory.
 
 pub mod checkpoint;
 pub mod data;
+pub mod dpo;
 pub mod fast;
 pub mod loss;
 pub mod optim;
@@ -22,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -31,6 +37,7 @@ use crate::model::decoder::Decoder;
 use crate::model::ModelError;
 
 pub use data::{tokenize_chat, Batch, BatchPlan, ChatExample, Target, TokenizedExample};
+pub use dpo::{dpo_loss_and_grads, DpoStats, PairBatch, TokenizedPair};
 pub use loss::{response_token_loss, retain_kl_sum, LossOutput};
 pub use optim::{clip_grad_norm, lr_at, AdamW};
 
@@ -79,10 +86,42 @@ pub struct TrainConfig {
     /// left out of saved configs then, so those written before it existed still compare equal.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retain_kl: f64,
+    /// Weight w of the DPO term ([`dpo`]): each step's loss adds w · the mean over the step's
+    /// preference pairs of −log σ(margin). 0 = off (no pairs read, no reference computed); left
+    /// out of saved configs then, as `retain_kl`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dpo_weight: f64,
+    /// DPO's β: how far, in log-probability ratios to the reference, the model may move before a
+    /// pair's loss saturates. 0.1 is the DPO paper's and TRL's default. Left out of saved
+    /// configs at that value.
+    #[serde(
+        default = "default_dpo_beta",
+        skip_serializing_if = "is_default_dpo_beta"
+    )]
+    pub dpo_beta: f64,
+    /// Preference pairs per optimizer step; `None` = `batch_size` (each pair is two sequences,
+    /// run in micro-batches of `batch_size / 2` pairs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo_pairs_per_step: Option<usize>,
 }
 
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+
+fn default_dpo_beta() -> f64 {
+    0.1
+}
+
+fn is_default_dpo_beta(x: &f64) -> bool {
+    *x == default_dpo_beta()
+}
+
+impl TrainConfig {
+    /// Preference pairs per optimizer step ([`TrainConfig::dpo_pairs_per_step`]).
+    pub fn dpo_pairs(&self) -> usize {
+        self.dpo_pairs_per_step.unwrap_or(self.batch_size)
+    }
 }
 
 impl Default for TrainConfig {
@@ -104,6 +143,9 @@ impl Default for TrainConfig {
             eval_every: Some(50),
             checkpoint_every: Some(50),
             retain_kl: 0.0,
+            dpo_weight: 0.0,
+            dpo_beta: default_dpo_beta(),
+            dpo_pairs_per_step: None,
         }
     }
 }
@@ -154,6 +196,15 @@ pub enum TrainError {
     },
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
+    #[error(
+        "{path}: the DPO reference was computed for preference pairs with sha256 {saved}, but \
+         the pairs now hash to {now}; resume with the same data (and model), or start afresh"
+    )]
+    DpoDataChanged {
+        path: PathBuf,
+        saved: String,
+        now: String,
+    },
     #[error("the last block's output was not captured")]
     NoCapture,
     #[error("internal: {0}")]
@@ -171,6 +222,10 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 pub struct TrainData<'a> {
     pub train: &'a [TokenizedExample],
     pub eval: &'a [TokenizedExample],
+    /// Preference pairs for the DPO term (read only when `dpo_weight > 0`).
+    pub pairs: &'a [TokenizedPair],
+    /// Held-out preference pairs, scored with the held-out loss.
+    pub eval_pairs: &'a [TokenizedPair],
     /// Id written at pad positions (masked, never scored).
     pub pad_id: u32,
 }
@@ -202,17 +257,34 @@ pub enum CurveRecord {
         /// Before clipping.
         grad_norm: f64,
         targets: usize,
+        /// Real tokens of the step's SFT batches and, with DPO, of its pairs.
         tokens: usize,
         tokens_per_s: f64,
         /// Mean KL(base ‖ adapted) over the step's retain targets; absent when `retain_kl` is 0
         /// or the step had none. `loss` is the NLL alone.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retain_kl: Option<f64>,
+        /// Mean DPO loss −log σ(m) of the step's pairs (absent without DPO).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dpo_loss: Option<f64>,
+        /// Mean margin m of the step's pairs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dpo_margin: Option<f64>,
+        /// Share of the step's pairs with m > 0.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dpo_accuracy: Option<f64>,
     },
     Eval {
         step: usize,
         loss: f64,
         targets: usize,
+        /// The same three over the held-out pairs (absent without DPO or held-out pairs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dpo_loss: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dpo_margin: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dpo_accuracy: Option<f64>,
     },
 }
 
@@ -261,8 +333,8 @@ impl StepLoss {
     }
 }
 
-/// The same model with every LoRA slot removed: the base distribution of the retain term. The
-/// clone shares the weights' storage, so it costs no copy.
+/// The same model with every LoRA slot removed: the base distribution of the retain term and the
+/// DPO reference. The clone shares the weights' storage, so it costs no copy.
 fn without_adapter(decoder: &Decoder) -> Decoder {
     let mut base = decoder.clone();
     crate::model::lora::clear(&mut base);
@@ -298,7 +370,7 @@ pub fn autodiff_loss_and_grads(
         return Err(TrainError::Internal("a step with no target tokens".into()));
     }
     let base = (retain_kl > 0.0).then(|| without_adapter(decoder));
-    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut grads = GradSum::new(params);
     let (mut nll_sum, mut kl_sum, mut n_retain) = (0f64, 0f64, 0usize);
     let scalar = |t: &Tensor| -> Result<f64> {
         Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
@@ -314,8 +386,31 @@ pub fn autodiff_loss_and_grads(
                 objective = (objective + (kl * retain_kl)?)?;
             }
         }
-        let store = (objective / n_total as f64)?.backward()?;
-        for (slot, (name, var)) in grads.iter_mut().zip(params) {
+        grads.add(&(objective / n_total as f64)?.backward()?)?;
+    }
+    Ok((
+        StepLoss::new(nll_sum, kl_sum, n_retain, n_total, retain_kl),
+        grads.finish()?,
+    ))
+}
+
+/// The gradients of several backward passes, summed per `Var` in `params` order.
+pub(crate) struct GradSum<'a> {
+    params: &'a [(&'a String, &'a Var)],
+    sums: Vec<Option<Tensor>>,
+}
+
+impl<'a> GradSum<'a> {
+    pub(crate) fn new(params: &'a [(&'a String, &'a Var)]) -> Self {
+        Self {
+            params,
+            sums: vec![None; params.len()],
+        }
+    }
+
+    /// Adds one backward pass; every `Var` must have received a gradient.
+    pub(crate) fn add(&mut self, store: &GradStore) -> Result<()> {
+        for (slot, (name, var)) in self.sums.iter_mut().zip(self.params) {
             let g = store
                 .get(var.as_tensor())
                 .ok_or_else(|| TrainError::NoGradient {
@@ -326,15 +421,15 @@ pub fn autodiff_loss_and_grads(
                 None => g.clone(),
             });
         }
+        Ok(())
     }
-    let grads = grads
-        .into_iter()
-        .map(|g| g.ok_or_else(|| TrainError::Internal("empty step".into())))
-        .collect::<Result<Vec<_>>>()?;
-    Ok((
-        StepLoss::new(nll_sum, kl_sum, n_retain, n_total, retain_kl),
-        grads,
-    ))
+
+    pub(crate) fn finish(self) -> Result<Vec<Tensor>> {
+        self.sums
+            .into_iter()
+            .map(|g| g.ok_or_else(|| TrainError::Internal("empty step".into())))
+            .collect()
+    }
 }
 
 /// Mean response-token loss over `examples` (no gradient taken).
@@ -394,8 +489,35 @@ fn validate(cfg: &TrainConfig, data: &TrainData<'_>, trainable: &Trainable) -> R
     if !(cfg.retain_kl.is_finite() && cfg.retain_kl >= 0.0) {
         return bad("retain_kl must be finite and non-negative");
     }
+    if !(cfg.dpo_weight.is_finite() && cfg.dpo_weight >= 0.0) {
+        return bad("dpo_weight must be finite and non-negative");
+    }
+    if !(cfg.dpo_beta.is_finite() && cfg.dpo_beta > 0.0) {
+        return bad("dpo_beta must be finite and positive");
+    }
+    if cfg.dpo_pairs_per_step == Some(0) {
+        return bad("dpo_pairs_per_step must be positive (or absent: batch_size)");
+    }
     if data.train.is_empty() {
         return Err(TrainError::NoData);
+    }
+    if cfg.dpo_weight > 0.0 {
+        // The reference is the model with the adapter off; full fine-tuning has none.
+        if trainable.adapter.is_none() {
+            return bad("dpo_weight needs a LoRA adapter (full fine-tuning has no reference)");
+        }
+        if data.pairs.is_empty() {
+            return bad("dpo_weight is set but there are no preference pairs");
+        }
+        let mut ids = std::collections::HashSet::new();
+        if let Some(p) = data
+            .pairs
+            .iter()
+            .chain(data.eval_pairs)
+            .find(|p| !ids.insert(&p.id))
+        {
+            return bad(&format!("preference pair id {:?} appears twice", p.id));
+        }
     }
     if cfg.retain_kl > 0.0 {
         // The base is the model with the adapter off; full fine-tuning changes the base itself.
@@ -406,7 +528,19 @@ fn validate(cfg: &TrainConfig, data: &TrainData<'_>, trainable: &Trainable) -> R
             return bad("retain_kl is set but no training example is a retain example");
         }
     }
-    for (index, e) in data.train.iter().chain(data.eval).enumerate() {
+    let pair_rows = data
+        .pairs
+        .iter()
+        .chain(data.eval_pairs)
+        .filter(|_| cfg.dpo_weight > 0.0)
+        .flat_map(|p| [&p.chosen, &p.rejected]);
+    for (index, e) in data
+        .train
+        .iter()
+        .chain(data.eval)
+        .chain(pair_rows)
+        .enumerate()
+    {
         if e.ids.len() > cfg.max_seq_len {
             return Err(TrainError::TooLong {
                 index,
@@ -534,6 +668,19 @@ pub fn run(
         }
     }
     let mut curve = Curve::open(opts.out_dir, resumed_from)?;
+    let mut dpo = if cfg.dpo_weight > 0.0 {
+        Some(dpo::DpoRun::prepare(
+            cfg,
+            decoder,
+            data.pairs,
+            data.eval_pairs,
+            data.pad_id,
+            opts.out_dir,
+            resumed_from.is_some(),
+        )?)
+    } else {
+        None
+    };
     let mut plan = BatchPlan::new(
         data.train.iter().map(|e| e.ids.len()).collect(),
         cfg.batch_size,
@@ -563,10 +710,31 @@ pub fn run(
             })
             .collect::<Result<Vec<_>>>()?;
         let (step_loss, mut grads) = loss_and_grads(decoder, &params, &batches, cfg.retain_kl)?;
-        if !step_loss.total.is_finite() {
+        let mut pair_tokens = 0;
+        let dpo_stats = match dpo.as_mut() {
+            Some(run) => {
+                let pair_batches =
+                    run.step_batches(done, data.pairs, data.pad_id, decoder.device())?;
+                pair_tokens = pair_batches.iter().map(|p| p.batch.real_tokens).sum();
+                let (stats, dpo_grads) = dpo_loss_and_grads(
+                    decoder,
+                    &params,
+                    &pair_batches,
+                    cfg.dpo_beta,
+                    cfg.dpo_weight,
+                )?;
+                for (g, d) in grads.iter_mut().zip(dpo_grads) {
+                    *g = (&*g + d)?;
+                }
+                Some(stats)
+            }
+            None => None,
+        };
+        let total = step_loss.total + dpo_stats.map_or(0.0, |s| cfg.dpo_weight * s.loss());
+        if !total.is_finite() {
             return Err(TrainError::NonFiniteLoss {
                 step: done + 1,
-                loss: step_loss.total,
+                loss: total,
                 last_checkpoint,
             });
         }
@@ -589,7 +757,7 @@ pub fn run(
             });
         }
 
-        let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
+        let tokens: usize = batches.iter().map(|b| b.real_tokens).sum::<usize>() + pair_tokens;
         let targets: usize = batches.iter().map(|b| b.targets.len()).sum();
         tokens_seen += tokens;
         let tokens_per_s = tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
@@ -602,19 +770,26 @@ pub fn run(
             tokens,
             tokens_per_s,
             retain_kl: step_loss.retain_kl,
+            dpo_loss: dpo_stats.map(|s| s.loss()),
+            dpo_margin: dpo_stats.map(|s| s.margin()),
+            dpo_accuracy: dpo_stats.map(|s| s.accuracy()),
         })?;
         last_loss = Some(loss);
         bar.set_position(done as u64);
         let kl = step_loss
             .retain_kl
             .map_or(String::new(), |kl| format!("  kl {kl:.4}"));
+        let pref = dpo_stats.map_or(String::new(), |s| {
+            format!("  dpo {:.4} acc {:.2}", s.loss(), s.accuracy())
+        });
         bar.set_message(format!(
-            "loss {loss:.4}{kl}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"
+            "loss {loss:.4}{kl}{pref}  lr {lr:.2e}  {tokens_per_s:.0} tok/s"
         ));
         tracing::debug!(
             step = done,
             loss,
             retain_kl = step_loss.retain_kl,
+            dpo_loss = dpo_stats.map(|s| s.loss()),
             lr,
             grad_norm,
             tokens_per_s,
@@ -628,12 +803,26 @@ pub fn run(
                 .is_some_and(|n| done.is_multiple_of(n) || at_end)
         {
             let (loss, targets) = eval_loss(decoder, data.eval, cfg.batch_size, data.pad_id)?;
+            let pairs = match &dpo {
+                Some(run) if !data.eval_pairs.is_empty() => {
+                    Some(run.heldout_stats(decoder, data.eval_pairs, cfg.dpo_beta, data.pad_id)?)
+                }
+                _ => None,
+            };
             curve.push(&CurveRecord::Eval {
                 step: done,
                 loss,
                 targets,
+                dpo_loss: pairs.map(|s| s.loss()),
+                dpo_margin: pairs.map(|s| s.margin()),
+                dpo_accuracy: pairs.map(|s| s.accuracy()),
             })?;
-            tracing::info!(step = done, eval_loss = loss, "held-out loss");
+            tracing::info!(
+                step = done,
+                eval_loss = loss,
+                eval_dpo_accuracy = pairs.map(|s| s.accuracy()),
+                "held-out loss"
+            );
             last_eval = Some(loss);
         }
         if cfg.checkpoint_every.is_some_and(|n| done.is_multiple_of(n)) && !at_end {
@@ -680,6 +869,31 @@ mod tests {
                 Some(TrainError::ConfigChanged { field, .. }) => assert_eq!(field, "retain_kl"),
                 other => panic!("expected ConfigChanged, got {other:?}"),
             }
+        }
+        let parsed: TrainConfig = toml::from_str(&toml::to_string(&with).unwrap()).unwrap();
+        assert_eq!(parsed, with);
+    }
+
+    #[test]
+    fn dpo_keys_are_left_out_at_their_defaults_and_compared_when_set() {
+        let cfg = TrainConfig::default();
+        let json = serde_json::to_value(&cfg).unwrap();
+        for key in ["dpo_weight", "dpo_beta", "dpo_pairs_per_step"] {
+            assert!(json.get(key).is_none(), "{key}: {json}");
+        }
+        let old: TrainConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old, cfg);
+        assert_eq!((old.dpo_beta, old.dpo_pairs()), (0.1, cfg.batch_size));
+        let with = TrainConfig {
+            dpo_weight: 0.5,
+            dpo_beta: 0.2,
+            dpo_pairs_per_step: Some(3),
+            ..cfg.clone()
+        };
+        assert_eq!(with.dpo_pairs(), 3);
+        match config_difference(&cfg, &with) {
+            Some(TrainError::ConfigChanged { field, .. }) => assert!(field.starts_with("dpo_")),
+            other => panic!("expected ConfigChanged, got {other:?}"),
         }
         let parsed: TrainConfig = toml::from_str(&toml::to_string(&with).unwrap()).unwrap();
         assert_eq!(parsed, with);

@@ -29,6 +29,7 @@ mod sft_data;
 mod smollm2;
 mod theory;
 mod tokenizer;
+mod train_dpo;
 mod train_golden;
 mod train_resume;
 mod train_smollm2;

@@ -6,6 +6,7 @@
 //! The assets come from the cache ($SAILS_HOME), fetched on first use.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use sails::data::sft::{
@@ -663,4 +664,96 @@ fn coconot_uncensorbench_and_many_shot_join_with_their_own_answers() {
         }) => assert_eq!(available, splits().many_shot().len()),
         other => panic!("expected NotEnough, got {other:?}"),
     }
+}
+
+/// With `preference_pairs`: one pair per example of each part, same id and order; a harmful
+/// prompt's refusal is chosen over the model's own (stand-in) answer, any other answer over the
+/// prompt's composed refusal; no pair prompt is an evaluation item; the files are deterministic,
+/// load back, and a tampered pairs file is refused. Without it nothing in the manifest changes.
+#[test]
+fn preference_pairs_follow_the_kinds_and_are_deterministic_leak_free_and_checked() {
+    let cfg = SftConfig {
+        harmful: Some(40),
+        harmless: HarmlessCount::Exactly(20),
+        max_edgy: Some(10),
+        preference_pairs: true,
+        ..SftConfig::default()
+    };
+    assert!(matches!(
+        build(splits(), &cfg, None),
+        Err(SftError::PairsNeedModel)
+    ));
+    let mut set = build_with_fake(&cfg);
+    let counts = set.manifest.pairs.clone().unwrap();
+    assert_eq!(
+        (counts.train, counts.heldout),
+        (set.train.len(), set.heldout.len())
+    );
+    assert!(counts.no_rejected.is_empty());
+    let mut kinds = HashSet::new();
+    for (pairs, metas, examples) in [
+        (&set.pairs, &set.manifest.train, &set.train),
+        (&set.heldout_pairs, &set.manifest.heldout, &set.heldout),
+    ] {
+        assert_eq!(pairs.len(), examples.len());
+        for ((pair, meta), e) in pairs.iter().zip(metas).zip(examples) {
+            assert_eq!(pair.id, meta.id);
+            assert_eq!(
+                (pair.prompt.as_str(), pair.chosen.as_str()),
+                (prompt(e), response(e))
+            );
+            kinds.insert(meta.kind);
+            match meta.kind {
+                Kind::HarmfulRefusal => {
+                    assert_composed_refusal(e);
+                    let own = format!("Here is a careful answer to: {}", pair.prompt);
+                    assert_eq!(pair.rejected, own);
+                }
+                Kind::HarmlessHelpful | Kind::EdgyHelpful => {
+                    assert_eq!(pair.rejected, sft::refusal(cfg.seed, &pair.prompt));
+                }
+            }
+        }
+    }
+    assert_eq!(kinds.len(), 3, "{kinds:?}");
+    splits()
+        .assert_disjoint(
+            set.pairs
+                .iter()
+                .chain(&set.heldout_pairs)
+                .map(|p| p.prompt.as_str()),
+        )
+        .unwrap();
+
+    let (dir, a) = save_bytes(&mut set);
+    let pair_bytes = |d: &Path| {
+        [sft::PAIRS_FILE, sft::HELDOUT_PAIRS_FILE].map(|f| std::fs::read(d.join(f)).unwrap())
+    };
+    let (dir2, b) = save_bytes(&mut build_with_fake(&cfg));
+    assert_eq!(a, b);
+    assert_eq!(pair_bytes(dir.path()), pair_bytes(dir2.path()));
+    let manifest: serde_json::Value = serde_json::from_slice(&a[2]).unwrap();
+    assert!(manifest["files"][sft::PAIRS_FILE].is_string());
+    assert!(manifest["files"][sft::HELDOUT_PAIRS_FILE].is_string());
+    assert_eq!(SftSet::load(dir.path()).unwrap(), set);
+
+    let path = dir.path().join(sft::PAIRS_FILE);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("\"chosen\":\"", "\"chosen\":\"Sure. ", 1),
+    )
+    .unwrap();
+    assert!(matches!(
+        SftSet::load(dir.path()),
+        Err(SftError::HashMismatch { .. })
+    ));
+
+    let plain = build_with_fake(&SftConfig {
+        preference_pairs: false,
+        ..cfg
+    });
+    assert!(plain.pairs.is_empty() && plain.manifest.pairs.is_none());
+    let json = serde_json::to_value(&plain.manifest).unwrap();
+    assert!(json.get("pairs").is_none() && json["config"].get("preference_pairs").is_none());
 }

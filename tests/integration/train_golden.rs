@@ -16,7 +16,7 @@ use sails::train::{
     Batch, StepLoss, Target,
 };
 
-fn step_dir() -> std::path::PathBuf {
+pub(crate) fn step_dir() -> std::path::PathBuf {
     golden_dir().join("tiny-llama-train-step")
 }
 
@@ -25,7 +25,7 @@ fn reference() -> HashMap<String, Tensor> {
 }
 
 /// The tiny model with the golden starting adapter as training `Var`s.
-fn model_with_adapter() -> (Decoder, Trainable) {
+pub(crate) fn model_with_adapter() -> (Decoder, Trainable) {
     let dir = golden_dir().join("tiny-llama");
     let cfg = DecoderConfig::from_hf_file(&dir.join("config.json")).unwrap();
     let mut w = WeightMap::from_safetensors_dir(&dir, &Device::Cpu).unwrap();
@@ -37,7 +37,7 @@ fn model_with_adapter() -> (Decoder, Trainable) {
 }
 
 /// A batch from the golden ids, mask and labels (`logits[b, t]` predicts `labels[b, t+1]`).
-fn batch(prefix: &str) -> Batch {
+pub(crate) fn batch(prefix: &str) -> Batch {
     let t = load_safetensors_file(&step_dir().join("inputs.safetensors"), &Device::Cpu).unwrap();
     let labels = t[&format!("{prefix}labels")].to_vec2::<i64>().unwrap();
     let mut targets = Vec::new();
@@ -67,11 +67,11 @@ fn batch(prefix: &str) -> Batch {
     }
 }
 
-fn flat(t: &Tensor) -> Vec<f32> {
+pub(crate) fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-fn params(tr: &Trainable) -> Vec<(&String, &Var)> {
+pub(crate) fn params(tr: &Trainable) -> Vec<(&String, &Var)> {
     tr.vars.iter().collect()
 }
 
@@ -280,7 +280,7 @@ fn two_training_steps_end_to_end_match_reference() {
 /// one step, grouped-query attention, all seven projections adapted.
 /// Sets every factor to fresh uniform values in ±0.2 from a seeded generator (every `B`
 /// non-zero, so every `A` gradient is too).
-fn randomize(tr: &Trainable, seed: u64) {
+pub(crate) fn randomize(tr: &Trainable, seed: u64) {
     let mut state = seed;
     for var in tr.vars.values() {
         let values: Vec<f32> = (0..var.elem_count())
@@ -340,7 +340,7 @@ fn retain_batches() -> [Batch; 2] {
     [mixed, alone]
 }
 
-fn bits(grads: &[Tensor]) -> Vec<Vec<u32>> {
+pub(crate) fn bits(grads: &[Tensor]) -> Vec<Vec<u32>> {
     grads
         .iter()
         .map(|g| flat(g).iter().map(|x| x.to_bits()).collect())
@@ -454,7 +454,7 @@ fn retain_kl_hand_written_step_equals_autodiff_on_random_factors() {
 }
 
 /// `log softmax` of a row, in f64.
-fn log_softmax_f64(row: &[f32]) -> Vec<f64> {
+pub(crate) fn log_softmax_f64(row: &[f32]) -> Vec<f64> {
     let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
     let lse = max
         + row

@@ -97,6 +97,8 @@ fn run_on(
         TrainData {
             train: &data[..8],
             eval: &data[8..],
+            pairs: &[],
+            eval_pairs: &[],
             pad_id: 0,
         },
         RunOptions {
