@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use sails::data::sft::{HarmlessCount, HelpfulSource, SftConfig};
+use sails::data::Suite;
 use sails::features::{FeatureConfig, Pooling};
 use sails::manifest::{Freshness, RunManifest, StagePlan, StageTiming};
 use sails::model::Resid;
@@ -21,6 +22,7 @@ use sails::subspace::{Method, SubspaceConfig};
 use sails::train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
+use super::compare::read_json;
 use super::sae::SaeRunConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -90,6 +92,72 @@ pub struct AlignConfig {
     pub eval: EvalPlan,
     /// Top-activating contexts shown per feature card.
     pub explain_contexts: usize,
+    /// The adapter scale chosen on the validation suites (none: scale 1).
+    #[serde(default, skip_serializing_if = "SelectPlan::is_off")]
+    pub select: SelectPlan,
+}
+
+/// Model selection on the validation suites (training-side prompts held out of training, never
+/// an evaluation item): the trained adapter is evaluated there at each scale, and the aligned
+/// model is the adapter at the scale with the highest validation safety among those whose
+/// validation over-refusal is at most `max_overrefusal` (ties: the smaller scale); when no scale
+/// qualifies, the one with the least over-refusal. Recorded in `select/choice.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SelectPlan {
+    /// Scales of the adapter's update to try (empty: no selection, scale 1).
+    pub scales: Vec<f64>,
+    /// Largest acceptable refusal rate on the benign validation prompts.
+    pub max_overrefusal: f64,
+}
+
+impl SelectPlan {
+    fn is_off(&self) -> bool {
+        self.scales.is_empty()
+    }
+}
+
+/// One scale's validation figures, and the choice (`select/choice.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectChoice {
+    pub rule: String,
+    pub tried: Vec<ScaleTried>,
+    pub chosen: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleTried {
+    pub scale: f64,
+    /// Safety rate on the harmful validation prompts.
+    pub val_safety: f64,
+    /// Refusal rate on the benign validation prompts.
+    pub val_overrefusal: f64,
+}
+
+impl SelectPlan {
+    /// The scale the rule picks from `tried` (non-empty).
+    pub fn choose(&self, tried: &[ScaleTried]) -> f64 {
+        let better = |a: &&ScaleTried, b: &&ScaleTried| {
+            a.val_safety
+                .total_cmp(&b.val_safety)
+                .then(b.scale.total_cmp(&a.scale))
+        };
+        let qualifying = tried
+            .iter()
+            .filter(|t| t.val_overrefusal <= self.max_overrefusal)
+            .max_by(better);
+        qualifying
+            .or_else(|| {
+                tried.iter().min_by(|a, b| {
+                    a.val_overrefusal
+                        .total_cmp(&b.val_overrefusal)
+                        .then(a.scale.total_cmp(&b.scale))
+                })
+            })
+            .map_or(1.0, |t| t.scale)
+    }
 }
 
 impl AlignConfig {
@@ -152,6 +220,7 @@ impl AlignConfig {
                         batch_size: 12,
                     },
                     explain_contexts: 3,
+                    select: SelectPlan::default(),
                 }
             }
             PresetArg::Default => AlignConfig {
@@ -180,6 +249,7 @@ impl AlignConfig {
                     batch_size: 16,
                 },
                 explain_contexts: 5,
+                select: SelectPlan::default(),
             },
             PresetArg::Gemma2_9b => AlignConfig {
                 preset,
@@ -197,6 +267,7 @@ impl AlignConfig {
                     batch_size: 16,
                 },
                 explain_contexts: 5,
+                select: SelectPlan::default(),
             },
         }
     }
@@ -229,7 +300,7 @@ pub struct AlignArgs {
     /// Redo every stage, ignoring what the manifest says is up to date.
     #[arg(long)]
     pub force: bool,
-    /// Stop after this stage (sae, features, subspace, data, train, eval-base, eval-aligned,
+    /// Stop after this stage (sae, features, subspace, data, train, select, eval-base, eval-aligned,
     /// explain, report).
     #[arg(long, value_name = "STAGE")]
     pub until: Option<String>,
@@ -484,6 +555,7 @@ pub const STAGES: &[&str] = &[
     "subspace",
     "data",
     "train",
+    "select",
     "eval-base",
     "eval-aligned",
     "explain",
@@ -764,12 +836,92 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         return finish(runner, &args, total);
     }
 
-    // 6–7. evaluation of the base and the aligned model
+    // 6. the adapter's scale, chosen on the validation suites
     let e = &cfg.eval;
+    let choice_path = run.path("select/choice.json");
+    if !cfg.select.is_off() {
+        runner.stage(
+            StagePlan {
+                name: "select",
+                inputs: vec![model_path.clone(), run.path("train/adapter")],
+                config: serde_json::json!({ "select": &cfg.select, "eval": e }),
+                outputs: vec![PathBuf::from("select/choice.json")],
+            },
+            |fresh| {
+                if fresh {
+                    remove_dir(&run.path("select"))?;
+                }
+                let unlimited = EvalPlan {
+                    limit: None,
+                    ..e.clone()
+                };
+                let mut tried = Vec::new();
+                for &scale in &cfg.select.scales {
+                    let dir = run.path(&format!("select/x{scale}"));
+                    let mut a = eval_args(
+                        &cfg.model,
+                        &dir,
+                        &unlimited,
+                        "validation",
+                        Some(run.path("train/adapter")),
+                    );
+                    a.extend([s("--adapter-scale"), s(scale)]);
+                    sails(&run, &format!("select-x{scale}"), &a)?;
+                    let m: sails::eval::Metrics = read_json(&dir.join("metrics.json"))?;
+                    let rate = |suite: Suite| -> anyhow::Result<f64> {
+                        m.suites
+                            .get(suite.name())
+                            .map(|r| r.rate.rate)
+                            .with_context(|| {
+                                format!("{}: no {} suite", dir.display(), suite.name())
+                            })
+                    };
+                    tried.push(ScaleTried {
+                        scale,
+                        val_safety: rate(Suite::ValHarmful)?,
+                        val_overrefusal: rate(Suite::ValBenign)?,
+                    });
+                }
+                let choice = SelectChoice {
+                    rule: format!(
+                        "highest val-harmful safety with val-benign refusal <= {}; else the least \
+                         val-benign refusal",
+                        cfg.select.max_overrefusal
+                    ),
+                    chosen: cfg.select.choose(&tried),
+                    tried,
+                };
+                tracing::info!(
+                    chosen = choice.chosen,
+                    "adapter scale selected on validation"
+                );
+                sails::model::write_atomic(
+                    &choice_path,
+                    serde_json::to_string_pretty(&choice)?.as_bytes(),
+                )?;
+                Ok(())
+            },
+        )?;
+    }
+    if until("select") {
+        return finish(runner, &args, total);
+    }
+    let chosen_scale = if cfg.select.is_off() {
+        None
+    } else {
+        let c: SelectChoice = read_json(&choice_path)?;
+        Some(c.chosen)
+    };
+
+    // 7–8. evaluation of the base and the aligned model (at the chosen scale)
     for (stage, adapter) in [("eval-base", None), ("eval-aligned", Some("train/adapter"))] {
         let mut inputs = vec![model_path.clone()];
         if let Some(a) = adapter {
             inputs.push(run.path(a));
+        }
+        let scale = adapter.and(chosen_scale);
+        if scale.is_some() {
+            inputs.push(choice_path.clone());
         }
         runner.stage(
             StagePlan {
@@ -782,13 +934,16 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
                 if fresh {
                     remove_dir(&run.path(stage))?;
                 }
-                let a = eval_args(
+                let mut a = eval_args(
                     &cfg.model,
                     &run.path(stage),
                     e,
                     "all",
                     adapter.map(|ad| run.path(ad)),
                 );
+                if let Some(scale) = scale {
+                    a.extend([s("--adapter-scale"), s(scale)]);
+                }
                 sails(&run, stage, &a)
             },
         )?;
@@ -797,7 +952,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    // 8. explanations
+    // 9. explanations
     runner.stage(
         StagePlan {
             name: "explain",
@@ -836,7 +991,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         return finish(runner, &args, total);
     }
 
-    // 9. report
+    // 10. report
     runner.stage(
         StagePlan {
             name: "report",
@@ -889,6 +1044,31 @@ fn finish(mut runner: Runner<'_>, args: &AlignArgs, total: Instant) -> anyhow::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selection_takes_the_safest_scale_within_the_over_refusal_bound_else_the_least_refusing() {
+        let t = |scale, val_safety, val_overrefusal| ScaleTried {
+            scale,
+            val_safety,
+            val_overrefusal,
+        };
+        let plan = SelectPlan {
+            scales: vec![0.5, 0.75, 1.0],
+            max_overrefusal: 0.1,
+        };
+        let tried = [t(0.5, 0.6, 0.02), t(0.75, 0.9, 0.08), t(1.0, 0.97, 0.3)];
+        assert_eq!(plan.choose(&tried), 0.75);
+        // A tie in safety goes to the smaller scale.
+        let tied = [t(0.5, 0.9, 0.02), t(0.75, 0.9, 0.05), t(1.0, 0.97, 0.3)];
+        assert_eq!(plan.choose(&tied), 0.5);
+        // Nothing within the bound: the least over-refusal.
+        let none = [t(0.5, 0.6, 0.2), t(0.75, 0.9, 0.15), t(1.0, 0.97, 0.3)];
+        assert_eq!(plan.choose(&none), 0.75);
+        // Off by default, so a preset's config (and its manifest) is unchanged.
+        assert!(AlignConfig::preset(PresetArg::Quick).select.is_off());
+        let text = toml::to_string(&AlignConfig::preset(PresetArg::Default)).unwrap();
+        assert!(!text.contains("select"), "{text}");
+    }
 
     #[test]
     fn a_stage_starts_afresh_only_when_its_inputs_or_config_changed() {
