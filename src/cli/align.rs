@@ -300,8 +300,8 @@ pub struct AlignArgs {
     /// Redo every stage, ignoring what the manifest says is up to date.
     #[arg(long)]
     pub force: bool,
-    /// Stop after this stage (sae, features, subspace, data, train, select, eval-base, eval-aligned,
-    /// explain, report).
+    /// Stop after this stage (sae, features, subspace, data, train, select, eval-base,
+    /// eval-aligned, explain, report).
     #[arg(long, value_name = "STAGE")]
     pub until: Option<String>,
     /// Print the manifest on stdout at the end.
