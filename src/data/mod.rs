@@ -417,7 +417,9 @@ impl Splits {
         let mut excluded = Vec::new();
         // CoCoNot's benign requests with safety concerns, answered as CoCoNot prefers; the
         // preferred answers that decline are no example of helping.
+        // CoCoNot repeats some prompts under other ids; the first keeps it.
         let mut coconot = Vec::new();
+        let mut coconot_seen: HashMap<String, String> = HashMap::new();
         for row in load_coconot(&files.coconot)? {
             let id = format!("{}:{}", Source::Coconot.prefix(), row.id);
             if row.category != COCONOT_SAFETY {
@@ -430,6 +432,14 @@ impl Splits {
                 });
                 continue;
             }
+            if let Some(first) = coconot_seen.get(&normalise(&row.prompt)) {
+                excluded.push(Exclusion {
+                    reason: format!("duplicate of {first}"),
+                    id,
+                });
+                continue;
+            }
+            coconot_seen.insert(normalise(&row.prompt), id.clone());
             coconot.push(AnsweredPrompt {
                 id,
                 prompt: row.prompt,
