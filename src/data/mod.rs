@@ -298,6 +298,56 @@ pub fn hash_unit(seed: u64, text: &str) -> f64 {
     (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// A training-side item the leak guard checks.
+trait TrainingItem {
+    fn id(&self) -> &str;
+    fn text(&self) -> &str;
+    fn set_split(&mut self, split: Split);
+}
+
+impl TrainingItem for PromptRecord {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn text(&self) -> &str {
+        &self.text
+    }
+    fn set_split(&mut self, split: Split) {
+        self.split = split;
+    }
+}
+
+impl TrainingItem for AnsweredPrompt {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn text(&self) -> &str {
+        &self.prompt
+    }
+    fn set_split(&mut self, split: Split) {
+        self.split = split;
+    }
+}
+
+/// `items` without what duplicates or paraphrases an evaluation text (each recorded in
+/// `excluded` with the reason), marked for training.
+fn clean<T: TrainingItem>(items: Vec<T>, pool: &EvalPool, excluded: &mut Vec<Exclusion>) -> Vec<T> {
+    let mut kept = Vec::with_capacity(items.len());
+    for mut item in items {
+        match pool.leak(item.text()) {
+            Some(leak) => excluded.push(Exclusion {
+                id: item.id().to_owned(),
+                reason: leak.reason(),
+            }),
+            None => {
+                item.set_split(Split::Train);
+                kept.push(item);
+            }
+        }
+    }
+    kept
+}
+
 /// Adds `r` to the evaluation list unless its normalised text is already there.
 fn add_eval(
     seen: &mut HashMap<String, String>,
@@ -547,52 +597,12 @@ impl Splits {
         }
         // Training sides: drop anything that duplicates an evaluation row, exactly, nearly or as
         // a close paraphrase (alpaca duplicates of held-out alpaca items included).
-        let mut keep = |id: &str, text: &str| match pool.leak(text) {
-            Some(leak) => {
-                excluded.push(Exclusion {
-                    id: id.to_owned(),
-                    reason: leak.reason(),
-                });
-                false
-            }
-            None => true,
-        };
-        let train_harmful: Vec<PromptRecord> = train_harmful
-            .into_iter()
-            .filter(|r| keep(&r.id, &r.text))
-            .collect();
-        let alpaca_train: Vec<AnsweredPrompt> = alpaca_train
-            .into_iter()
-            .filter(|p| keep(&p.id, &p.prompt))
-            .map(|p| AnsweredPrompt {
-                split: Split::Train,
-                ..p
-            })
-            .collect();
-        let benign_edgy: Vec<PromptRecord> = benign
-            .into_iter()
-            .filter(|r| keep(&r.id, &r.text))
-            .map(|r| PromptRecord {
-                split: Split::Train,
-                ..r
-            })
-            .collect();
-        let coconot: Vec<AnsweredPrompt> = coconot
-            .into_iter()
-            .filter(|p| keep(&p.id, &p.prompt))
-            .collect();
-        let uncensored: Vec<AnsweredPrompt> = uncensored
-            .into_iter()
-            .filter(|p| keep(&p.id, &p.prompt))
-            .collect();
-        let many_shot: Vec<PromptRecord> = many_shot
-            .into_iter()
-            .filter(|r| keep(&r.id, &r.text))
-            .map(|r| PromptRecord {
-                split: Split::Train,
-                ..r
-            })
-            .collect();
+        let train_harmful = clean(train_harmful, &pool, &mut excluded);
+        let alpaca_train = clean(alpaca_train, &pool, &mut excluded);
+        let benign_edgy = clean(benign, &pool, &mut excluded);
+        let coconot = clean(coconot, &pool, &mut excluded);
+        let uncensored = clean(uncensored, &pool, &mut excluded);
+        let many_shot = clean(many_shot, &pool, &mut excluded);
         // Validation: a seeded share of the training-side harmful prompts and benign requests
         // with safety concerns, held out of training for model selection. Its own hash, so it
         // does not follow the AdvBench and Alpaca draws.
