@@ -143,13 +143,18 @@ impl EvalPool {
     /// The most similar claimed text (IDF-weighted cosine of character n-gram sets) and its
     /// similarity; ties go to the earliest claim.
     pub(super) fn nearest(&self, text: &str) -> Option<(&str, f64)> {
+        self.nearest_normalised(&normalise(text))
+    }
+
+    /// [`Self::nearest`] of an already normalised text.
+    fn nearest_normalised(&self, norm: &str) -> Option<(&str, f64)> {
         let norms = self.norms.get_or_init(|| {
             self.texts
                 .iter()
                 .map(|(grams, _)| grams.iter().map(|&g| self.idf2(g)).sum())
                 .collect()
         });
-        let grams = ngrams(&normalise(text));
+        let grams = ngrams(norm);
         let query: f64 = grams.iter().map(|&g| self.idf2(g)).sum();
         let mut dot: HashMap<u32, f64> = HashMap::new();
         for &g in &grams {
@@ -168,10 +173,11 @@ impl EvalPool {
 
     /// Why `text` may not be used for training, if it may not.
     pub(super) fn leak(&self, text: &str) -> Option<Leak<'_>> {
-        if let Some(id) = self.duplicate_of(&normalise(text)) {
+        let norm = normalise(text);
+        if let Some(id) = self.duplicate_of(&norm) {
             return Some(Leak::Duplicate(id));
         }
-        match self.nearest(text) {
+        match self.nearest_normalised(&norm) {
             Some((id, s)) if s >= PARAPHRASE_MIN_SIMILARITY => Some(Leak::Paraphrase(id, s)),
             _ => None,
         }

@@ -91,7 +91,7 @@ impl PairBatch {
         })
     }
 
-    fn pairs(&self) -> usize {
+    pub(super) fn pairs(&self) -> usize {
         self.reference.len()
     }
 }

@@ -136,7 +136,7 @@ pub fn dpo_loss_and_grads(
     beta: f64,
     weight: f64,
 ) -> Result<(DpoStats, Vec<Tensor>)> {
-    let n_pairs: usize = batches.iter().map(|b| b.reference.len()).sum();
+    let n_pairs: usize = batches.iter().map(PairBatch::pairs).sum();
     if n_pairs == 0 {
         return Err(TrainError::Internal("a DPO step with no pairs".into()));
     }
