@@ -30,6 +30,7 @@ mod smollm2;
 mod theory;
 mod tokenizer;
 mod train_dpo;
+mod train_dpo_golden;
 mod train_golden;
 mod train_resume;
 mod train_smollm2;

@@ -2,9 +2,10 @@
 //! against candle's autodiff, the loss against an f64 computation from both models' logits, the
 //! policy = reference case against the SFT gradients, and a short training run.
 //!
-//! There is no PyTorch reference for DPO (none is installed here): the references are candle's
-//! autodiff (an independent derivation of the same gradients through the generic ops) and the
-//! f64 computations below. A float64 finite-difference check of the autodiff path is not
+//! The PyTorch + PEFT float64 reference for DPO is `train_dpo_golden`
+//! (`tests/fixtures/golden/tiny-llama-dpo-step`). Here the references are candle's autodiff (an
+//! independent derivation of the same gradients through the generic ops) and the f64
+//! computations below. A float64 finite-difference check of the autodiff path is not
 //! possible: LoRA factors are f32 only (`lora::inject_adapter` refuses another dtype), so the
 //! model cannot run in f64 with an adapter.
 
@@ -57,7 +58,7 @@ fn pairs() -> [TokenizedPair; 2] {
     [pair("a", &s0, &s1), pair("b", &s1, &s0)]
 }
 
-fn without_adapter(model: &Decoder) -> Decoder {
+pub(crate) fn without_adapter(model: &Decoder) -> Decoder {
     let mut base = model.clone();
     sails::model::lora::clear(&mut base);
     base
