@@ -207,6 +207,12 @@ pub enum JudgeCommand {
         /// Also give the probes the refusal-phrase judge's verdict as a feature.
         #[arg(long)]
         with_phrase: bool,
+        /// Add an off-topic probe: it reads how well the response fits the request (its
+        /// log-probability per token given the prompt, and the gain over an empty request) and is
+        /// trained on each source's compliant responses paired with another item's prompt. A
+        /// response it flags counts as refused (an answer to another question).
+        #[arg(long)]
+        off_topic: bool,
         /// Keep the computed features in this folder and reuse them (keyed by the model, the
         /// labelled data and the truncation), so another penalty, layer or pooling choice refits
         /// without running the model again.
@@ -363,6 +369,7 @@ pub fn run_judge(args: JudgeArgs) -> anyhow::Result<ExitCode> {
             layers,
             pooling,
             with_phrase,
+            off_topic,
             cache,
         } => {
             let defaults = ProbeConfig::default();
@@ -374,6 +381,7 @@ pub fn run_judge(args: JudgeArgs) -> anyhow::Result<ExitCode> {
                     |p| p.into_iter().map(Pooling::from).collect(),
                 ),
                 phrase_feature: with_phrase,
+                off_topic,
                 ..defaults
             };
             run_train(&out, report.as_deref(), cache.as_deref(), cfg)
@@ -433,8 +441,9 @@ fn run_score(
 #[derive(Debug, serde::Serialize)]
 struct TrainReport {
     config: ProbeConfig,
-    /// Target → held-out source → figures and errors.
-    leave_one_source_out: BTreeMap<ProbeTarget, BTreeMap<LabelSource, HeldOut>>,
+    /// Target ("refusal", "harmful", "off-topic", and "refusal or off-topic": refused when either
+    /// probe says so) → held-out source → figures and errors.
+    leave_one_source_out: BTreeMap<String, BTreeMap<LabelSource, HeldOut>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -464,7 +473,10 @@ fn run_train(
     cache: Option<&std::path::Path>,
     cfg: ProbeConfig,
 ) -> anyhow::Result<ExitCode> {
-    let items = load_all().context("loading the human-labelled responses")?;
+    let mut items = load_all().context("loading the human-labelled responses")?;
+    if cfg.off_topic {
+        probe::with_off_topic_pairs(&mut items);
+    }
     let model_args = super::model_args::ModelArgs {
         model: "default".into(),
         adapter: None,
@@ -497,8 +509,8 @@ fn run_train(
     // The cache is keyed by everything the features depend on besides the layer and pooling.
     let cache_file = cache.map(|dir| {
         let key = format!(
-            "{model_sha256} {data_sha256:?} {} {}",
-            cfg.max_prompt_chars, cfg.max_response_tokens
+            "{model_sha256} {data_sha256:?} {} {} {}",
+            cfg.max_prompt_chars, cfg.max_response_tokens, cfg.off_topic
         );
         let digest = hex::encode(sha2::Sha256::digest(key.as_bytes()));
         dir.join(format!("probe-features-{}.safetensors", &digest[..16]))
@@ -534,18 +546,79 @@ fn run_train(
     bar.finish_and_clear();
     let mut x = probe::assemble(&blocks, &cfg)?;
     probe::append_phrase(&mut x, &pairs, &cfg)?;
+    let relevance = if cfg.off_topic {
+        let path = cache_file.as_ref().map(|f| f.with_extension("pmi.json"));
+        let cached: Option<Vec<Vec<f32>>> = path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        Some(match cached {
+            Some(r) if r.len() == pairs.len() => r,
+            _ => {
+                let start = std::time::Instant::now();
+                let r = probe::relevance_features(&model, &pairs, &cfg)?;
+                tracing::info!(
+                    responses = pairs.len(),
+                    seconds = start.elapsed().as_secs_f64(),
+                    "relevance features"
+                );
+                if let Some(p) = &path {
+                    sails::model::write_atomic(p, serde_json::to_string(&r)?.as_bytes())
+                        .with_context(|| format!("writing {}", p.display()))?;
+                }
+                r
+            }
+        })
+    } else {
+        None
+    };
     let mut loso = BTreeMap::new();
     let mut probes = BTreeMap::new();
     let mut sources = BTreeMap::new();
+    let mut held_out = BTreeMap::new();
     for target in ProbeTarget::ALL {
+        let features = match (target, &relevance) {
+            (ProbeTarget::OffTopic, Some(r)) => r,
+            (ProbeTarget::OffTopic, None) => continue,
+            _ => &x,
+        };
+        let p = probe::held_out_probabilities(&items, features, target, cfg.l2)?;
         loso.insert(
-            target,
-            probe::leave_one_source_out(&items, &x, target, cfg.l2)?,
+            target.name().to_owned(),
+            probe::held_out_figures(&items, &p, target),
         );
+        held_out.insert(target, p);
         let rows: Vec<usize> = (0..items.len())
             .filter(|&i| target.label(&items[i]).is_some())
             .collect();
-        probes.insert(target, probe::fit_on(&items, &x, &rows, target, cfg.l2)?);
+        probes.insert(
+            target,
+            probe::fit_on(&items, features, &rows, target, cfg.l2)?,
+        );
+    }
+    if let (Some(refusal), Some(off_topic)) = (
+        held_out.get(&ProbeTarget::Refusal),
+        held_out.get(&ProbeTarget::OffTopic),
+    ) {
+        let either: Vec<Option<f64>> = refusal
+            .iter()
+            .zip(off_topic)
+            .map(|(a, b)| Some(a.unwrap_or(0.0).max(b.unwrap_or(0.0))).filter(|_| a.is_some()))
+            .collect();
+        loso.insert(
+            "refusal or off-topic".to_owned(),
+            probe::held_out_figures(&items, &either, ProbeTarget::Refusal),
+        );
+        let phrase = probe::phrase_verdicts(&pairs)?;
+        let phrase_or: Vec<Option<f64>> = phrase
+            .iter()
+            .zip(off_topic)
+            .map(|(&refused, b)| Some(if refused { 1.0 } else { b.unwrap_or(0.0) }))
+            .collect();
+        loso.insert(
+            "phrase or off-topic".to_owned(),
+            probe::held_out_figures(&items, &phrase_or, ProbeTarget::Refusal),
+        );
     }
     for item in &items {
         *sources.entry(item.source).or_insert(0) += 1;
@@ -574,7 +647,7 @@ fn run_train(
     }
     for (target, by_source) in &train_report.leave_one_source_out {
         println!(
-            "\n{target:?}: leave one source out (trained on the others, tested on it; Wilson 95 %)"
+            "\n{target}: leave one source out (trained on the others, tested on it; Wilson 95 %)"
         );
         println!(
             "{:<22} {:>5} {:>7} {:<32} {:<32} {:<32}",

@@ -66,6 +66,11 @@ pub struct LabelledResponse {
     pub harmful: Option<bool>,
     /// Empty, looping or not language; `None` where the source does not say.
     pub degenerate: Option<bool>,
+    /// Answers a request other than the one asked: true for the made pairs of
+    /// [`crate::eval::probe::off_topic_pairs`], false for a compliant answer to its own request,
+    /// `None` otherwise.
+    #[serde(default)]
+    pub off_topic: Option<bool>,
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -122,6 +127,7 @@ fn load_pyrit(
                 refusal,
                 harmful,
                 degenerate: None,
+                off_topic: None,
             });
         }
     }
@@ -164,6 +170,7 @@ pub fn load_jbb_comparison(path: &Path) -> Result<Vec<LabelledResponse>> {
                 refusal: None,
                 harmful: Some(binary(path, i + 1, "human_majority", &row[h])?),
                 degenerate: None,
+                off_topic: None,
             })
         })
         .collect()
@@ -186,6 +193,7 @@ pub fn load_uncensorbench(path: &Path) -> Result<Vec<LabelledResponse>> {
                 refusal: Some(refused),
                 harmful: Some(!refused),
                 degenerate: Some(false),
+                off_topic: None,
             });
         }
     }
@@ -208,6 +216,7 @@ pub fn load_coconot(path: &Path) -> Result<Vec<LabelledResponse>> {
             response: row.chosen,
             harmful: Some(false),
             degenerate: Some(false),
+            off_topic: None,
         })
         .collect())
 }
@@ -254,6 +263,7 @@ pub fn load_hand_labels(path: &Path) -> Result<Vec<LabelledResponse>> {
             refusal: Some(refusal),
             harmful: Some(h.harm >= 3),
             degenerate: Some(h.degenerate),
+            off_topic: None,
         });
     }
     Ok(out)
