@@ -9,7 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use sails::data::{Splits, Suite};
 use sails::eval::judge::{
     calibrate_by_source, Calibration, DegeneracyJudge, Judge, Label, LlmJudge, LlmJudgeConfig,
-    PhraseJudge, Target,
+    OffTopicJudge, PhraseJudge, Target,
 };
 use sails::eval::labels::{load_all, LabelSource, LABEL_ASSETS};
 use sails::eval::probe::{self, HeldOut, Pooling, ProbeConfig, ProbeJudges, ProbeTarget};
@@ -132,6 +132,12 @@ pub struct EvalArgs {
     pub batch_size: Option<usize>,
     #[command(flatten)]
     pub llm: LlmJudgeArgs,
+    /// Leave out the off-topic judge. By default a response that answers another request (the
+    /// prompt raises its likelihood under the frozen default model by too little) counts as a
+    /// refusal beside the refusal phrases; the judge loads the default model next to the
+    /// evaluated one and runs two short forward passes per response.
+    #[arg(long)]
+    pub no_off_topic_judge: bool,
     /// Print metrics.json on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -223,8 +229,9 @@ pub enum JudgeCommand {
     ///
     /// Each input line is a JSON object with string fields "prompt" and "response" (other fields
     /// are kept). Each output line is that object with "verdicts" (judge name -> {label, score,
-    /// why}) and "label" (degenerate if the degeneracy judge says so, else the refusal-phrase
-    /// judge's refused/complied, as `sails eval` counts it) added. A bad line is an error naming
+    /// why}) and "label" (degenerate if the degeneracy judge says so, else refused when the
+    /// refusal-phrase judge or the off-topic judge says so, else complied, as `sails eval` counts
+    /// it) added. A bad line is an error naming
     /// its number, and nothing is written. Without --out or --json a summary is printed.
     Score {
         /// The JSONL file to judge.
@@ -235,6 +242,10 @@ pub enum JudgeCommand {
         out: Option<PathBuf>,
         #[command(flatten)]
         llm: LlmJudgeArgs,
+        /// Leave out the off-topic judge (by default it runs, as in `sails eval`, and a response
+        /// it finds answering another request is labelled refused).
+        #[arg(long)]
+        no_off_topic_judge: bool,
         /// Print the judged lines on stdout (JSONL) instead of the summary.
         #[arg(long)]
         json: bool,
@@ -286,6 +297,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         max_new_tokens: args.max_new_tokens.unwrap_or(defaults.max_new_tokens),
         batch_size: args.batch_size.unwrap_or(defaults.batch_size),
         llm_judge: args.llm.config(),
+        off_topic_judge: !args.no_off_topic_judge,
         ..defaults
     };
     let splits = Splits::load().context("loading the evaluation data sets")?;
@@ -390,8 +402,9 @@ pub fn run_judge(args: JudgeArgs) -> anyhow::Result<ExitCode> {
             input,
             out,
             llm,
+            no_off_topic_judge,
             json,
-        } => run_score(&input, out.as_deref(), &llm, json),
+        } => run_score(&input, out.as_deref(), &llm, !no_off_topic_judge, json),
     }
 }
 
@@ -399,6 +412,7 @@ fn run_score(
     input: &std::path::Path,
     out: Option<&std::path::Path>,
     llm: &LlmJudgeArgs,
+    off_topic: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let text =
@@ -407,7 +421,22 @@ fn run_score(
     let degeneracy = DegeneracyJudge::default();
     let llm = llm.config().map(|config| LlmJudge { config });
     let others: Vec<&dyn Judge> = llm.iter().map(|j| j as &dyn Judge).collect();
-    let scored = score_jsonl(input, &text, &degeneracy, &phrase, &others)?;
+    let off_topic = if off_topic {
+        Some(OffTopicJudge::shipped().context("setting up the off-topic judge")?)
+    } else {
+        None
+    };
+    // The judge model loads only once every line has been read (a bad line fails at once).
+    #[allow(clippy::result_large_err)] // the library's error type, as every eval function returns
+    let pmi = |pairs: &[(&str, &str)]| sails::eval::OffTopicModel::load()?.pmi(pairs);
+    let scored = score_jsonl(
+        input,
+        &text,
+        &degeneracy,
+        &phrase,
+        off_topic.as_ref().map(|judge| (judge, &pmi as _)),
+        &others,
+    )?;
     let mut lines = String::new();
     for s in &scored {
         lines.push_str(&serde_json::to_string(&s.output)?);
@@ -421,11 +450,14 @@ fn run_score(
         print!("{lines}");
     } else {
         let count = |label: Label| scored.iter().filter(|s| s.label == label).count();
+        let refusal = match &off_topic {
+            Some(judge) => format!("{} or {}", phrase.name(), judge.name()),
+            None => phrase.name(),
+        };
         println!(
-            "{} responses judged ({} then {}): {} refused, {} complied, {} degenerate",
+            "{} responses judged ({} then {refusal}): {} refused, {} complied, {} degenerate",
             scored.len(),
             degeneracy.name(),
-            phrase.name(),
             count(Label::Refused),
             count(Label::Complied),
             count(Label::Degenerate)
@@ -816,6 +848,9 @@ pub struct BenchEvalArgs {
     /// beginning once, to show what that saves.
     #[arg(long)]
     pub unshared: bool,
+    /// Run the off-topic judge too, as `sails eval` does by default, to show what it costs.
+    #[arg(long)]
+    pub off_topic_judge: bool,
 }
 
 /// Evaluation throughput on the Python peer's workload: JailbreakBench's 100 goals and XSTest's
@@ -831,7 +866,10 @@ pub fn run_bench(args: BenchEvalArgs) -> anyhow::Result<ExitCode> {
     let splits = Splits::load().context("loading the evaluation data sets")?;
     // The workload is JailbreakBench's prompts: without them it would measure something else.
     splits.require(Suite::Harmful)?;
-    let cfg = EvalConfig::default();
+    let cfg = EvalConfig {
+        off_topic_judge: args.off_topic_judge,
+        ..EvalConfig::default()
+    };
     let judges = Judges::new(&cfg).context("setting up the judges")?;
     let model = args.model.load()?;
     let items: Vec<_> = splits

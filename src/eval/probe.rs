@@ -240,6 +240,7 @@ pub fn phrase_verdicts(pairs: &[(&str, &str)]) -> Result<Vec<bool>> {
                 prompt,
                 response,
                 refusal_logodds: None,
+                prompt_pmi: None,
             };
             Ok(phrase.judge(&input)?.label == Label::Refused)
         })

@@ -1,9 +1,9 @@
 //! Judging responses from anywhere: a JSONL file of `{"prompt": …, "response": …}` lines (any
 //! other fields are kept) gets each judge's verdict per line, and the label the evaluation would
-//! count (degeneracy first, then the refusal judge), so responses of any model can be scored, and
+//! count (degeneracy first, then the refusal judge and the off-topic judge), so responses of any model can be scored, and
 //! the judges checked against labels this project does not have.
 
-use super::judge::{combined, Judge, JudgeInput, Label, Verdict};
+use super::judge::{combined, Judge, JudgeInput, Label, OffTopicJudge, Verdict};
 use super::{EvalError, Result};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -20,8 +20,16 @@ pub struct ScoredLine {
     pub output: Map<String, Value>,
 }
 
+/// The off-topic judge and how to compute its input, the prompt-response mutual information of
+/// each `(prompt, response)` pair, in order.
+pub type OffTopic<'a> = (
+    &'a OffTopicJudge,
+    &'a dyn Fn(&[(&str, &str)]) -> Result<Vec<f64>>,
+);
+
 /// Judges every non-blank line of `text` (read from `path`, named in errors). `degeneracy` and
-/// `refusal` decide the label; `others` only add their verdicts. A line that is not a JSON object
+/// `refusal` decide the label, with `off_topic`'s verdict when given (a response answering
+/// another request counts as refused); `others` only add their verdicts. A line that is not a JSON object
 /// with string `prompt` and `response` fields, or that already has a `verdicts` or `label` field,
 /// is an error naming the line; nothing is judged until every line has been read.
 pub fn score_jsonl(
@@ -29,6 +37,7 @@ pub fn score_jsonl(
     text: &str,
     degeneracy: &dyn Judge,
     refusal: &dyn Judge,
+    off_topic: Option<OffTopic<'_>>,
     others: &[&dyn Judge],
 ) -> Result<Vec<ScoredLine>> {
     let bad = |line: usize, message: String| EvalError::Parse {
@@ -61,6 +70,23 @@ pub fn score_jsonl(
         }
         objects.push((line, object));
     }
+    let pmi = match off_topic {
+        Some((_, compute)) => {
+            let text_of = |o: &Map<String, Value>, f: &str| {
+                o.get(f).and_then(Value::as_str).unwrap_or("").to_owned()
+            };
+            let owned: Vec<(String, String)> = objects
+                .iter()
+                .map(|(_, o)| (text_of(o, "prompt"), text_of(o, "response")))
+                .collect();
+            let pairs: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(p, r)| (p.as_str(), r.as_str()))
+                .collect();
+            compute(&pairs)?
+        }
+        None => Vec::new(),
+    };
     let mut out = Vec::with_capacity(objects.len());
     for (line, mut object) in objects {
         let text_of = |field: &str| object.get(field).and_then(Value::as_str).unwrap_or("");
@@ -68,11 +94,22 @@ pub fn score_jsonl(
             prompt: text_of("prompt"),
             response: text_of("response"),
             refusal_logodds: None,
+            prompt_pmi: None,
         };
         let degenerate = degeneracy.judge(&input)?;
         let refused = refusal.judge(&input)?;
-        let label = combined(&degenerate, &refused);
+        let off_topic_verdict = match off_topic {
+            Some((judge, _)) => Some(judge.judge(&JudgeInput {
+                prompt_pmi: pmi.get(out.len()).copied(),
+                ..input
+            })?),
+            None => None,
+        };
+        let label = combined(&degenerate, &refused, off_topic_verdict.as_ref());
         let mut verdicts = BTreeMap::new();
+        if let (Some((judge, _)), Some(v)) = (off_topic, off_topic_verdict) {
+            verdicts.insert(judge.name(), v);
+        }
         for judge in others {
             verdicts.insert(judge.name(), judge.judge(&input)?);
         }
