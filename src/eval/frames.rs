@@ -37,7 +37,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::{
-    gap_ratio, paired_diff, ratio_of_means, GapRatio, PairedDiff, Rate, RatioOfMeans,
+    auc, gap_ratio, paired_diff, ratio_of_means, GapRatio, PairedDiff, Rate, RatioOfMeans,
 };
 use super::{encode_by_length, generate_batch, opening_ids, EvalError, GenerationRecord};
 use super::{Judges, Result};
@@ -389,6 +389,11 @@ pub struct VariantRow {
     /// Harmful minus control feature score, here over the original wordings'.
     pub feature_gap: Option<GapRatio>,
     pub direct_gap: Option<GapRatio>,
+    /// In this frame, the chance that a harmful behaviour's feature score exceeds a benign
+    /// control's (ROC AUC; 0.5: the score does not tell them apart). Scale-free, so it reads the
+    /// same whether a frame compresses the scores or not.
+    pub feature_auc: Option<f64>,
+    pub direct_auc: Option<f64>,
     /// Share of the benign controls refused in this frame.
     pub control_refusal: Option<Rate>,
 }
@@ -797,9 +802,18 @@ fn summarise(
                     )
                 })
             };
+            let separation = |get: &dyn Fn(&PromptScore) -> f64| {
+                let values = |set: Set| of(set, frame).values().map(|s| get(s)).collect::<Vec<_>>();
+                auc(&values(Set::Harmful), &values(Set::Control))
+            };
             let control_mean = |get: &dyn Fn(&PromptScore) -> f64| {
-                let c = of(Set::Control, frame);
-                (!c.is_empty()).then(|| c.values().map(|s| get(s)).sum::<f64>() / c.len() as f64)
+                // Summed in the draw's order, so the figure does not depend on a hash order.
+                let mut c: Vec<(usize, f64)> = of(Set::Control, frame)
+                    .into_iter()
+                    .map(|(i, s)| (i, get(s)))
+                    .collect();
+                c.sort_by_key(|(i, _)| *i);
+                (!c.is_empty()).then(|| c.iter().map(|(_, v)| v).sum::<f64>() / c.len() as f64)
             };
             let labels = |set: Set, frame: Frame| -> HashMap<usize, Label> {
                 recs.iter()
@@ -851,6 +865,8 @@ fn summarise(
                     control_direct: control_mean(&|s| s.direct),
                     feature_gap: gap(&|s| s.feature_score),
                     direct_gap: gap(&|s| s.direct),
+                    feature_auc: separation(&|s| s.feature_score),
+                    direct_auc: separation(&|s| s.direct),
                     control_refusal,
                 },
             );
@@ -946,7 +962,8 @@ impl FramesReport {
             c.max_new_tokens,
         ));
         s.push_str(
-            "Scores: 0 = the training harmless mean, 1 = the training harmful mean. A harmful \
+            "Scores: 0 = the training harmless mean, 1 = the training harmful mean. AUC: the \
+             chance that a harmful behaviour scores above a benign control in the frame. A harmful \
              cell: the frame's mean (its ratio to the original wordings' mean [95 % bootstrap \
              interval over behaviours]). Gap: harmful − benign mean in the frame (its ratio to the \
              same gap in the original wordings [95 % bootstrap]). Refusal: Wilson 95 %; \
@@ -960,8 +977,8 @@ impl FramesReport {
         for &v in &variants {
             s.push_str(&format!(
                 "Features, {} model:\n\n| frame | n | feature score, harmful | benign | gap \
-                 | harm-feature activation, harmful | direct score, harmful | benign | gap \
-                 |\n|---|---|---|---|---|---|---|---|---|\n",
+                 | AUC | harm-feature activation, harmful | direct score, harmful | benign | gap \
+                 | AUC |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
                 v.name()
             ));
             for r in &self.frames {
@@ -969,17 +986,19 @@ impl FramesReport {
                     continue;
                 };
                 s.push_str(&format!(
-                    "| {} | {} + {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    "| {} | {} + {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     r.frame,
                     r.n,
                     r.n_control,
                     fmt_ratio(&x.feature_score, 2),
                     fmt_opt(x.control_feature_score),
                     fmt_gap(&x.feature_gap),
+                    fmt_opt(x.feature_auc),
                     fmt_ratio(&x.harm_activation, 1),
                     fmt_ratio(&x.direct, 2),
                     fmt_opt(x.control_direct),
                     fmt_gap(&x.direct_gap),
+                    fmt_opt(x.direct_auc),
                 ));
             }
             s.push('\n');

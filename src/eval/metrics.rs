@@ -357,6 +357,26 @@ pub fn ratio_of_means(pairs: &[(f64, f64)], resamples: usize, seed: u64) -> Rati
     }
 }
 
+/// Area under the ROC curve of a score that should be higher on `pos` than on `neg`: the chance
+/// that a random `pos` item scores above a random `neg` item, ties counting half (Mann–Whitney
+/// U over |pos|·|neg|). 0.5: no separation. None when either group is empty.
+pub fn auc(pos: &[f64], neg: &[f64]) -> Option<f64> {
+    if pos.is_empty() || neg.is_empty() {
+        return None;
+    }
+    let mut u = 0.0;
+    for p in pos {
+        for n in neg {
+            u += match p.total_cmp(n) {
+                std::cmp::Ordering::Greater => 1.0,
+                std::cmp::Ordering::Equal => 0.5,
+                std::cmp::Ordering::Less => 0.0,
+            };
+        }
+    }
+    Some(u / (pos.len() * neg.len()) as f64)
+}
+
 /// How much of a gap between two groups survives a change of condition: the gap
 /// `mean(target) − mean(control)` in the new condition over the same gap in the reference
 /// condition, each item measured in both (pairs `(new, reference)`), with a percentile bootstrap
@@ -434,6 +454,15 @@ pub fn gap_ratio(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auc_by_hand() {
+        // pairs: (3>1) (3>2) (2>1) (2=2: half) (1=1: half) (1<2) → (1+1+1+0.5+0.5+0)/6
+        assert_eq!(auc(&[3.0, 2.0, 1.0], &[1.0, 2.0]), Some(4.0 / 6.0));
+        assert_eq!(auc(&[5.0], &[1.0, 2.0]), Some(1.0));
+        assert_eq!(auc(&[0.0], &[1.0, 2.0]), Some(0.0));
+        assert_eq!(auc(&[], &[1.0]), None);
+    }
 
     #[test]
     fn gap_ratio_by_hand() {

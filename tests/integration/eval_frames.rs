@@ -194,6 +194,9 @@ fn frames_probe_writes_its_report_and_a_zero_adapter_changes_nothing() {
         assert_eq!(base.control_refusal.map(|r| r.n), Some(1));
         let (a, b) = (aligned.control_feature_score, base.control_feature_score);
         assert!((a.unwrap() - b.unwrap()).abs() < 1e-5, "{a:?} {b:?}");
+        let auc = base.feature_auc.unwrap();
+        assert!((0.0..=1.0).contains(&auc), "{auc}");
+        assert_eq!(aligned.feature_auc, base.feature_auc, "{}", row.frame);
         for (a, b) in [
             (&aligned.feature_score, &base.feature_score),
             (&aligned.direct, &base.direct),
