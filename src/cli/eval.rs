@@ -153,6 +153,7 @@ pub enum EvalCommand {
         #[arg(long)]
         json: bool,
     },
+    Frames(Box<super::frames::FramesArgs>),
 }
 
 /// Judges on their own.
@@ -253,6 +254,10 @@ pub enum JudgeCommand {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let args = match args.command {
+        Some(EvalCommand::Frames(frames)) => return super::frames::run(*frames),
+        Some(EvalCommand::Compare { .. }) | None => args,
+    };
     if let Some(EvalCommand::Compare { run_a, run_b, json }) = args.command {
         let c = compare(&run_a, &run_b).context("comparing runs")?;
         if json {

@@ -11,6 +11,7 @@ mod data;
 mod eval;
 mod explain;
 mod features;
+mod frames;
 mod generate;
 mod model_args;
 mod report;

@@ -26,6 +26,7 @@
 //! [`Splits::require`] fails with the asset's own error when a stage asks for that suite.
 
 mod csv;
+pub mod frames;
 mod leak;
 pub mod sft;
 mod sources;

@@ -296,3 +296,228 @@ pub fn frontier_diff(
         seed,
     })
 }
+
+/// The ratio of two means over paired items, `mean(a) / mean(b)`, with a percentile bootstrap
+/// 95 % interval (items resampled with their pairs kept together).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatioOfMeans {
+    pub n: usize,
+    /// Mean of the first member of each pair (NaN, written as null, when n = 0).
+    pub mean_a: f64,
+    /// Mean of the second member: the reference.
+    pub mean_b: f64,
+    /// `mean_a / mean_b`; None when `mean_b ≤ 0`, where a ratio says nothing.
+    pub ratio: Option<f64>,
+    /// The interval; None without a ratio, or when more than 2.5 % of the resamples have a
+    /// reference mean ≤ 0 (the interval would then be cut by the undefined resamples).
+    pub lo: Option<f64>,
+    pub hi: Option<f64>,
+    pub resamples: usize,
+    pub seed: u64,
+}
+
+/// [`RatioOfMeans`] of `pairs` `(a, b)`.
+pub fn ratio_of_means(pairs: &[(f64, f64)], resamples: usize, seed: u64) -> RatioOfMeans {
+    use rand::{Rng, SeedableRng};
+    let n = pairs.len();
+    let means = |idx: &mut dyn Iterator<Item = usize>| {
+        let (mut sa, mut sb) = (0.0, 0.0);
+        for i in idx {
+            sa += pairs[i].0;
+            sb += pairs[i].1;
+        }
+        (sa / n as f64, sb / n as f64)
+    };
+    let (mean_a, mean_b) = means(&mut (0..n));
+    let ratio = (n > 0 && mean_b > 0.0).then(|| mean_a / mean_b);
+    let mut boot = Vec::with_capacity(resamples);
+    if ratio.is_some() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for _ in 0..resamples {
+            let idx: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+            let (a, b) = means(&mut idx.into_iter());
+            if b > 0.0 {
+                boot.push(a / b);
+            }
+        }
+    }
+    boot.sort_by(f64::total_cmp);
+    let usable = resamples > 0 && boot.len() as f64 >= 0.975 * resamples as f64;
+    let quantile = |q: f64| usable.then(|| boot[((boot.len() - 1) as f64 * q).round() as usize]);
+    RatioOfMeans {
+        n,
+        mean_a,
+        mean_b,
+        ratio,
+        lo: quantile(0.025),
+        hi: quantile(0.975),
+        resamples,
+        seed,
+    }
+}
+
+/// Area under the ROC curve of a score that should be higher on `pos` than on `neg`: the chance
+/// that a random `pos` item scores above a random `neg` item, ties counting half (Mann–Whitney
+/// U over |pos|·|neg|). 0.5: no separation. None when either group is empty.
+pub fn auc(pos: &[f64], neg: &[f64]) -> Option<f64> {
+    if pos.is_empty() || neg.is_empty() {
+        return None;
+    }
+    let mut u = 0.0;
+    for p in pos {
+        for n in neg {
+            u += match p.total_cmp(n) {
+                std::cmp::Ordering::Greater => 1.0,
+                std::cmp::Ordering::Equal => 0.5,
+                std::cmp::Ordering::Less => 0.0,
+            };
+        }
+    }
+    Some(u / (pos.len() * neg.len()) as f64)
+}
+
+/// How much of a gap between two groups survives a change of condition: the gap
+/// `mean(target) − mean(control)` in the new condition over the same gap in the reference
+/// condition, each item measured in both (pairs `(new, reference)`), with a percentile bootstrap
+/// 95 % interval (targets and controls resampled apart, each item's pair kept together).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GapRatio {
+    pub n_target: usize,
+    pub n_control: usize,
+    /// `mean(target) − mean(control)` in the new condition.
+    pub gap: f64,
+    /// The same in the reference condition.
+    pub gap_reference: f64,
+    /// `gap / gap_reference`; None when the reference gap is ≤ 0 or a group is empty.
+    pub ratio: Option<f64>,
+    /// None without a ratio, or when more than 2.5 % of the resamples have a reference gap ≤ 0.
+    pub lo: Option<f64>,
+    pub hi: Option<f64>,
+    pub resamples: usize,
+    pub seed: u64,
+}
+
+/// [`GapRatio`] of `target` and `control` pairs `(new, reference)`.
+pub fn gap_ratio(
+    target: &[(f64, f64)],
+    control: &[(f64, f64)],
+    resamples: usize,
+    seed: u64,
+) -> GapRatio {
+    use rand::{Rng, SeedableRng};
+    let mean = |v: &[(f64, f64)], idx: &[usize]| {
+        let (mut a, mut b) = (0.0, 0.0);
+        for &i in idx {
+            a += v[i].0;
+            b += v[i].1;
+        }
+        (a / idx.len() as f64, b / idx.len() as f64)
+    };
+    let all = |n: usize| (0..n).collect::<Vec<_>>();
+    let gaps = |t: &[usize], c: &[usize]| {
+        let ((tn, tr), (cn, cr)) = (mean(target, t), mean(control, c));
+        (tn - cn, tr - cr)
+    };
+    let (nt, nc) = (target.len(), control.len());
+    let (gap, gap_reference) = gaps(&all(nt), &all(nc));
+    let ratio = (nt > 0 && nc > 0 && gap_reference > 0.0).then(|| gap / gap_reference);
+    let mut boot = Vec::with_capacity(resamples);
+    if ratio.is_some() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for _ in 0..resamples {
+            let t: Vec<usize> = (0..nt).map(|_| rng.random_range(0..nt)).collect();
+            let c: Vec<usize> = (0..nc).map(|_| rng.random_range(0..nc)).collect();
+            let (g, r) = gaps(&t, &c);
+            if r > 0.0 {
+                boot.push(g / r);
+            }
+        }
+    }
+    boot.sort_by(f64::total_cmp);
+    let usable = resamples > 0 && boot.len() as f64 >= 0.975 * resamples as f64;
+    let quantile = |q: f64| usable.then(|| boot[((boot.len() - 1) as f64 * q).round() as usize]);
+    GapRatio {
+        n_target: nt,
+        n_control: nc,
+        gap,
+        gap_reference,
+        ratio,
+        lo: quantile(0.025),
+        hi: quantile(0.975),
+        resamples,
+        seed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_by_hand() {
+        // pairs: (3>1) (3>2) (2>1) (2=2: half) (1=1: half) (1<2) → (1+1+1+0.5+0.5+0)/6
+        assert_eq!(auc(&[3.0, 2.0, 1.0], &[1.0, 2.0]), Some(4.0 / 6.0));
+        assert_eq!(auc(&[5.0], &[1.0, 2.0]), Some(1.0));
+        assert_eq!(auc(&[0.0], &[1.0, 2.0]), Some(0.0));
+        assert_eq!(auc(&[], &[1.0]), None);
+    }
+
+    #[test]
+    fn gap_ratio_by_hand() {
+        // reference: targets 1.0, controls 0.2 → gap 0.8; new: targets 0.6, controls 0.2 → 0.4.
+        let target = [(0.5, 1.0), (0.7, 1.0)];
+        let control = [(0.1, 0.1), (0.3, 0.3)];
+        let g = gap_ratio(&target, &control, 200, 3);
+        assert!((g.gap - 0.4).abs() < 1e-12 && (g.gap_reference - 0.8).abs() < 1e-12);
+        assert!((g.ratio.unwrap() - 0.5).abs() < 1e-12);
+        let (lo, hi) = (g.lo.unwrap(), g.hi.unwrap());
+        assert!(lo <= 0.5 && 0.5 <= hi && lo < hi, "{lo} {hi}");
+        assert_eq!(gap_ratio(&target, &control, 200, 3), g);
+        // No gap to begin with: no ratio.
+        let g = gap_ratio(&[(1.0, 0.2)], &[(0.0, 0.3)], 50, 0);
+        assert_eq!((g.ratio, g.lo), (None, None));
+        assert_eq!(gap_ratio(&target, &[], 50, 0).ratio, None);
+    }
+
+    #[test]
+    fn ratio_of_means_by_hand() {
+        // means 3 and 2 → 1.5.
+        let r = ratio_of_means(&[(3.0, 2.0), (6.0, 4.0), (0.0, 0.0)], 200, 7);
+        assert_eq!((r.n, r.mean_a, r.mean_b), (3, 3.0, 2.0));
+        assert_eq!(r.ratio, Some(1.5));
+        // Every pair has the ratio 1.5 and resamples keep pairs together, so the interval is a
+        // point (up to rounding).
+        let r = ratio_of_means(&[(3.0, 2.0), (6.0, 4.0), (1.5, 1.0)], 200, 7);
+        for v in [r.lo.unwrap(), r.hi.unwrap()] {
+            assert!((v - 1.5).abs() < 1e-12, "{v}");
+        }
+        // An interval that varies covers the point estimate.
+        let pairs: Vec<(f64, f64)> = (0..30)
+            .map(|i| (1.0 + (i % 7) as f64, 2.0 + (i % 5) as f64))
+            .collect();
+        let r = ratio_of_means(&pairs, 500, 1);
+        let (lo, hi, p) = (r.lo.unwrap(), r.hi.unwrap(), r.ratio.unwrap());
+        assert!(lo < p && p < hi, "{lo} {p} {hi}");
+        // The same seed gives the same interval.
+        assert_eq!(ratio_of_means(&pairs, 500, 1), r);
+    }
+
+    #[test]
+    fn no_interval_when_many_resamples_lack_a_reference() {
+        // A resample of only the (0, 0) pair has no ratio: 1/27 of them, above 2.5 %.
+        let r = ratio_of_means(&[(3.0, 2.0), (6.0, 4.0), (0.0, 0.0)], 4000, 7);
+        assert_eq!(r.ratio, Some(1.5));
+        assert_eq!((r.lo, r.hi), (None, None));
+    }
+
+    #[test]
+    fn a_ratio_to_a_non_positive_reference_is_none() {
+        let r = ratio_of_means(&[(1.0, -1.0), (1.0, 0.5)], 100, 0);
+        assert_eq!(r.ratio, None);
+        assert_eq!((r.lo, r.hi), (None, None));
+        let r = ratio_of_means(&[], 100, 0);
+        assert_eq!((r.n, r.ratio), (0, None));
+    }
+}

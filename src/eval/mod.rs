@@ -13,6 +13,7 @@
 //! over-refusal rate = share of XSTest's safe prompts refused.
 
 pub mod capability;
+pub mod frames;
 pub mod judge;
 pub mod labels;
 pub mod metrics;
@@ -74,6 +75,8 @@ pub enum EvalError {
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Feature(#[from] crate::features::FeatureError),
+    #[error(transparent)]
+    Frames(#[from] frames::FramesError),
 }
 
 pub type Result<T> = std::result::Result<T, EvalError>;
