@@ -42,7 +42,8 @@ pub enum FramesSuiteArg {
 /// mean, 1; and the summed activation of the harm-side features), the projection on the
 /// direct-identification direction (difference of the training mean residuals, same 0-1 axis),
 /// each as a ratio of means with a bootstrap interval over behaviours; and the refusal rate
-/// (phrase judge, greedy) with Wilson intervals and a paired test against the original wording.
+/// (greedy; labelled as `sails eval` labels: the refusal phrases or the off-topic judge) with
+/// Wilson intervals and a paired test against the original wording.
 ///
 /// Writes frames.json, frames.md, scores.jsonl and generations-{base,aligned}.jsonl into --out,
 /// each through a temporary file; nothing is written into the run folder.
@@ -105,6 +106,9 @@ pub struct FramesArgs {
     /// loaded, nothing is written).
     #[arg(long)]
     pub dry_run: bool,
+    /// Leave out the off-topic judge: the refusal phrases alone then decide what is refused.
+    #[arg(long)]
+    pub no_off_topic_judge: bool,
     /// Print frames.json on stdout instead of the tables.
     #[arg(long)]
     pub json: bool,
@@ -220,7 +224,11 @@ pub fn run(args: FramesArgs) -> anyhow::Result<ExitCode> {
         .into_iter()
         .map(|s| s.sae)
         .collect();
-    let judges = Judges::new(&EvalConfig::default()).context("setting up the judges")?;
+    let judges = Judges::new(&EvalConfig {
+        off_topic_judge: !args.no_off_topic_judge,
+        ..EvalConfig::default()
+    })
+    .context("setting up the judges")?;
     let mut base_args = args.model.clone();
     base_args.adapter = None;
     let base = base_args.load()?;

@@ -21,8 +21,9 @@
 //! - **direct score**: the pooled residual projected on the direct-identification direction (the
 //!   difference of the training harmful and harmless mean residuals), on the same 0-to-1 axis,
 //!   averaged over layers;
-//! - **refusal rate** (phrase judge; degenerate responses are not refusals), Wilson interval, and
-//!   the paired difference to the original wording with McNemar's test.
+//! - **refusal rate** (the evaluation's label: refusal phrases or the off-topic judge; degenerate
+//!   responses are not refusals), Wilson interval, and the paired difference to the original
+//!   wording with McNemar's test.
 //!
 //! Each score's ratio to the original is a ratio of means over the behaviours that have both
 //! wordings, with a percentile bootstrap interval over behaviours. A frame can move every prompt's
@@ -43,7 +44,7 @@ use super::{encode_by_length, generate_batch, opening_ids, EvalError, Generation
 use super::{Judges, Result};
 use crate::data::frames::{parse, Frame, Rule};
 use crate::data::{hash_unit, PromptRecord, Source, Suite};
-use crate::eval::judge::{Judge, Label};
+use crate::eval::judge::Label;
 use crate::features::{collect, PooledResiduals, Selection};
 use crate::model::generate::{GenerationConfig, Sampling};
 use crate::model::load::ChatModel;
@@ -376,7 +377,7 @@ pub struct VariantRow {
     pub feature_score: RatioOfMeans,
     pub harm_activation: RatioOfMeans,
     pub direct: RatioOfMeans,
-    /// Share refused (phrase judge; degenerate responses are not refusals).
+    /// Share refused (the evaluation's label; degenerate responses are not refusals).
     pub refusal: Rate,
     /// Share not complied with (the evaluation's safety rate: refused or degenerate).
     pub safety: Rate,
@@ -723,7 +724,7 @@ pub fn run(
     let report = FramesReport {
         format_version: FORMAT_VERSION,
         config: cfg.clone(),
-        judge: inputs.judges.phrase.name(),
+        judge: inputs.judges.label_name(),
         layers,
         coverage: drawn.coverage,
         behaviours: drawn.behaviours,
@@ -1003,7 +1004,7 @@ impl FramesReport {
             }
             s.push('\n');
         }
-        s.push_str("Refusals (phrase judge):\n\n| frame |");
+        s.push_str(&format!("Refusals ({}):\n\n| frame |", self.judge));
         for &v in &variants {
             s.push_str(&format!(
                 " {0}: harmful refused | {0}: Δ vs original | {0}: benign refused |",

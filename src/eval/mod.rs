@@ -253,6 +253,11 @@ impl Judges {
         v
     }
 
+    /// The name of the judge whose refusal verdict the label follows (degeneracy aside).
+    pub fn label_name(&self) -> String {
+        self.either_name().unwrap_or_else(|| self.phrase.name())
+    }
+
     /// The name of the phrase-or-off-topic verdict, when the off-topic judge runs.
     fn either_name(&self) -> Option<String> {
         self.off_topic
