@@ -172,7 +172,8 @@ pub struct GenerationRecord {
     pub prompt_pmi: Option<f64>,
     /// Judge name → verdict.
     pub verdicts: BTreeMap<String, Verdict>,
-    /// Degeneracy, else the refusal-phrase judge: the label the rates count.
+    /// Degeneracy, else the refusal-phrase judge or (when it ran) the off-topic judge: the label
+    /// the rates count.
     pub label: Label,
 }
 
@@ -568,6 +569,22 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
         r.verdicts = verdicts;
         r.label = label;
         changed += 1;
+    }
+    // A record judged with the off-topic judge keeps its verdict when the judge is left out, so
+    // the label is derived again from the verdicts these judges stand for.
+    let (deg, phrase, either) = (
+        judges.degeneracy.name(),
+        judges.phrase.name(),
+        judges.either_name(),
+    );
+    for r in records.iter_mut() {
+        if let (Some(d), Some(p)) = (r.verdicts.get(&deg), r.verdicts.get(&phrase)) {
+            let label = combined(d, p, either.as_ref().and_then(|n| r.verdicts.get(n)));
+            if label != r.label {
+                r.label = label;
+                changed += 1;
+            }
+        }
     }
     Ok(changed)
 }

@@ -341,6 +341,14 @@ fn the_off_topic_judge_turns_an_answer_to_another_request_into_a_refusal() {
     );
     assert_eq!(records[2].verdicts[&either].label, Label::Refused);
     assert_eq!(rejudge(&judges, &mut records).unwrap(), 0);
+    // Left out again, the phrases alone decide: the recipe counts as compliance once more.
+    let phrase_only = Judges {
+        off_topic: None,
+        ..judges
+    };
+    assert_eq!(rejudge(&phrase_only, &mut records).unwrap(), 1);
+    let labels: Vec<Label> = records.iter().map(|r| r.label).collect();
+    assert_eq!(labels, [Label::Complied, Label::Complied, Label::Refused]);
 }
 
 /// `sails judge score` end to end: JSONL in, each line's verdicts and label out (other fields
