@@ -7,7 +7,8 @@
 
 use super::Result;
 use crate::model::chat::Message;
-use crate::model::decoder::{Forward, Logits};
+use crate::model::decoder::{Forward, KvCache, Logits};
+use crate::model::generate;
 use crate::model::load::ChatModel;
 use candle_core::{DType, Tensor, D};
 
@@ -52,16 +53,51 @@ pub fn reply_logprobs(
         .unwrap_or(0);
     let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by_key(|&i| items[i].0.len() + items[i].1.len());
+    // The beginning every prompt shares (a chat template's system turn; the whole prompt when
+    // all are alike) runs once, and each batch starts from a copy of its cache. It stops short
+    // of every prompt's last token, so the positions that predict reply tokens all run below.
+    let prompts: Vec<Vec<u32>> = items.iter().map(|(p, _)| p.clone()).collect();
+    let shared = match generate::shared_prefix_len(&prompts) {
+        n if n >= generate::MIN_SHARED_PREFIX && items.len() > 1 => n,
+        _ => 0,
+    };
+    let prefix_cache = if shared > 0 {
+        let mut one = KvCache::new();
+        let ids = Tensor::from_slice(&prompts[0][..shared], (1, shared), &device)?;
+        model.decoder.forward(
+            Forward {
+                input_ids: &ids,
+                attention_mask: None,
+                logits: Logits::Last,
+                capture: &[],
+                edit: None,
+            },
+            Some(&mut one),
+        )?;
+        Some(one)
+    } else {
+        None
+    };
     let mut out = vec![(0.0, 0); items.len()];
     for batch in order.chunks(batch_size.max(1)) {
         let seqs: Vec<Vec<u32>> = batch
             .iter()
-            .map(|&i| items[i].0.iter().chain(&items[i].1).copied().collect())
+            .map(|&i| {
+                items[i].0[shared..]
+                    .iter()
+                    .chain(&items[i].1)
+                    .copied()
+                    .collect()
+            })
             .collect();
         // Left padding puts every reply at the end of its row; logits at position j predict
         // token j + 1, so a reply of n tokens is predicted by the n positions before the last.
         let tail = batch.iter().map(|&i| items[i].1.len()).max().unwrap_or(0) + 1;
-        let (ids_t, mask_t) = crate::model::generate::left_pad(&seqs, pad, &device)?;
+        let (ids_t, mask_t) = generate::left_pad(&seqs, pad, &device)?;
+        let mut cache = match &prefix_cache {
+            Some(one) => Some(one.repeat_batch(batch.len())?),
+            None => None,
+        };
         let logits = model
             .decoder
             .forward(
@@ -72,7 +108,7 @@ pub fn reply_logprobs(
                     capture: &[],
                     edit: None,
                 },
-                None,
+                cache.as_mut(),
             )?
             .logits
             .ok_or_else(|| super::EvalError::Template("forward returned no logits".into()))?;

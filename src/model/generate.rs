@@ -100,11 +100,11 @@ pub fn generate_with_prompt_logits(
 }
 
 /// Shortest shared beginning worth computing once for a whole batch.
-const MIN_SHARED_PREFIX: usize = 4;
+pub(crate) const MIN_SHARED_PREFIX: usize = 4;
 
 /// Length of the beginning all `prompts` share, leaving every prompt at least one token of its
 /// own (whose logits start its generation).
-fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
+pub(crate) fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
     let Some((first, rest)) = prompts.split_first() else {
         return 0;
     };

@@ -415,4 +415,34 @@ fn reply_logprobs_match_the_reference_logits_in_any_batch() {
         }
         assert!(got[0].0.is_finite() && got[0].0 < 0.0);
     }
+    // Prompts that share a beginning (here the chat template's system turn, and the whole
+    // request for the first three): it runs once and every batch starts from its cache. Each
+    // item scored alone, which shares nothing and is checked above, is the reference.
+    let mut shared = Vec::new();
+    for (prompt, reply) in [
+        ("Name a colour.", "Blue."),
+        ("Name a colour.", "I'd rather not say, but green is nice."),
+        (
+            "Name a colour.",
+            "Red, as in a ripe tomato or a fire engine.",
+        ),
+        ("What is 2 + 2?", "4"),
+    ] {
+        shared.push(sails::eval::capability::reply_ids(m, prompt, reply, 32).unwrap());
+    }
+    let alone: Vec<f64> = shared
+        .iter()
+        .map(|item| reply_logprobs(m, std::slice::from_ref(item), 1).unwrap()[0].0)
+        .collect();
+    for batch_size in [1, 2, 4] {
+        let got = reply_logprobs(m, &shared, batch_size).unwrap();
+        for (k, (want, (_, reply))) in alone.iter().zip(&shared).enumerate() {
+            assert_eq!(got[k].1, reply.len());
+            assert!(
+                (got[k].0 - want).abs() <= 1e-3 * reply.len() as f64,
+                "shared prefix, batch {batch_size}, item {k}: {} vs {want}",
+                got[k].0
+            );
+        }
+    }
 }
