@@ -45,10 +45,9 @@ use super::{Judges, Result};
 use crate::data::frames::{parse, Frame, Rule};
 use crate::data::{hash_unit, PromptRecord, Source, Suite};
 use crate::eval::judge::Label;
-use crate::features::{collect, PooledResiduals, Selection};
+use crate::features::{LayerInfo, LayerScore, PooledResiduals, PromptScorer, Selection};
 use crate::model::generate::{GenerationConfig, Sampling};
 use crate::model::load::ChatModel;
-use crate::model::Resid;
 use crate::sae::Sae;
 
 const FORMAT_VERSION: u32 = 1;
@@ -69,28 +68,6 @@ pub enum FramesError {
     NotHarmful(&'static str),
     #[error("the frames must include `original`, the reference of every ratio")]
     NoOriginal,
-    #[error("{hook}: no SAE given for this selected layer")]
-    MissingSae { hook: Resid },
-    #[error("{hook}: the SAE has {sae} latents but the selection was made with {selection}")]
-    SaeWidth {
-        hook: Resid,
-        sae: usize,
-        selection: usize,
-    },
-    #[error(
-        "{hook}: the features stage's pooled residuals (activations.safetensors) lack this layer"
-    )]
-    MissingResiduals { hook: Resid },
-    #[error("{hook}: the training harmful and harmless mean residuals are equal; no direction")]
-    NoDirection { hook: Resid },
-    #[error("{hook}: kept feature {index} is outside the SAE's {d_sae} latents")]
-    FeatureIndex {
-        hook: Resid,
-        index: usize,
-        d_sae: usize,
-    },
-    #[error("{hook}: the kept features do not differ between the training sets (Σ|d| = 0)")]
-    NoFeatureDifference { hook: Resid },
     #[error("config: {0}")]
     Config(String),
 }
@@ -341,17 +318,6 @@ impl Variant {
     }
 }
 
-/// One prompt's scores at one layer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LayerScore {
-    pub hook: Resid,
-    pub feature_score: f64,
-    /// None when no kept feature of this layer fires more on harmful prompts.
-    pub harm_activation: Option<f64>,
-    pub direct: f64,
-}
-
 /// One line of `scores.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -421,18 +387,6 @@ pub struct Timings {
     pub total_s: f64,
 }
 
-/// The kept features of one layer, as the probe reads them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LayerInfo {
-    pub hook: Resid,
-    pub kept: usize,
-    /// Kept features that fire more on harmful training prompts (`d_j > 0`).
-    pub harm_features: usize,
-    /// `‖μ_harmful − μ_harmless‖` of the training residuals (the direct direction's length).
-    pub direct_norm: f64,
-}
-
 /// `frames.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -470,117 +424,6 @@ pub struct Inputs<'a> {
 /// Progress: (what, done, total).
 pub type OnProgress<'a> = &'a mut dyn FnMut(&str, usize, usize);
 
-/// One layer's reading of pooled rows.
-struct LayerProbe {
-    hook: Resid,
-    /// (index, sign of d, harmless mean)
-    features: Vec<(usize, f64, f64)>,
-    abs_diff_sum: f64,
-    harm: Vec<usize>,
-    mu_harmless: Vec<f64>,
-    /// μ_harmful − μ_harmless.
-    direction: Vec<f64>,
-    direction_norm2: f64,
-}
-
-impl LayerProbe {
-    fn new(layer: &crate::features::LayerSelection, residuals: &PooledResiduals) -> Result<Self> {
-        let hook = layer.hook;
-        if let Some(f) = layer.features.iter().find(|f| f.index >= layer.d_sae) {
-            return Err(FramesError::FeatureIndex {
-                hook,
-                index: f.index,
-                d_sae: layer.d_sae,
-            }
-            .into());
-        }
-        let abs_diff_sum: f64 = layer.features.iter().map(|f| f.diff.abs()).sum();
-        if abs_diff_sum == 0.0 || !abs_diff_sum.is_finite() {
-            return Err(FramesError::NoFeatureDifference { hook }.into());
-        }
-        let (h, b) = residuals
-            .layers
-            .get(&hook)
-            .ok_or(FramesError::MissingResiduals { hook })?;
-        let mu_harmless = b.means();
-        let direction: Vec<f64> = h
-            .means()
-            .iter()
-            .zip(&mu_harmless)
-            .map(|(h, b)| h - b)
-            .collect();
-        let direction_norm2: f64 = direction.iter().map(|v| v * v).sum();
-        if direction_norm2 == 0.0 {
-            return Err(FramesError::NoDirection { hook }.into());
-        }
-        Ok(Self {
-            hook,
-            features: layer
-                .features
-                .iter()
-                .map(|f| (f.index, f.diff.signum(), f.mean_harmless))
-                .collect(),
-            abs_diff_sum,
-            harm: layer
-                .features
-                .iter()
-                .filter(|f| f.diff > 0.0)
-                .map(|f| f.index)
-                .collect(),
-            mu_harmless,
-            direction,
-            direction_norm2,
-        })
-    }
-
-    fn score(&self, features: &[f32], resid: &[f32]) -> LayerScore {
-        let feature_score = self
-            .features
-            .iter()
-            .map(|&(i, sign, b)| sign * (features[i] as f64 - b))
-            .sum::<f64>()
-            / self.abs_diff_sum;
-        let harm_activation = (!self.harm.is_empty())
-            .then(|| self.harm.iter().map(|&i| features[i] as f64).sum::<f64>());
-        let direct = resid
-            .iter()
-            .zip(&self.mu_harmless)
-            .zip(&self.direction)
-            .map(|((&r, b), d)| (r as f64 - b) * d)
-            .sum::<f64>()
-            / self.direction_norm2;
-        LayerScore {
-            hook: self.hook,
-            feature_score,
-            harm_activation,
-            direct,
-        }
-    }
-}
-
-/// The SAEs of the selected layers, in the selection's order, checked against it.
-fn saes_for(selection: &Selection, saes: &[Sae]) -> Result<Vec<Sae>> {
-    selection
-        .layers
-        .iter()
-        .map(|l| {
-            let sae = saes
-                .iter()
-                .find(|s| s.hook() == l.hook)
-                .ok_or(FramesError::MissingSae { hook: l.hook })?;
-            if sae.d_sae() != l.d_sae {
-                return Err(FramesError::SaeWidth {
-                    hook: l.hook,
-                    sae: sae.d_sae(),
-                    selection: l.d_sae,
-                }
-                .into());
-            }
-            Ok(sae.clone())
-        })
-        .collect()
-}
-
 /// Measures every drawn behaviour in every frame with the base model and, if given, the aligned
 /// one: pooled features and residuals, then greedy responses judged by the evaluation's judges.
 pub fn run(
@@ -591,14 +434,7 @@ pub fn run(
 ) -> Result<FramesOutput> {
     cfg.check()?;
     let start = Instant::now();
-    let probes = inputs
-        .selection
-        .layers
-        .iter()
-        .map(|l| LayerProbe::new(l, inputs.residuals))
-        .collect::<Result<Vec<_>>>()?;
-    let saes = saes_for(inputs.selection, inputs.saes)?;
-    let pooling = inputs.selection.config.pooling;
+    let scorer = PromptScorer::new(inputs.selection, inputs.saes, inputs.residuals)?;
     let split = match cfg.suite {
         Suite::ValHarmful => crate::data::Split::Validation,
         _ => crate::data::Split::Eval,
@@ -646,26 +482,11 @@ pub fn run(
         // Features and residuals of every prompt.
         let t0 = Instant::now();
         let what = format!("{} features", variant.name());
-        let pooled = collect(
-            model,
-            &saes,
-            &texts,
-            pooling,
-            cfg.feature_batch_size,
-            &mut |n| on_progress(&what, n, texts.len()),
-        )?;
-        for (p, (_, r)) in records.iter().enumerate() {
+        let per_prompt = scorer.score(model, &texts, cfg.feature_batch_size, &mut |n| {
+            on_progress(&what, n, texts.len())
+        })?;
+        for ((_, r), layers) in records.iter().zip(per_prompt) {
             let key = key_of[&r.id];
-            let mut layers = Vec::with_capacity(probes.len());
-            for probe in &probes {
-                let missing = || crate::features::FeatureError::Capture { hook: probe.hook };
-                let f = pooled.features.get(&probe.hook).ok_or_else(missing)?;
-                let x = pooled.resid.get(&probe.hook).ok_or_else(missing)?;
-                layers.push(probe.score(
-                    &f.values[p * f.width..(p + 1) * f.width],
-                    &x.values[p * x.width..(p + 1) * x.width],
-                ));
-            }
             let n = layers.len().max(1) as f64;
             let list = match key.set {
                 Set::Harmful => &drawn.behaviours,
@@ -711,15 +532,7 @@ pub fn run(
     }
 
     let frames = summarise(cfg, &drawn, &scores, &generations, &key_of);
-    let layers = probes
-        .iter()
-        .map(|p| LayerInfo {
-            hook: p.hook,
-            kept: p.features.len(),
-            harm_features: p.harm.len(),
-            direct_norm: p.direction_norm2.sqrt(),
-        })
-        .collect();
+    let layers = scorer.layers();
     timings.total_s = start.elapsed().as_secs_f64();
     let report = FramesReport {
         format_version: FORMAT_VERSION,
@@ -1095,7 +908,6 @@ impl FramesOutput {
 mod tests {
     use super::*;
     use crate::data::Split;
-    use crate::features::{FeatureScore, LayerSelection, PooledSet};
 
     fn record(source: Source, key: usize, text: &str) -> PromptRecord {
         PromptRecord {
@@ -1204,80 +1016,5 @@ mod tests {
             ..cfg
         };
         assert!(draw(&items(), &controls(), &cfg).is_err());
-    }
-
-    fn feature(index: usize, mean_harmful: f64, mean_harmless: f64) -> FeatureScore {
-        FeatureScore {
-            index,
-            rank: 0,
-            delta: (mean_harmful - mean_harmless).abs(),
-            diff: mean_harmful - mean_harmless,
-            mean_harmful,
-            mean_harmless,
-            freq_harmful: 1.0,
-            freq_harmless: 1.0,
-            effect_size: 1.0,
-            diff_ci95: [0.0, 0.0],
-            robust: true,
-        }
-    }
-
-    #[test]
-    fn scores_put_the_training_means_at_zero_and_one() {
-        let hook = Resid::In(3);
-        let layer = LayerSelection {
-            hook,
-            hook_name: "blocks.3.hook_resid_pre".into(),
-            sae: "x".into(),
-            d_sae: 4,
-            // feature 0 fires on harmful prompts (0.5 → 2.5), feature 2 on harmless ones (3 → 1)
-            features: vec![feature(0, 2.5, 0.5), feature(2, 1.0, 3.0)],
-        };
-        let set = |rows: &[[f32; 2]]| {
-            let mut s = PooledSet::new(2);
-            for r in rows {
-                s.push(r, &[true, true]);
-            }
-            s
-        };
-        let mut residuals = PooledResiduals {
-            layers: BTreeMap::new(),
-        };
-        // harmful mean (2, 1), harmless mean (0, 1): direction (2, 0)
-        residuals.layers.insert(
-            hook,
-            (
-                set(&[[1.0, 1.0], [3.0, 1.0]]),
-                set(&[[0.0, 0.0], [0.0, 2.0]]),
-            ),
-        );
-        let p = LayerProbe::new(&layer, &residuals).unwrap();
-        // At the harmful means: 1; at the harmless means: 0; halfway: 0.5.
-        let s = p.score(&[2.5, 9.0, 1.0, 9.0], &[2.0, 5.0]);
-        assert!((s.feature_score - 1.0).abs() < 1e-12 && (s.direct - 1.0).abs() < 1e-12);
-        assert_eq!(s.harm_activation, Some(2.5));
-        let s = p.score(&[0.5, 0.0, 3.0, 0.0], &[0.0, -4.0]);
-        assert!(s.feature_score.abs() < 1e-12 && s.direct.abs() < 1e-12);
-        let s = p.score(&[1.5, 0.0, 2.0, 0.0], &[1.0, 1.0]);
-        assert!((s.feature_score - 0.5).abs() < 1e-12 && (s.direct - 0.5).abs() < 1e-12);
-        // A selection layer the features stage has no residuals for is named.
-        let other = LayerSelection {
-            hook: Resid::In(4),
-            ..layer.clone()
-        };
-        let e = LayerProbe::new(&other, &residuals)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("activations.safetensors"), "{e}");
-        let outside = LayerSelection {
-            features: vec![feature(9, 1.0, 0.0)],
-            ..layer.clone()
-        };
-        let e = LayerProbe::new(&outside, &residuals)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("outside the SAE's 4 latents"), "{e}");
     }
 }

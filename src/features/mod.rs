@@ -7,6 +7,7 @@
 //! `subspace` stage needs).
 
 mod collect;
+mod prompt_score;
 mod score;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use thiserror::Error;
 pub use collect::{
     collect, for_each_content_batch, prompt_tokens, ContentBatch, Pooled, Pooling, PromptTokens,
 };
+pub use prompt_score::{LayerInfo, LayerScore, PromptScorer};
 pub use score::{deltas, score, top_k, FeatureScore, PooledSet};
 
 use crate::model::load::ChatModel;
@@ -48,6 +50,28 @@ pub enum FeatureError {
     Capture { hook: Resid },
     #[error("two SAEs read the same position {hook}")]
     DuplicateHook { hook: Resid },
+    #[error("{hook}: no SAE given for this selected layer")]
+    MissingSae { hook: Resid },
+    #[error("{hook}: the SAE has {sae} latents but the selection was made with {selection}")]
+    SaeWidth {
+        hook: Resid,
+        sae: usize,
+        selection: usize,
+    },
+    #[error(
+        "{hook}: the features stage's pooled residuals (activations.safetensors) lack this layer"
+    )]
+    MissingResiduals { hook: Resid },
+    #[error("{hook}: the training harmful and harmless mean residuals are equal; no direction")]
+    NoDirection { hook: Resid },
+    #[error("{hook}: kept feature {index} is outside the SAE's {d_sae} latents")]
+    FeatureIndex {
+        hook: Resid,
+        index: usize,
+        d_sae: usize,
+    },
+    #[error("{hook}: the kept features do not differ between the training sets (Σ|d| = 0)")]
+    NoFeatureDifference { hook: Resid },
     #[error("invalid feature config: {0}")]
     Config(String),
     #[error("{path}: {message}")]
