@@ -14,9 +14,11 @@ use sails::eval::judge::{
 use sails::eval::labels::{load_all, LabelSource, LABEL_ASSETS};
 use sails::eval::probe::{self, HeldOut, Pooling, ProbeConfig, ProbeJudges, ProbeTarget};
 use sails::eval::score::score_jsonl;
-use sails::eval::{compare, EvalConfig, Judges, Metrics};
+use sails::eval::{compare, EvalConfig, Gated, Judges, Metrics};
+use sails::features::PromptScorer;
 use sha2::Digest;
 
+use super::features::load_feature_reader;
 use super::model_args::ModelArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -138,6 +140,12 @@ pub struct EvalArgs {
     /// evaluated one and runs two short forward passes per response.
     #[arg(long)]
     pub no_off_topic_judge: bool,
+    /// Switch the adapter on per prompt with a gate written by `sails gate`: the base model reads
+    /// each prompt on the gate's safety features; prompts at or above its threshold are answered
+    /// by the adapted model, the others by the base model. Each response records the gate's
+    /// score and decision, each suite the share of prompts that opened it.
+    #[arg(long, value_name = "FILE", requires = "adapter")]
+    pub gate: Option<PathBuf>,
     /// Print metrics.json on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -303,12 +311,29 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         batch_size: args.batch_size.unwrap_or(defaults.batch_size),
         llm_judge: args.llm.config(),
         off_topic_judge: !args.no_off_topic_judge,
+        gate: args.gate.as_ref().map(|p| p.display().to_string()),
         ..defaults
     };
     let splits = Splits::load().context("loading the evaluation data sets")?;
     let judges = Judges::new(&cfg).context("setting up the judges")?;
     let model = args.model.load_with_adapter_scale(cfg.adapter_scale)?;
-    let metrics = sails::eval::run(&model, &splits, &judges, &cfg, &args.out)
+    let gate_parts = match &args.gate {
+        Some(path) => {
+            let gate = super::gate::load_gate(path)?;
+            let (selection, residuals, saes) =
+                load_feature_reader(std::path::Path::new(&gate.features_dir), &[])?;
+            let scorer = PromptScorer::new(&selection, &saes, &residuals)
+                .context("reading the gate's features")?;
+            let mut base_args = args.model.clone();
+            base_args.adapter = None;
+            Some((gate, scorer, base_args.load()?))
+        }
+        None => None,
+    };
+    let gated = gate_parts
+        .as_ref()
+        .map(|(gate, scorer, base)| Gated { gate, scorer, base });
+    let metrics = sails::eval::run(&model, &splits, &judges, &cfg, &args.out, gated.as_ref())
         .with_context(|| format!("evaluating into {}", args.out.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&metrics)?);

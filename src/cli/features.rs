@@ -141,6 +141,35 @@ pub struct SubspaceArgs {
 }
 
 /// Loads every SAE named by `specs` (see `--sae`).
+/// What reads prompts on a features stage's output: its selection, its pooled training
+/// residuals and the SAE of every selected layer (the ones it names, or `sae_specs`).
+pub fn load_feature_reader(
+    features_dir: &Path,
+    sae_specs: &[String],
+) -> anyhow::Result<(Selection, PooledResiduals, Vec<Sae>)> {
+    let sel_path = features_dir.join(SELECTION_FILE);
+    let selection =
+        Selection::load(&sel_path).with_context(|| format!("loading {}", sel_path.display()))?;
+    let act_path = features_dir.join(ACTIVATIONS_FILE);
+    let residuals = PooledResiduals::load(&act_path).with_context(|| {
+        format!(
+            "loading the pooled training residuals {}",
+            act_path.display()
+        )
+    })?;
+    let specs: Vec<String> = if sae_specs.is_empty() {
+        selection.layers.iter().map(|l| l.sae.clone()).collect()
+    } else {
+        sae_specs.to_vec()
+    };
+    let saes = load_saes(&specs, &Device::Cpu)
+        .context("loading the SAEs of the selection (--sae PATH reads others)")?
+        .into_iter()
+        .map(|s| s.sae)
+        .collect();
+    Ok((selection, residuals, saes))
+}
+
 pub fn load_saes(specs: &[String], device: &Device) -> anyhow::Result<Vec<LabelledSae>> {
     let mut out = Vec::new();
     for spec in specs {

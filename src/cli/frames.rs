@@ -4,17 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
 use clap::{Args, ValueEnum};
 use sails::data::frames::Frame;
 use sails::data::{Splits, Suite};
 use sails::eval::frames::{self, FramesConfig, Inputs};
 use sails::eval::{EvalConfig, Judges};
-use sails::features::{PooledResiduals, Selection, ACTIVATIONS_FILE, SELECTION_FILE};
-use sails::sae::Sae;
 
 use super::eval::parse_adapter_scale;
-use super::features::load_saes;
+use super::features::load_feature_reader;
 use super::model_args::ModelArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -204,26 +201,7 @@ pub fn run(args: FramesArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let sel_path = features_dir.join(SELECTION_FILE);
-    let selection =
-        Selection::load(&sel_path).with_context(|| format!("loading {}", sel_path.display()))?;
-    let act_path = features_dir.join(ACTIVATIONS_FILE);
-    let residuals = PooledResiduals::load(&act_path).with_context(|| {
-        format!(
-            "loading the pooled training residuals {}",
-            act_path.display()
-        )
-    })?;
-    let specs: Vec<String> = if args.sae.is_empty() {
-        selection.layers.iter().map(|l| l.sae.clone()).collect()
-    } else {
-        args.sae.clone()
-    };
-    let saes: Vec<Sae> = load_saes(&specs, &Device::Cpu)
-        .context("loading the SAEs of the selection (--sae PATH reads others)")?
-        .into_iter()
-        .map(|s| s.sae)
-        .collect();
+    let (selection, residuals, saes) = load_feature_reader(&features_dir, &args.sae)?;
     let judges = Judges::new(&EvalConfig {
         off_topic_judge: !args.no_off_topic_judge,
         ..EvalConfig::default()

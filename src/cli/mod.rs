@@ -12,6 +12,7 @@ mod eval;
 mod explain;
 mod features;
 mod frames;
+mod gate;
 mod generate;
 mod model_args;
 mod report;
@@ -56,6 +57,8 @@ pub enum Command {
     Sae(sae::SaeArgs),
     /// Evaluate safety, over-refusal and capability, with intervals; compare two runs.
     Eval(eval::EvalArgs),
+    /// Fit a gate that switches an adapter on only for prompts the safety features call harmful.
+    Gate(gate::GateArgs),
     /// Judges on their own (calibration on human-labelled refusals).
     Judge(eval::JudgeArgs),
     /// Score SAE features on harmful vs harmless prompts and keep the top-k per layer.
@@ -95,6 +98,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BenchTrain(args) => train::run_bench(args),
         Command::BenchEval(args) => eval::run_bench(args),
         Command::Eval(args) => eval::run(args),
+        Command::Gate(args) => gate::run(args),
         Command::Judge(args) => eval::run_judge(args),
         Command::Data(args) => data::run(args),
         Command::Explain(args) => explain::run(args),

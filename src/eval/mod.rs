@@ -21,6 +21,8 @@ pub mod probe;
 pub mod score;
 
 use crate::data::{Source, Splits, Suite};
+use crate::features::gate::Gate;
+use crate::features::PromptScorer;
 use crate::model::chat::Message;
 use crate::model::decoder::{Forward, Logits};
 use crate::model::generate::{
@@ -110,6 +112,9 @@ pub struct EvalConfig {
     /// resumed run must share: saved responses are judged again when it changes.
     #[serde(default)]
     pub off_topic_judge: bool,
+    /// The gate file (`sails gate`) that switches the adapter on per prompt, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<String>,
 }
 
 fn unscaled() -> f64 {
@@ -136,6 +141,7 @@ impl Default for EvalConfig {
             loss_max_tokens: 256,
             llm_judge: None,
             off_topic_judge: false,
+            gate: None,
         }
     }
 }
@@ -150,6 +156,24 @@ impl EvalConfig {
             ..self.clone()
         }
     }
+}
+
+/// A prompt's gate score and the decision taken on it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateReading {
+    pub score: f64,
+    pub open: bool,
+}
+
+/// An adapter switched on per prompt (`sails eval --gate`): the base model reads each prompt's
+/// gate score; prompts that open the gate are answered by the adapted model, the others by the
+/// base model. Capability items are scored by the adapted model throughout (the gate's cost there
+/// is bounded by the ungated adapter's).
+pub struct Gated<'a> {
+    pub gate: &'a Gate,
+    pub scorer: &'a PromptScorer,
+    pub base: &'a ChatModel,
 }
 
 /// One line of `generations.jsonl`.
@@ -170,6 +194,9 @@ pub struct GenerationRecord {
     /// token), where the off-topic judge ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_pmi: Option<f64>,
+    /// The gate's reading of the prompt (base model) and whether it switched the adapter on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateReading>,
     /// Judge name → verdict.
     pub verdicts: BTreeMap<String, Verdict>,
     /// Degeneracy, else the refusal-phrase judge or (when it ran) the off-topic judge: the label
@@ -318,6 +345,9 @@ pub struct SuiteMetrics {
     /// The metric when each refusal judge decides (degenerate responses kept apart as above).
     pub by_judge: BTreeMap<String, Rate>,
     pub mean_refusal_logodds: f64,
+    /// Under a gate: the share of prompts that switched the adapter on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_open: Option<Rate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -648,6 +678,7 @@ pub fn generate_batch(
             finish: g.finish,
             refusal_logodds: lo,
             prompt_pmi: pmi,
+            gate: None,
             verdicts,
             label,
         });
@@ -662,6 +693,7 @@ pub fn run(
     judges: &Judges,
     cfg: &EvalConfig,
     out: &Path,
+    gated: Option<&Gated>,
 ) -> Result<Metrics> {
     if cfg.batch_size == 0 || cfg.max_new_tokens == 0 {
         return Err(EvalError::Config(
@@ -707,7 +739,36 @@ pub fn run(
         }
     }
     let openings = opening_ids(model)?;
-    let encoded = encode_by_length(model, &pending)?;
+    // Which model answers each pending prompt: the adapted one, or under a gate the base model
+    // where the gate stays closed.
+    let mut groups: Vec<(&ChatModel, Vec<(Suite, &crate::data::PromptRecord)>)> = Vec::new();
+    let mut readings: HashMap<String, GateReading> = HashMap::new();
+    match gated {
+        None => groups.push((model, pending)),
+        Some(g) => {
+            let texts: Vec<String> = pending.iter().map(|(_, r)| r.text.clone()).collect();
+            let layers = g
+                .scorer
+                .score(g.base, &texts, cfg.batch_size, &mut |_| {})?;
+            let (mut open, mut closed) = (Vec::new(), Vec::new());
+            for (item, l) in pending.into_iter().zip(layers) {
+                let score = g.gate.score.value(&l);
+                let reading = GateReading {
+                    score,
+                    open: g.gate.opens(score),
+                };
+                readings.insert(item.1.id.clone(), reading);
+                if reading.open {
+                    open.push(item);
+                } else {
+                    closed.push(item);
+                }
+            }
+            tracing::info!(open = open.len(), closed = closed.len(), "gate read");
+            groups.push((model, open));
+            groups.push((g.base, closed));
+        }
+    }
     let gen_cfg = GenerationConfig {
         max_new_tokens: cfg.max_new_tokens,
         sampling: Sampling::Greedy,
@@ -722,19 +783,26 @@ pub fn run(
         .map_err(io_err(&gen_path))?;
     let start = Instant::now();
     let mut new_tokens = 0;
-    let total = encoded.len();
-    for (bi, chunk) in encoded.chunks(cfg.batch_size).enumerate() {
-        let recs = generate_batch(model, judges, chunk, &gen_cfg, &openings)?;
-        new_tokens += recs.iter().map(|r| r.new_tokens).sum::<usize>();
-        append_jsonl(&mut file, &gen_path, &recs)?;
-        done.extend(recs);
-        let secs = start.elapsed().as_secs_f64();
-        tracing::info!(
-            batch = bi + 1,
-            prompts = format!("{}/{total}", ((bi + 1) * cfg.batch_size).min(total)),
-            tokens_per_s = format!("{:.1}", new_tokens as f64 / secs),
-            "generated"
-        );
+    let total: usize = groups.iter().map(|(_, items)| items.len()).sum();
+    let mut generated = 0;
+    for (answering, items) in &groups {
+        let encoded = encode_by_length(answering, items)?;
+        for chunk in encoded.chunks(cfg.batch_size) {
+            let mut recs = generate_batch(answering, judges, chunk, &gen_cfg, &openings)?;
+            for r in &mut recs {
+                r.gate = readings.get(&r.id).copied();
+            }
+            new_tokens += recs.iter().map(|r| r.new_tokens).sum::<usize>();
+            generated += recs.len();
+            append_jsonl(&mut file, &gen_path, &recs)?;
+            done.extend(recs);
+            let secs = start.elapsed().as_secs_f64();
+            tracing::info!(
+                prompts = format!("{generated}/{total}"),
+                tokens_per_s = format!("{:.1}", new_tokens as f64 / secs),
+                "generated"
+            );
+        }
     }
     let seconds = start.elapsed().as_secs_f64();
     let mpath = out.join("metrics.json");
@@ -831,6 +899,9 @@ pub fn suite_metrics(suite: Suite, recs: &[&GenerationRecord]) -> SuiteMetrics {
             (name.clone(), rate)
         })
         .collect();
+    let gated: Vec<bool> = recs.iter().filter_map(|r| r.gate.map(|g| g.open)).collect();
+    let gate_open =
+        (!gated.is_empty()).then(|| Rate::new(gated.iter().filter(|&&o| o).count(), gated.len()));
     let primary = |r: &GenerationRecord| r.label;
     SuiteMetrics {
         metric: if suite.counts_safe() {
@@ -853,6 +924,7 @@ pub fn suite_metrics(suite: Suite, recs: &[&GenerationRecord]) -> SuiteMetrics {
         by_judge,
         mean_refusal_logodds: recs.iter().map(|r| r.refusal_logodds).sum::<f64>()
             / recs.len().max(1) as f64,
+        gate_open,
     }
 }
 

@@ -7,6 +7,7 @@
 //! `subspace` stage needs).
 
 mod collect;
+pub mod gate;
 mod prompt_score;
 mod score;
 

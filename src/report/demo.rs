@@ -157,6 +157,7 @@ fn suite(metric: &str, k: usize, n: usize) -> SuiteMetrics {
         per_category: BTreeMap::new(),
         by_judge: BTreeMap::new(),
         mean_refusal_logodds: 0.0,
+        gate_open: None,
     }
 }
 

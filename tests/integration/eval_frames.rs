@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use sails::data::frames::Frame;
 use sails::eval::frames::{FramesReport, PromptScore, Variant};
 use sails::features::{
@@ -25,7 +25,7 @@ const D_SAE: usize = 64;
 
 /// features.json and activations.safetensors for a random SAE at `Resid::In(6)`: four kept
 /// features, two on each side, and training residual means that differ along dimension 0.
-fn write_features(dir: &Path) {
+pub(crate) fn write_features(dir: &Path) {
     let sae_dir = dir.join("sae");
     common::random_topk_sae(HOOK, D_MODEL, D_SAE, 3)
         .save_saelens(&sae_dir)
@@ -89,16 +89,24 @@ fn write_features(dir: &Path) {
 
 /// A LoRA adapter on every q_proj of SmolLM2 with B = 0: the model it makes is the base model.
 fn write_zero_adapter(dir: &Path) {
+    write_adapter(dir, 0.0);
+}
+
+/// A rank-2 LoRA adapter on every q_proj of SmolLM2, B drawn with standard deviation `b_std`.
+pub(crate) fn write_adapter(dir: &Path, b_std: f64) {
     let (r, d) = (2, D_MODEL);
     let mut g = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(4);
     let mut weights = HashMap::new();
     for l in 0..30 {
-        let a: Vec<f32> = sails::linalg::standard_normals(&mut g, r * d)
-            .iter()
-            .map(|v| (*v * 0.05) as f32)
-            .collect();
-        let a = Tensor::from_vec(a, (r, d), &Device::Cpu).unwrap();
-        let b = Tensor::zeros((d, r), DType::F32, &Device::Cpu).unwrap();
+        let mut draw = |n: usize, std: f64| {
+            let v: Vec<f32> = sails::linalg::standard_normals(&mut g, n)
+                .iter()
+                .map(|v| (*v * std) as f32)
+                .collect();
+            v
+        };
+        let a = Tensor::from_vec(draw(r * d, 0.05), (r, d), &Device::Cpu).unwrap();
+        let b = Tensor::from_vec(draw(d * r, b_std), (d, r), &Device::Cpu).unwrap();
         weights.insert(format!("model.layers.{l}.self_attn.q_proj"), (a, b));
     }
     Adapter {

@@ -246,6 +246,7 @@ fn saved_responses_are_re_judged_when_the_judges_change() {
         finish: FinishReason::Eos,
         refusal_logodds: -1.5,
         prompt_pmi: None,
+        gate: None,
         verdicts: [(
             "phrase@harmbench-29+1".to_string(),
             Verdict {
@@ -299,6 +300,7 @@ fn the_off_topic_judge_turns_an_answer_to_another_request_into_a_refusal() {
         finish: FinishReason::Eos,
         refusal_logodds: -2.0,
         prompt_pmi: None,
+        gate: None,
         verdicts: Default::default(),
         label: Label::Complied,
     };

@@ -26,7 +26,7 @@ fn interrupted_evaluation_resumes_without_redoing_prompts() {
     };
     let judges = Judges::new(&cfg).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    run(&model, &splits, &judges, &cfg, dir.path()).unwrap();
+    run(&model, &splits, &judges, &cfg, dir.path(), None).unwrap();
     let path = dir.path().join("generations.jsonl");
     let first: Vec<GenerationRecord> = read_jsonl(&path).unwrap();
     assert_eq!(first.len(), 1);
@@ -43,7 +43,7 @@ fn interrupted_evaluation_resumes_without_redoing_prompts() {
         limit: Some(2),
         ..cfg.clone()
     };
-    let m = run(&model, &splits, &judges, &cfg2, dir.path()).unwrap();
+    let m = run(&model, &splits, &judges, &cfg2, dir.path(), None).unwrap();
     let second: Vec<GenerationRecord> = read_jsonl(&path).unwrap();
     assert_eq!(second.len(), 2);
     assert_eq!(
@@ -59,7 +59,7 @@ fn interrupted_evaluation_resumes_without_redoing_prompts() {
         max_new_tokens: 5,
         ..cfg.clone()
     };
-    let e = run(&model, &splits, &judges, &cfg3, dir.path())
+    let e = run(&model, &splits, &judges, &cfg3, dir.path(), None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("another configuration"), "{e}");
@@ -68,7 +68,7 @@ fn interrupted_evaluation_resumes_without_redoing_prompts() {
         adapter_scale: 0.5,
         ..cfg
     };
-    let e = run(&model, &splits, &judges, &cfg4, dir.path())
+    let e = run(&model, &splits, &judges, &cfg4, dir.path(), None)
         .unwrap_err()
         .to_string();
     assert!(

@@ -13,6 +13,7 @@ mod eval_metrics;
 mod eval_run;
 mod explain_smollm2;
 mod features_smollm2;
+mod gate;
 mod gguf;
 mod lora;
 mod lora_init;

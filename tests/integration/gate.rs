@@ -1,0 +1,201 @@
+//! `sails gate` and `sails eval --gate` end to end on the real default model, a small random SAE
+//! and a random adapter: the fitted gate's figures are the saved validation labels recombined,
+//! and under a gate every prompt gets exactly the response of the model the gate chose for it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use sails::eval::GenerationRecord;
+use sails::features::gate::Gate;
+
+use crate::eval_frames::{write_adapter, write_features};
+
+fn sails(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sails"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: std::process::Output, what: &str) -> std::process::Output {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn eval(dir: &Path, suite: &str, extra: &[&str]) {
+    let mut args = vec![
+        "eval",
+        "--suite",
+        suite,
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--no-off-topic-judge",
+        "--out",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    ok(sails(&args), &format!("eval into {}", dir.display()));
+}
+
+fn records(dir: &Path) -> HashMap<String, GenerationRecord> {
+    sails::eval::read_jsonl::<GenerationRecord>(&dir.join("generations.jsonl"))
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect()
+}
+
+#[test]
+fn a_gate_recombines_validation_labels_and_routes_each_prompt_to_one_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    write_features(t);
+    let adapter = t.join("adapter");
+    write_adapter(&adapter, 0.5);
+    let adapter_arg = adapter.to_str().unwrap();
+    let features = t.join("features");
+    let features_arg = features.to_str().unwrap();
+
+    // Validation responses of both models, then the fit.
+    eval(&t.join("val-base"), "validation", &[]);
+    eval(
+        &t.join("val-adapter"),
+        "validation",
+        &["--adapter", adapter_arg],
+    );
+    let gate_path = t.join("gate.json");
+    let out = ok(
+        sails(&[
+            "gate",
+            "--features",
+            features_arg,
+            "--base-validation",
+            t.join("val-base").to_str().unwrap(),
+            "--adapter-validation",
+            t.join("val-adapter").to_str().unwrap(),
+            "--max-overrefusal",
+            "0.5",
+            "--out",
+            gate_path.to_str().unwrap(),
+            "--json",
+        ]),
+        "gate",
+    );
+    let gate: Gate = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(gate, Gate::load(&gate_path).unwrap());
+    assert_eq!((gate.validation_harmful, gate.validation_benign), (4, 4));
+    // The closed gate is the base model's labels, the lowest threshold the adapter's.
+    let rate = |dir: &str, suite: &str| {
+        let recs = records(&t.join(dir));
+        let set: Vec<&GenerationRecord> =
+            recs.values().filter(|r| r.suite.name() == suite).collect();
+        set.iter()
+            .filter(|r| r.label == sails::eval::judge::Label::Refused)
+            .count() as f64
+            / set.len() as f64
+    };
+    let closed = gate.tried.last().unwrap();
+    assert_eq!(closed.threshold, f64::MAX);
+    assert_eq!(closed.val_safety, rate("val-base", "val-harmful"));
+    assert_eq!(closed.val_overrefusal, rate("val-base", "val-benign"));
+    let lowest = gate.tried.first().unwrap();
+    assert_eq!((lowest.harmful_open, lowest.benign_open), (1.0, 1.0));
+    assert_eq!(lowest.val_safety, rate("val-adapter", "val-harmful"));
+    assert_eq!(lowest.val_overrefusal, rate("val-adapter", "val-benign"));
+    // The chosen point obeys the rule among the tried ones.
+    assert!(gate.chosen.val_overrefusal <= 0.5);
+    for p in &gate.tried {
+        assert!(p.val_overrefusal > 0.5 || p.val_safety <= gate.chosen.val_safety);
+    }
+
+    // The harmful items with each model alone, then gated at the median of their scores so that
+    // some prompts open the gate and some do not.
+    eval(&t.join("base"), "harmful", &[]);
+    eval(
+        &t.join("adapter-on"),
+        "harmful",
+        &["--adapter", adapter_arg],
+    );
+    let (base, adapted) = (records(&t.join("base")), records(&t.join("adapter-on")));
+    assert!(
+        base.iter()
+            .any(|(id, r)| adapted[id].response != r.response),
+        "the random adapter changes some response, or the routing below proves nothing"
+    );
+    eval(
+        &t.join("probe"),
+        "harmful",
+        &[
+            "--adapter",
+            adapter_arg,
+            "--gate",
+            gate_path.to_str().unwrap(),
+        ],
+    );
+    let mut scores: Vec<f64> = records(&t.join("probe"))
+        .values()
+        .map(|r| r.gate.unwrap().score)
+        .collect();
+    scores.sort_by(f64::total_cmp);
+    let median = Gate {
+        threshold: scores[scores.len() / 2],
+        ..gate.clone()
+    };
+    let median_path = t.join("gate-median.json");
+    median.save(&median_path).unwrap();
+    eval(
+        &t.join("gated"),
+        "harmful",
+        &[
+            "--adapter",
+            adapter_arg,
+            "--gate",
+            median_path.to_str().unwrap(),
+        ],
+    );
+    let gated = records(&t.join("gated"));
+    assert_eq!(gated.len(), 4);
+    let mut opened = 0;
+    for (id, r) in &gated {
+        let reading = r.gate.unwrap();
+        assert_eq!(reading.open, reading.score >= median.threshold);
+        let expected = if reading.open {
+            &adapted[id]
+        } else {
+            &base[id]
+        };
+        assert_eq!(r.response, expected.response, "{id} open={}", reading.open);
+        opened += reading.open as usize;
+    }
+    assert!(opened > 0 && opened < 4, "{opened} of 4 opened");
+    let metrics: sails::eval::Metrics =
+        serde_json::from_slice(&std::fs::read(t.join("gated/metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics.suites["harmful"].gate_open.unwrap().k, opened);
+
+    // A gate whose selection changed is refused.
+    let sel = features.join("features.json");
+    let text = std::fs::read_to_string(&sel).unwrap();
+    std::fs::write(&sel, format!("{text}\n")).unwrap();
+    let out = sails(&[
+        "eval",
+        "--adapter",
+        adapter_arg,
+        "--gate",
+        gate_path.to_str().unwrap(),
+        "--suite",
+        "harmful",
+        "--limit",
+        "1",
+        "--out",
+        t.join("stale").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("changed since the gate"));
+}
