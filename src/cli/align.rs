@@ -95,6 +95,23 @@ pub struct AlignConfig {
     /// The adapter scale chosen on the validation suites (none: scale 1).
     #[serde(default, skip_serializing_if = "SelectPlan::is_off")]
     pub select: SelectPlan,
+    /// A gate on the safety features that switches the adapter on per prompt (none: always on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GatePlan>,
+}
+
+/// The adapter's gate (`sails gate`): the base model's reading of each prompt on the kept safety
+/// features switches the adapter on or leaves the base model answering. Its threshold is fitted
+/// on the validation suites, where the base and the aligned model's saved responses give the
+/// gated model's figures at every threshold; the rule is the one `select` uses: the highest
+/// validation safety with validation over-refusal at most `max_overrefusal`. Recorded in
+/// `gate/gate.json`; `eval-aligned` then evaluates the gated model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatePlan {
+    /// `features` (the kept features' shift) or `direct` (the direct-identification direction).
+    pub score: String,
+    pub max_overrefusal: f64,
 }
 
 /// Model selection on the validation suites (training-side prompts held out of training, never
@@ -221,6 +238,12 @@ impl AlignConfig {
                     },
                     explain_contexts: 3,
                     select: SelectPlan::default(),
+                    // Without it the quick adapter refuses two thirds of XSTest's safe questions
+                    // (EVALUATION.md, "A gate on the safety features").
+                    gate: Some(GatePlan {
+                        score: "features".into(),
+                        max_overrefusal: 0.2,
+                    }),
                 }
             }
             PresetArg::Default => AlignConfig {
@@ -250,6 +273,7 @@ impl AlignConfig {
                 },
                 explain_contexts: 5,
                 select: SelectPlan::default(),
+                gate: None,
             },
             PresetArg::Gemma2_9b => AlignConfig {
                 preset,
@@ -268,6 +292,7 @@ impl AlignConfig {
                 },
                 explain_contexts: 5,
                 select: SelectPlan::default(),
+                gate: None,
             },
         }
     }
@@ -300,10 +325,14 @@ pub struct AlignArgs {
     /// Redo every stage, ignoring what the manifest says is up to date.
     #[arg(long)]
     pub force: bool,
-    /// Stop after this stage (sae, features, subspace, data, train, select, eval-base,
+    /// Stop after this stage (sae, features, subspace, data, train, select, gate, eval-base,
     /// eval-aligned, explain, report).
     #[arg(long, value_name = "STAGE")]
     pub until: Option<String>,
+    /// Leave the adapter on for every prompt: no gate on the safety features, even where the
+    /// preset has one (the quick preset does; `[gate]` in --config sets one up elsewhere).
+    #[arg(long)]
+    pub no_gate: bool,
     /// Print the manifest on stdout at the end.
     #[arg(long)]
     pub json: bool,
@@ -347,6 +376,21 @@ impl AlignArgs {
             cfg.sae = SaePlan::Load {
                 paths: self.sae.clone(),
             };
+        }
+        if self.no_gate {
+            cfg.gate = None;
+        }
+        if let Some(plan) = &cfg.gate {
+            if !["features", "direct"].contains(&plan.score.as_str())
+                || !(0.0..=1.0).contains(&plan.max_overrefusal)
+            {
+                bail!(
+                    "[gate]: score must be \"features\" or \"direct\" and max_overrefusal a rate \
+                     in [0, 1] (got {:?}, {})",
+                    plan.score,
+                    plan.max_overrefusal
+                );
+            }
         }
         if cfg.preset == PresetArg::Gemma2_9b
             && matches!(&cfg.sae, SaePlan::Load { paths } if paths.is_empty())
@@ -556,6 +600,7 @@ pub const STAGES: &[&str] = &[
     "data",
     "train",
     "select",
+    "gate",
     "eval-base",
     "eval-aligned",
     "explain",
@@ -913,7 +958,75 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         Some(c.chosen)
     };
 
-    // 7–8. evaluation of the base and the aligned model (at the chosen scale)
+    // 7. the adapter's gate on the safety features, fitted on the validation suites
+    let gate_path = run.path("gate/gate.json");
+    if let Some(plan) = &cfg.gate {
+        let mut inputs = vec![
+            model_path.clone(),
+            run.path("train/adapter"),
+            run.path("features"),
+        ];
+        if chosen_scale.is_some() {
+            inputs.push(choice_path.clone());
+        }
+        runner.stage(
+            StagePlan {
+                name: "gate",
+                inputs,
+                config: serde_json::json!({ "gate": plan, "eval": e }),
+                outputs: vec![PathBuf::from("gate/gate.json")],
+            },
+            |fresh| {
+                if fresh {
+                    remove_dir(&run.path("gate"))?;
+                }
+                let unlimited = EvalPlan {
+                    limit: None,
+                    ..e.clone()
+                };
+                for (name, adapter) in [("val-base", None), ("val-aligned", Some("train/adapter"))]
+                {
+                    let mut a = eval_args(
+                        &cfg.model,
+                        &run.path(&format!("gate/{name}")),
+                        &unlimited,
+                        "validation",
+                        adapter.map(|ad| run.path(ad)),
+                    );
+                    if let Some(scale) = adapter.and(chosen_scale) {
+                        a.extend([s("--adapter-scale"), s(scale)]);
+                    }
+                    sails(&run, &format!("gate-{name}"), &a)?;
+                }
+                sails(
+                    &run,
+                    "gate",
+                    &[
+                        s("gate"),
+                        s("--model"),
+                        cfg.model.clone(),
+                        s("--features"),
+                        s(run.path("features").display()),
+                        s("--base-validation"),
+                        s(run.path("gate/val-base").display()),
+                        s("--adapter-validation"),
+                        s(run.path("gate/val-aligned").display()),
+                        s("--score"),
+                        plan.score.clone(),
+                        s("--max-overrefusal"),
+                        s(plan.max_overrefusal),
+                        s("--out"),
+                        s(gate_path.display()),
+                    ],
+                )
+            },
+        )?;
+    }
+    if until("gate") {
+        return finish(runner, &args, total);
+    }
+
+    // 8–9. evaluation of the base and the aligned model (at the chosen scale, behind the gate)
     for (stage, adapter) in [("eval-base", None), ("eval-aligned", Some("train/adapter"))] {
         let mut inputs = vec![model_path.clone()];
         if let Some(a) = adapter {
@@ -922,6 +1035,10 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         let scale = adapter.and(chosen_scale);
         if scale.is_some() {
             inputs.push(choice_path.clone());
+        }
+        let gated = adapter.is_some() && cfg.gate.is_some();
+        if gated {
+            inputs.push(gate_path.clone());
         }
         runner.stage(
             StagePlan {
@@ -944,6 +1061,9 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
                 if let Some(scale) = scale {
                     a.extend([s("--adapter-scale"), s(scale)]);
                 }
+                if gated {
+                    a.extend([s("--gate"), s(gate_path.display())]);
+                }
                 sails(&run, stage, &a)
             },
         )?;
@@ -952,7 +1072,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    // 9. explanations
+    // 10. explanations
     runner.stage(
         StagePlan {
             name: "explain",
@@ -991,7 +1111,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         return finish(runner, &args, total);
     }
 
-    // 10. report
+    // 11. report
     runner.stage(
         StagePlan {
             name: "report",
@@ -1137,6 +1257,21 @@ mod tests {
             cfg.train.lr_peak,
             AlignConfig::preset(PresetArg::Quick).train.lr_peak
         );
+        assert!(cfg.gate.is_some(), "the quick preset gates its adapter");
+        let a = A::try_parse_from(["x", "--config", file.to_str().unwrap(), "--no-gate"])
+            .unwrap()
+            .a;
+        assert_eq!(a.resolve().unwrap().gate, None);
+        std::fs::write(
+            &file,
+            "[gate]\nscore = \"feature\"\nmax_overrefusal = 0.2\n",
+        )
+        .unwrap();
+        let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
+            .unwrap()
+            .a;
+        let e = a.resolve().unwrap_err().to_string();
+        assert!(e.contains("[gate]"), "{e}");
         std::fs::write(&file, "[train]\nmax_stepz = 7\n").unwrap();
         let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
             .unwrap()
