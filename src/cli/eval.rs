@@ -14,11 +14,9 @@ use sails::eval::judge::{
 use sails::eval::labels::{load_all, LabelSource, LABEL_ASSETS};
 use sails::eval::probe::{self, HeldOut, Pooling, ProbeConfig, ProbeJudges, ProbeTarget};
 use sails::eval::score::score_jsonl;
-use sails::eval::{compare, EvalConfig, Gated, Judges, Metrics};
-use sails::features::PromptScorer;
+use sails::eval::{compare, EvalConfig, Judges, Metrics};
 use sha2::Digest;
 
-use super::features::load_feature_reader;
 use super::model_args::ModelArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -317,22 +315,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let splits = Splits::load().context("loading the evaluation data sets")?;
     let judges = Judges::new(&cfg).context("setting up the judges")?;
     let model = args.model.load_with_adapter_scale(cfg.adapter_scale)?;
-    let gate_parts = match &args.gate {
-        Some(path) => {
-            let gate = super::gate::load_gate(path)?;
-            let (selection, residuals, saes) =
-                load_feature_reader(std::path::Path::new(&gate.features_dir), &[])?;
-            let scorer = PromptScorer::new(&selection, &saes, &residuals)
-                .context("reading the gate's features")?;
-            let mut base_args = args.model.clone();
-            base_args.adapter = None;
-            Some((gate, scorer, base_args.load()?))
-        }
+    let gate = match &args.gate {
+        Some(path) => Some(super::gate::LoadedGate::load(path, &args.model)?),
         None => None,
     };
-    let gated = gate_parts
-        .as_ref()
-        .map(|(gate, scorer, base)| Gated { gate, scorer, base });
+    let gated = gate.as_ref().map(super::gate::LoadedGate::as_gated);
     let metrics = sails::eval::run(&model, &splits, &judges, &cfg, &args.out, gated.as_ref())
         .with_context(|| format!("evaluating into {}", args.out.display()))?;
     if args.json {

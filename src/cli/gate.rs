@@ -85,6 +85,38 @@ pub fn load_gate(path: &Path) -> anyhow::Result<Gate> {
     Ok(gate)
 }
 
+/// A gate with what reads prompts for it: its features and the base model.
+pub struct LoadedGate {
+    pub gate: Gate,
+    pub scorer: PromptScorer,
+    pub base: sails::model::load::ChatModel,
+}
+
+impl LoadedGate {
+    /// The gate at `path`, its features' reader and `model` without its adapter.
+    pub fn load(path: &Path, model: &ModelArgs) -> anyhow::Result<Self> {
+        let gate = load_gate(path)?;
+        let (selection, residuals, saes) = load_feature_reader(Path::new(&gate.features_dir), &[])?;
+        let scorer = PromptScorer::new(&selection, &saes, &residuals)
+            .context("reading the gate's features")?;
+        let mut base_args = model.clone();
+        base_args.adapter = None;
+        Ok(Self {
+            gate,
+            scorer,
+            base: base_args.load()?,
+        })
+    }
+
+    pub fn as_gated(&self) -> sails::eval::Gated<'_> {
+        sails::eval::Gated {
+            gate: &self.gate,
+            scorer: &self.scorer,
+            base: &self.base,
+        }
+    }
+}
+
 /// The validation responses of one evaluation folder, by prompt id.
 fn validation_labels(dir: &Path) -> anyhow::Result<HashMap<String, GenerationRecord>> {
     let path = dir.join("generations.jsonl");

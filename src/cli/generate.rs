@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use sails::eval::GateReading;
 use sails::model::chat::Message;
-use sails::model::generate::{generate, FinishReason, GenerationConfig, Sampling};
+use sails::model::generate::{generate, FinishReason, Generation, GenerationConfig, Sampling};
 use sails::model::load::ChatModel;
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +81,11 @@ pub struct GenerateArgs {
     /// Prompts decoded together in one batch (left-padded).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Switch the adapter on per prompt with a gate written by `sails gate` (as `sails eval
+    /// --gate`): the base model reads each conversation's last user message on the gate's safety
+    /// features; at or above the threshold the adapted model answers, else the base model.
+    #[arg(long, value_name = "FILE", requires = "adapter")]
+    pub gate: Option<PathBuf>,
     /// Print one JSON object per prompt (JSONL) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -103,6 +109,9 @@ pub struct GenerationRecord {
     pub prompt_tokens: usize,
     pub new_tokens: usize,
     pub finish: FinishReason,
+    /// Under --gate: the gate's score of the last user message and whether it opened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateReading>,
 }
 
 fn conversations(args: &GenerateArgs) -> anyhow::Result<Vec<Vec<Message>>> {
@@ -150,17 +159,57 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let convs = conversations(&args)?;
     let cfg = args.sampling.config()?;
     let model = args.model.load()?;
+    let gate = match &args.gate {
+        Some(path) => Some(super::gate::LoadedGate::load(path, &args.model)?),
+        None => None,
+    };
     let start = Instant::now();
     let mut new_tokens = 0;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for (chunk_index, chunk) in convs.chunks(args.batch_size.max(1)).enumerate() {
-        let ids = chunk
-            .iter()
-            .map(|c| model.encode_chat(c))
-            .collect::<Result<Vec<_>, _>>()?;
-        let gens = generate(&model.decoder, &model.tokenizer, &ids, &cfg, |_, _| {})?;
-        for (i, (conv, g)) in chunk.iter().zip(gens).enumerate() {
+        // Under a gate each conversation goes to the model the gate picks for it.
+        let readings: Vec<Option<GateReading>> = match &gate {
+            Some(g) => {
+                let last_user: Vec<String> =
+                    chunk.iter().map(|c| last_user(c).to_owned()).collect();
+                g.as_gated()
+                    .read(&last_user, args.batch_size.max(1))?
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            }
+            None => vec![None; chunk.len()],
+        };
+        let mut gens: Vec<Option<Generation>> = (0..chunk.len()).map(|_| None).collect();
+        for open in [true, false] {
+            let rows: Vec<usize> = (0..chunk.len())
+                .filter(|&i| readings[i].is_none_or(|r| r.open) == open)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let answering = match (&gate, open) {
+                (Some(g), false) => &g.base,
+                _ => &model,
+            };
+            let ids = rows
+                .iter()
+                .map(|&i| answering.encode_chat(&chunk[i]))
+                .collect::<Result<Vec<_>, _>>()?;
+            let made = generate(
+                &answering.decoder,
+                &answering.tokenizer,
+                &ids,
+                &cfg,
+                |_, _| {},
+            )?;
+            for (&i, g) in rows.iter().zip(made) {
+                gens[i] = Some(g);
+            }
+        }
+        for (i, ((conv, g), reading)) in chunk.iter().zip(gens).zip(&readings).enumerate() {
+            let g = g.context("a conversation got no response")?;
             let index = chunk_index * args.batch_size.max(1) + i;
             new_tokens += g.ids.len();
             if args.json {
@@ -171,15 +220,11 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
                     prompt_tokens: g.prompt_tokens,
                     new_tokens: g.ids.len(),
                     finish: g.finish,
+                    gate: *reading,
                 };
                 writeln!(out, "{}", serde_json::to_string(&rec)?)?;
             } else {
-                let user = conv
-                    .iter()
-                    .rev()
-                    .find(|m| m.role == "user")
-                    .map_or("", |m| m.content.as_str());
-                writeln!(out, "### {user}\n{}\n", g.text.trim_end())?;
+                writeln!(out, "### {}\n{}\n", last_user(conv), g.text.trim_end())?;
             }
         }
     }
@@ -190,6 +235,14 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         new_tokens as f64 / secs
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The conversation's last user message (empty without one).
+fn last_user(conv: &[Message]) -> &str {
+    conv.iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map_or("", |m| m.content.as_str())
 }
 
 /// Chat with the model in the terminal; the conversation is kept until /reset.

@@ -176,6 +176,25 @@ pub struct Gated<'a> {
     pub base: &'a ChatModel,
 }
 
+impl Gated<'_> {
+    /// The gate's reading of each prompt (a user message), read by the base model.
+    pub fn read(&self, prompts: &[String], batch_size: usize) -> Result<Vec<GateReading>> {
+        let layers = self
+            .scorer
+            .score(self.base, prompts, batch_size, &mut |_| {})?;
+        Ok(layers
+            .iter()
+            .map(|l| {
+                let score = self.gate.score.value(l);
+                GateReading {
+                    score,
+                    open: self.gate.opens(score),
+                }
+            })
+            .collect())
+    }
+}
+
 /// One line of `generations.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -747,16 +766,9 @@ pub fn run(
         None => groups.push((model, pending)),
         Some(g) => {
             let texts: Vec<String> = pending.iter().map(|(_, r)| r.text.clone()).collect();
-            let layers = g
-                .scorer
-                .score(g.base, &texts, cfg.batch_size, &mut |_| {})?;
+            let read = g.read(&texts, cfg.batch_size)?;
             let (mut open, mut closed) = (Vec::new(), Vec::new());
-            for (item, l) in pending.into_iter().zip(layers) {
-                let score = g.gate.score.value(&l);
-                let reading = GateReading {
-                    score,
-                    open: g.gate.opens(score),
-                };
+            for (item, reading) in pending.into_iter().zip(read) {
                 readings.insert(item.1.id.clone(), reading);
                 if reading.open {
                     open.push(item);

@@ -179,6 +179,41 @@ fn a_gate_recombines_validation_labels_and_routes_each_prompt_to_one_model() {
         serde_json::from_slice(&std::fs::read(t.join("gated/metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics.suites["harmful"].gate_open.unwrap().k, opened);
 
+    // `sails generate --gate` routes the same way (greedy, as the evaluation generates). Eval
+    // responses are whitespace-trimmed by neither, so they compare as they are.
+    let prompts: Vec<&GenerationRecord> = gated.values().collect();
+    let mut args = vec![
+        "generate".to_string(),
+        "--adapter".into(),
+        adapter_arg.into(),
+        "--gate".into(),
+        median_path.display().to_string(),
+        "--max-new-tokens".into(),
+        "4".into(),
+        "--json".into(),
+    ];
+    for r in &prompts {
+        args.extend(["--prompt".to_string(), r.prompt.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok(sails(&args), "generate --gate");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), prompts.len());
+    for (line, r) in lines.iter().zip(&prompts) {
+        let open = line["gate"]["open"].as_bool().unwrap();
+        assert_eq!(open, r.gate.unwrap().open, "{}", r.id);
+        let expected = if open { &adapted[&r.id] } else { &base[&r.id] };
+        assert_eq!(
+            line["response"].as_str().unwrap(),
+            expected.response,
+            "{}",
+            r.id
+        );
+    }
+
     // A gate whose selection changed is refused.
     let sel = features.join("features.json");
     let text = std::fs::read_to_string(&sel).unwrap();
