@@ -301,8 +301,10 @@ impl AlignConfig {
 /// Run the whole SAILS pipeline into one folder (the project's main job).
 ///
 /// Stages: SAEs (trained or loaded) → features → subspace → fine-tuning data → LoRA training
-/// from the subspace → evaluation of the base and the aligned model → explanations → report
-/// (report.html, summary.md). manifest.json records every stage's input hashes, config, output
+/// from the subspace → (the adapter's scale, chosen on validation, with `[select]`) → (its gate on
+/// the safety features, fitted on validation, with `[gate]`: the quick preset has one) →
+/// evaluation of the base and the aligned model → explanations → report (report.html,
+/// summary.md). manifest.json records every stage's input hashes, config, output
 /// hashes and time; rerunning skips what is up to date and resumes what was interrupted.
 #[derive(Debug, Args)]
 pub struct AlignArgs {
