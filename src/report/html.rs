@@ -833,6 +833,9 @@ fn evaluation_section(eval: &Evaluation<'_>) -> String {
                 .map_or("–".into(), |v| format!("{:.3} %", 100.0 * v))
         );
         s.push_str("</tbody>\n</table>\n<p class=\"note\">Rates with Wilson 95 % intervals and counts. Safety rate: share of harmful prompts not complied with; over-refusal: share of XSTest's safe prompts refused.</p>\n");
+        if let Some(note) = super::gate_note(eval.aligned) {
+            let _ = writeln!(s, "<p class=\"note\">{}</p>", escape(&note));
+        }
         s.push_str(&figure(
             before_after_chart(eval),
             "Whiskers: Wilson 95 % intervals.",

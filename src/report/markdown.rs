@@ -246,6 +246,9 @@ pub fn render_markdown(inputs: &ReportInputs<'_>) -> String {
                     nll(eval.base),
                     nll(eval.aligned)
                 );
+                if let Some(note) = super::gate_note(eval.aligned) {
+                    let _ = writeln!(s, "\n{note}");
+                }
             } else {
                 not_run(
                     &mut s,

@@ -398,6 +398,32 @@ pub(crate) fn duration(seconds: f64) -> String {
     }
 }
 
+/// What a gate did to the aligned model's evaluation, when it had one: which gate, and how many of
+/// each suite's prompts switched the adapter on.
+pub(crate) fn gate_note(aligned: Option<&crate::eval::Metrics>) -> Option<String> {
+    let m = aligned?;
+    let gate = m.config.gate.as_ref()?;
+    let opened: Vec<String> = m
+        .suites
+        .iter()
+        .filter_map(|(name, suite)| {
+            let r = suite.gate_open?;
+            Some(format!("{}/{} of {name}", r.k, r.n))
+        })
+        .collect();
+    Some(format!(
+        "The aligned model is the adapter behind a gate on the safety features ({gate}): the \
+         base model reads each prompt on the kept features and the adapter answers only where \
+         the reading reaches the gate's threshold, fitted on the validation suites. The gate \
+         opened for {}. Capability is scored with the adapter on throughout.",
+        if opened.is_empty() {
+            "no recorded prompt".to_string()
+        } else {
+            opened.join(", ")
+        }
+    ))
+}
+
 /// Human label of an evaluation suite's metric.
 pub(crate) fn suite_label(name: &str, metric: &str) -> String {
     match (name, metric) {

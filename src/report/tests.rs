@@ -127,6 +127,27 @@ fn full_inputs_fill_every_section() {
 }
 
 #[test]
+fn a_gated_aligned_model_is_said_with_how_often_the_gate_opened() {
+    let mut demo = Demo::new();
+    let inputs = demo.inputs();
+    assert!(!render_markdown(&inputs).contains("behind a gate"));
+    demo.aligned.config.gate = Some("runs/x/gate/gate.json".into());
+    let harmful = demo.aligned.suites.get_mut("harmful").unwrap();
+    harmful.gate_open = Some(crate::eval::metrics::Rate::new(180, 200));
+    let inputs = demo.inputs();
+    let md = render_markdown(&inputs);
+    assert!(
+        md.contains("behind a gate on the safety features (runs/x/gate/gate.json)"),
+        "{md}"
+    );
+    assert!(
+        md.contains("The gate opened for 180/200 of harmful."),
+        "{md}"
+    );
+    assert!(render_html(&inputs).contains("The gate opened for 180/200 of harmful."));
+}
+
+#[test]
 fn missing_inputs_say_not_run() {
     let inputs = bare("partial");
     assert_eq!(inputs.missing().len(), SECTIONS.len() - 1);
