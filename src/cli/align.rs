@@ -1041,6 +1041,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         let gated = adapter.is_some() && cfg.gate.is_some();
         if gated {
             inputs.push(gate_path.clone());
+            inputs.push(run.path("eval-base/metrics.json"));
         }
         runner.stage(
             StagePlan {
@@ -1064,7 +1065,13 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
                     a.extend([s("--adapter-scale"), s(scale)]);
                 }
                 if gated {
-                    a.extend([s("--gate"), s(gate_path.display())]);
+                    // Prompts the gate leaves closed take the base model's saved responses.
+                    a.extend([
+                        s("--gate"),
+                        s(gate_path.display()),
+                        s("--gate-base-responses"),
+                        s(run.path("eval-base").display()),
+                    ]);
                 }
                 sails(&run, stage, &a)
             },

@@ -144,6 +144,11 @@ pub struct EvalArgs {
     /// score and decision, each suite the share of prompts that opened it.
     #[arg(long, value_name = "FILE", requires = "adapter")]
     pub gate: Option<PathBuf>,
+    /// With --gate: a saved `sails eval` of the base model (same model, same --max-new-tokens)
+    /// whose responses the prompts the gate leaves closed take instead of being generated again
+    /// (greedy decoding gives the same tokens); they are judged by this run's judges.
+    #[arg(long, value_name = "DIR", requires = "gate")]
+    pub gate_base_responses: Option<PathBuf>,
     /// Print metrics.json on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -319,7 +324,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         Some(path) => Some(super::gate::LoadedGate::load(path, &args.model)?),
         None => None,
     };
-    let gated = gate.as_ref().map(super::gate::LoadedGate::as_gated);
+    let reuse = match &args.gate_base_responses {
+        Some(dir) => super::gate::base_responses(dir, &cfg.model, cfg.max_new_tokens)?,
+        None => Default::default(),
+    };
+    let gated = gate.as_ref().map(|g| g.as_gated(reuse));
     let metrics = sails::eval::run(&model, &splits, &judges, &cfg, &args.out, gated.as_ref())
         .with_context(|| format!("evaluating into {}", args.out.display()))?;
     if args.json {

@@ -108,13 +108,47 @@ impl LoadedGate {
         })
     }
 
-    pub fn as_gated(&self) -> sails::eval::Gated<'_> {
+    /// Without `base_responses`, every prompt the gate leaves closed is generated again.
+    pub fn as_gated(
+        &self,
+        base_responses: HashMap<String, GenerationRecord>,
+    ) -> sails::eval::Gated<'_> {
         sails::eval::Gated {
             gate: &self.gate,
             scorer: &self.scorer,
             base: &self.base,
+            base_responses,
         }
     }
+}
+
+/// The responses of a saved evaluation of the base model (`dir`, written by `sails eval`
+/// without an adapter), checked to come from `model` with `max_new_tokens`, for the prompts a
+/// gate leaves closed.
+pub fn base_responses(
+    dir: &Path,
+    model: &str,
+    max_new_tokens: usize,
+) -> anyhow::Result<HashMap<String, GenerationRecord>> {
+    let path = dir.join("eval-config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let cfg: sails::eval::EvalConfig =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if cfg.adapter.is_some() || cfg.model != model || cfg.max_new_tokens != max_new_tokens {
+        bail!(
+            "{} is not an evaluation of the base model {model} with {max_new_tokens} new tokens \
+             (it has model {}, adapter {:?}, {} new tokens)",
+            dir.display(),
+            cfg.model,
+            cfg.adapter,
+            cfg.max_new_tokens
+        );
+    }
+    let path = dir.join("generations.jsonl");
+    let records: Vec<GenerationRecord> =
+        read_jsonl(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(records.into_iter().map(|r| (r.id.clone(), r)).collect())
 }
 
 /// The validation responses of one evaluation folder, by prompt id.

@@ -173,7 +173,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
             Some(g) => {
                 let last_user: Vec<String> =
                     chunk.iter().map(|c| last_user(c).to_owned()).collect();
-                g.as_gated()
+                g.as_gated(Default::default())
                     .read(&last_user, args.batch_size.max(1))?
                     .into_iter()
                     .map(Some)

@@ -174,6 +174,10 @@ pub struct Gated<'a> {
     pub gate: &'a Gate,
     pub scorer: &'a PromptScorer,
     pub base: &'a ChatModel,
+    /// A saved evaluation of the base model with the same generation settings, by prompt id:
+    /// a prompt the gate leaves closed takes its response from here instead of generating it
+    /// again (greedy decoding gives the same tokens), judged by the current judges.
+    pub base_responses: HashMap<String, GenerationRecord>,
 }
 
 impl Gated<'_> {
@@ -757,6 +761,11 @@ pub fn run(
             }
         }
     }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&gen_path)
+        .map_err(io_err(&gen_path))?;
     let openings = opening_ids(model)?;
     // Which model answers each pending prompt: the adapted one, or under a gate the base model
     // where the gate stays closed.
@@ -767,16 +776,30 @@ pub fn run(
         Some(g) => {
             let texts: Vec<String> = pending.iter().map(|(_, r)| r.text.clone()).collect();
             let read = g.read(&texts, cfg.batch_size)?;
-            let (mut open, mut closed) = (Vec::new(), Vec::new());
+            let (mut open, mut closed, mut reused) = (Vec::new(), Vec::new(), Vec::new());
             for (item, reading) in pending.into_iter().zip(read) {
                 readings.insert(item.1.id.clone(), reading);
                 if reading.open {
                     open.push(item);
+                } else if let Some(saved) = g.base_responses.get(&item.1.id) {
+                    reused.push(GenerationRecord {
+                        gate: Some(reading),
+                        ..saved.clone()
+                    });
                 } else {
                     closed.push(item);
                 }
             }
-            tracing::info!(open = open.len(), closed = closed.len(), "gate read");
+            tracing::info!(
+                open = open.len(),
+                closed = closed.len() + reused.len(),
+                reused = reused.len(),
+                "gate read"
+            );
+            // Judged again by the current judges (the base evaluation may have run others).
+            rejudge(judges, &mut reused)?;
+            append_jsonl(&mut file, &gen_path, &reused)?;
+            done.extend(reused);
             groups.push((model, open));
             groups.push((g.base, closed));
         }
@@ -788,11 +811,6 @@ pub fn run(
         ignore_eos: false,
         share_prefix: true,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&gen_path)
-        .map_err(io_err(&gen_path))?;
     let start = Instant::now();
     let mut new_tokens = 0;
     let total: usize = groups.iter().map(|(_, items)| items.len()).sum();

@@ -175,6 +175,52 @@ fn a_gate_recombines_validation_labels_and_routes_each_prompt_to_one_model() {
         opened += reading.open as usize;
     }
     assert!(opened > 0 && opened < 4, "{opened} of 4 opened");
+    // Closed prompts may take the base evaluation's saved responses: the same records.
+    eval(
+        &t.join("gated-reuse"),
+        "harmful",
+        &[
+            "--adapter",
+            adapter_arg,
+            "--gate",
+            median_path.to_str().unwrap(),
+            "--gate-base-responses",
+            t.join("base").to_str().unwrap(),
+        ],
+    );
+    // (The refusal log-odds come from a prefill of another batch, so they agree to rounding.)
+    let reused = records(&t.join("gated-reuse"));
+    assert_eq!(reused.len(), gated.len());
+    for (id, r) in &reused {
+        let g = &gated[id];
+        assert_eq!(
+            (&r.response, r.label, r.gate, r.new_tokens),
+            (&g.response, g.label, g.gate, g.new_tokens),
+            "{id}"
+        );
+        assert!((r.refusal_logodds - g.refusal_logodds).abs() < 1e-4, "{id}");
+        if !r.gate.unwrap().open {
+            // Taken from the base evaluation, not generated again: its figures to the bit.
+            assert_eq!(r.refusal_logodds, base[id].refusal_logodds, "{id}");
+        }
+    }
+    let e = sails(&[
+        "eval",
+        "--adapter",
+        adapter_arg,
+        "--gate",
+        median_path.to_str().unwrap(),
+        "--gate-base-responses",
+        t.join("adapter-on").to_str().unwrap(),
+        "--suite",
+        "harmful",
+        "--limit",
+        "1",
+        "--out",
+        t.join("wrong-base").to_str().unwrap(),
+    ]);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("is not an evaluation of the base model"));
     let metrics: sails::eval::Metrics =
         serde_json::from_slice(&std::fs::read(t.join("gated/metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics.suites["harmful"].gate_open.unwrap().k, opened);
