@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use sails::data::sft::{HarmlessCount, HelpfulSource, SftConfig};
 use sails::data::Suite;
+use sails::features::gate::GateScore;
 use sails::features::{FeatureConfig, Pooling};
 use sails::manifest::{Freshness, RunManifest, StagePlan, StageTiming};
 use sails::model::Resid;
@@ -110,7 +111,7 @@ pub struct AlignConfig {
 #[serde(deny_unknown_fields)]
 pub struct GatePlan {
     /// `features` (the kept features' shift) or `direct` (the direct-identification direction).
-    pub score: String,
+    pub score: GateScore,
     pub max_overrefusal: f64,
 }
 
@@ -241,7 +242,7 @@ impl AlignConfig {
                     // Without it the quick adapter refuses two thirds of XSTest's safe questions
                     // (EVALUATION.md, "A gate on the safety features").
                     gate: Some(GatePlan {
-                        score: "features".into(),
+                        score: GateScore::Features,
                         max_overrefusal: 0.2,
                     }),
                 }
@@ -383,13 +384,9 @@ impl AlignArgs {
             cfg.gate = None;
         }
         if let Some(plan) = &cfg.gate {
-            if !["features", "direct"].contains(&plan.score.as_str())
-                || !(0.0..=1.0).contains(&plan.max_overrefusal)
-            {
+            if !(0.0..=1.0).contains(&plan.max_overrefusal) {
                 bail!(
-                    "[gate]: score must be \"features\" or \"direct\" and max_overrefusal a rate \
-                     in [0, 1] (got {:?}, {})",
-                    plan.score,
+                    "[gate]: max_overrefusal must be a rate in [0, 1] (got {})",
                     plan.max_overrefusal
                 );
             }
@@ -1014,7 +1011,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
                         s("--adapter-validation"),
                         s(run.path("gate/val-aligned").display()),
                         s("--score"),
-                        plan.score.clone(),
+                        s(plan.score.name()),
                         s("--max-overrefusal"),
                         s(plan.max_overrefusal),
                         s("--out"),
@@ -1276,6 +1273,12 @@ mod tests {
             "[gate]\nscore = \"feature\"\nmax_overrefusal = 0.2\n",
         )
         .unwrap();
+        let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
+            .unwrap()
+            .a;
+        let e = format!("{:#}", a.resolve().unwrap_err());
+        assert!(e.contains("feature"), "an unknown score is named: {e}");
+        std::fs::write(&file, "[gate]\nscore = \"direct\"\nmax_overrefusal = 1.5\n").unwrap();
         let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
             .unwrap()
             .a;

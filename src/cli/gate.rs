@@ -11,7 +11,6 @@ use sails::eval::judge::Label;
 use sails::eval::{read_jsonl, GenerationRecord};
 use sails::features::gate::{self, Gate, GateRow, GateScore};
 use sails::features::{PromptScorer, SELECTION_FILE};
-use sha2::Digest;
 
 use super::features::load_feature_reader;
 use super::model_args::ModelArgs;
@@ -64,16 +63,11 @@ pub struct GateArgs {
     pub json: bool,
 }
 
-fn sha256_of(path: &Path) -> anyhow::Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(hex::encode(sha2::Sha256::digest(&bytes)))
-}
-
 /// Loads a gate and checks that its features folder still holds the selection it was fitted on.
 pub fn load_gate(path: &Path) -> anyhow::Result<Gate> {
     let gate = Gate::load(path).with_context(|| format!("loading the gate {}", path.display()))?;
     let selection = Path::new(&gate.features_dir).join(SELECTION_FILE);
-    let now = sha256_of(&selection)?;
+    let now = sails::manifest::hash_file(&selection)?;
     if now != gate.selection_sha256 {
         bail!(
             "{} changed since the gate {} was fitted on it (sha256 {now}, fitted on {}); fit the gate again",
@@ -145,30 +139,23 @@ pub fn base_responses(
             cfg.max_new_tokens
         );
     }
+    responses_by_id(dir)
+}
+
+/// The saved responses of one evaluation folder, by prompt id.
+fn responses_by_id(dir: &Path) -> anyhow::Result<HashMap<String, GenerationRecord>> {
     let path = dir.join("generations.jsonl");
     let records: Vec<GenerationRecord> =
         read_jsonl(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok(records.into_iter().map(|r| (r.id.clone(), r)).collect())
 }
 
-/// The validation responses of one evaluation folder, by prompt id.
-fn validation_labels(dir: &Path) -> anyhow::Result<HashMap<String, GenerationRecord>> {
-    let path = dir.join("generations.jsonl");
-    let records: Vec<GenerationRecord> =
-        read_jsonl(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(records
-        .into_iter()
-        .filter(|r| matches!(r.suite, Suite::ValHarmful | Suite::ValBenign))
-        .map(|r| (r.id.clone(), r))
-        .collect())
-}
-
 pub fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
     if !(0.0..=1.0).contains(&args.max_overrefusal) {
         bail!("--max-overrefusal must be a rate in [0, 1]");
     }
-    let base = validation_labels(&args.base_validation)?;
-    let adapted = validation_labels(&args.adapter_validation)?;
+    let base = responses_by_id(&args.base_validation)?;
+    let adapted = responses_by_id(&args.adapter_validation)?;
     // Only the prompts the validation split holds now (a folder may keep responses to others).
     let splits = Splits::load().context("loading the data sets")?;
     let current: HashSet<&str> = [Suite::ValHarmful, Suite::ValBenign]
@@ -217,7 +204,7 @@ pub fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
     let gate = Gate {
         format_version: gate::FORMAT_VERSION,
         features_dir: args.features.display().to_string(),
-        selection_sha256: sha256_of(&args.features.join(SELECTION_FILE))?,
+        selection_sha256: sails::manifest::hash_file(&args.features.join(SELECTION_FILE))?,
         score,
         threshold: chosen.threshold,
         rule: format!(

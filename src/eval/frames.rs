@@ -45,7 +45,10 @@ use super::{Judges, Result};
 use crate::data::frames::{parse, Frame, Rule};
 use crate::data::{hash_unit, PromptRecord, Source, Suite};
 use crate::eval::judge::Label;
-use crate::features::{LayerInfo, LayerScore, PooledResiduals, PromptScorer, Selection};
+use crate::features::{
+    mean_direct, mean_feature_score, LayerInfo, LayerScore, PooledResiduals, PromptScorer,
+    Selection,
+};
 use crate::model::generate::{GenerationConfig, Sampling};
 use crate::model::load::ChatModel;
 use crate::sae::Sae;
@@ -487,7 +490,6 @@ pub fn run(
         })?;
         for ((_, r), layers) in records.iter().zip(per_prompt) {
             let key = key_of[&r.id];
-            let n = layers.len().max(1) as f64;
             let list = match key.set {
                 Set::Harmful => &drawn.behaviours,
                 Set::Control => &drawn.controls,
@@ -497,9 +499,9 @@ pub fn run(
                 set: key.set,
                 frame: key.frame,
                 variant,
-                feature_score: layers.iter().map(|l| l.feature_score).sum::<f64>() / n,
+                feature_score: mean_feature_score(&layers),
                 harm_activation: layers.iter().filter_map(|l| l.harm_activation).sum(),
-                direct: layers.iter().map(|l| l.direct).sum::<f64>() / n,
+                direct: mean_direct(&layers),
                 layers,
             });
         }

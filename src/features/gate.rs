@@ -39,10 +39,9 @@ impl GateScore {
     }
 
     pub fn value(self, layers: &[LayerScore]) -> f64 {
-        let n = layers.len().max(1) as f64;
         match self {
-            Self::Features => layers.iter().map(|l| l.feature_score).sum::<f64>() / n,
-            Self::Direct => layers.iter().map(|l| l.direct).sum::<f64>() / n,
+            Self::Features => super::mean_feature_score(layers),
+            Self::Direct => super::mean_direct(layers),
         }
     }
 }

@@ -22,7 +22,7 @@ use thiserror::Error;
 pub use collect::{
     collect, for_each_content_batch, prompt_tokens, ContentBatch, Pooled, Pooling, PromptTokens,
 };
-pub use prompt_score::{LayerInfo, LayerScore, PromptScorer};
+pub use prompt_score::{mean_direct, mean_feature_score, LayerInfo, LayerScore, PromptScorer};
 pub use score::{deltas, score, top_k, FeatureScore, PooledSet};
 
 use crate::model::load::ChatModel;

@@ -119,6 +119,16 @@ impl LayerProbe {
     }
 }
 
+/// A prompt's feature score over the selection's layers (their mean).
+pub fn mean_feature_score(layers: &[LayerScore]) -> f64 {
+    layers.iter().map(|l| l.feature_score).sum::<f64>() / layers.len().max(1) as f64
+}
+
+/// A prompt's direct-direction score over the selection's layers (their mean).
+pub fn mean_direct(layers: &[LayerScore]) -> f64 {
+    layers.iter().map(|l| l.direct).sum::<f64>() / layers.len().max(1) as f64
+}
+
 /// The selection's layers read from pooled prompts: one [`LayerScore`] per layer and prompt.
 pub struct PromptScorer {
     probes: Vec<LayerProbe>,
