@@ -103,9 +103,10 @@ pub struct FramesArgs {
     /// loaded, nothing is written).
     #[arg(long)]
     pub dry_run: bool,
-    /// Leave out the off-topic judge: the refusal phrases alone then decide what is refused.
-    #[arg(long)]
-    pub no_off_topic_judge: bool,
+    /// Leave out the learned judges (the refusal vote, the off-topic judge): the refusal phrases
+    /// alone then decide what is refused.
+    #[arg(long, alias = "no-off-topic-judge")]
+    pub no_learned_judges: bool,
     /// Print frames.json on stdout instead of the tables.
     #[arg(long)]
     pub json: bool,
@@ -203,7 +204,7 @@ pub fn run(args: FramesArgs) -> anyhow::Result<ExitCode> {
 
     let (selection, residuals, saes) = load_feature_reader(&features_dir, &args.sae)?;
     let judges = Judges::new(&EvalConfig {
-        off_topic_judge: !args.no_off_topic_judge,
+        learned_judges: !args.no_learned_judges,
         ..EvalConfig::default()
     })
     .context("setting up the judges")?;

@@ -241,6 +241,7 @@ pub fn phrase_verdicts(pairs: &[(&str, &str)]) -> Result<Vec<bool>> {
                 response,
                 refusal_logodds: None,
                 prompt_pmi: None,
+                refusal_probe: None,
             };
             Ok(phrase.judge(&input)?.label == Label::Refused)
         })
@@ -712,6 +713,9 @@ pub struct ProbeJudges {
     /// sha256 of each labelled data file, for provenance.
     pub data_sha256: BTreeMap<String, String>,
     pub probes: BTreeMap<ProbeTarget, Probe>,
+    /// The refusal probe on [`super::cues::cue_features`] (the vote's second member).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cues: Option<Probe>,
 }
 
 #[cfg(test)]

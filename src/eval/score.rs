@@ -1,9 +1,12 @@
 //! Judging responses from anywhere: a JSONL file of `{"prompt": …, "response": …}` lines (any
 //! other fields are kept) gets each judge's verdict per line, and the label the evaluation would
-//! count (degeneracy first, then the refusal judge and the off-topic judge), so responses of any model can be scored, and
-//! the judges checked against labels this project does not have.
+//! count (degeneracy first, then the refusal vote and the off-topic judge), so responses of any
+//! model can be scored, and the judges checked against labels this project does not have.
 
-use super::judge::{combined, Judge, JudgeInput, Label, OffTopicJudge, Verdict};
+use super::judge::{
+    combined, learned_verdicts, Judge, JudgeInput, Label, OffTopicJudge, Verdict, VoteJudge,
+};
+use super::LearnedInputs;
 use super::{EvalError, Result};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -20,16 +23,17 @@ pub struct ScoredLine {
     pub output: Map<String, Value>,
 }
 
-/// The off-topic judge and how to compute its input, the prompt-response mutual information of
-/// each `(prompt, response)` pair, in order.
-pub type OffTopic<'a> = (
+/// The learned judges (the refusal vote, the off-topic judge) and how to compute their inputs
+/// for `(prompt, response)` pairs, in order ([`super::JudgeModel::inputs`]).
+pub type Learned<'a> = (
+    &'a VoteJudge,
     &'a OffTopicJudge,
-    &'a dyn Fn(&[(&str, &str)]) -> Result<Vec<f64>>,
+    &'a dyn Fn(&[(&str, &str)]) -> Result<Vec<LearnedInputs>>,
 );
 
 /// Judges every non-blank line of `text` (read from `path`, named in errors). `degeneracy` and
-/// `refusal` decide the label, with `off_topic`'s verdict when given (a response answering
-/// another request counts as refused); `others` only add their verdicts. A line that is not a JSON object
+/// the learned judges decide the label when given (else `refusal`, the phrase list, does);
+/// `refusal` and `others` add their verdicts. A line that is not a JSON object
 /// with string `prompt` and `response` fields, or that already has a `verdicts` or `label` field,
 /// is an error naming the line; nothing is judged until every line has been read.
 pub fn score_jsonl(
@@ -37,7 +41,7 @@ pub fn score_jsonl(
     text: &str,
     degeneracy: &dyn Judge,
     refusal: &dyn Judge,
-    off_topic: Option<OffTopic<'_>>,
+    learned: Option<Learned<'_>>,
     others: &[&dyn Judge],
 ) -> Result<Vec<ScoredLine>> {
     let bad = |line: usize, message: String| EvalError::Parse {
@@ -70,8 +74,8 @@ pub fn score_jsonl(
         }
         objects.push((line, object));
     }
-    let pmi = match off_topic {
-        Some((_, compute)) => {
+    let inputs = match learned {
+        Some((_, _, compute)) => {
             let text_of = |o: &Map<String, Value>, f: &str| {
                 o.get(f).and_then(Value::as_str).unwrap_or("").to_owned()
             };
@@ -95,21 +99,27 @@ pub fn score_jsonl(
             response: text_of("response"),
             refusal_logodds: None,
             prompt_pmi: None,
+            refusal_probe: None,
         };
         let degenerate = degeneracy.judge(&input)?;
         let refused = refusal.judge(&input)?;
-        let off_topic_verdict = match off_topic {
-            Some((judge, _)) => Some(judge.judge(&JudgeInput {
-                prompt_pmi: pmi.get(out.len()).copied(),
-                ..input
-            })?),
-            None => None,
-        };
-        let label = combined(&degenerate, &refused, off_topic_verdict.as_ref());
         let mut verdicts = BTreeMap::new();
-        if let (Some((judge, _)), Some(v)) = (off_topic, off_topic_verdict) {
-            verdicts.insert(judge.name(), v);
-        }
+        let label = match learned {
+            Some((vote, off_topic, _)) => {
+                let l = inputs.get(out.len());
+                let input = JudgeInput {
+                    prompt_pmi: l.and_then(|l| l.prompt_pmi),
+                    refusal_probe: l.map(|l| l.refusal_probe),
+                    ..input
+                };
+                let (vote_verdict, either) = learned_verdicts(vote, off_topic, &input)?;
+                let label = combined(&degenerate, &vote_verdict, Some(&either));
+                verdicts.insert(format!("{}|{}", vote.name(), off_topic.name()), either);
+                verdicts.insert(vote.name(), vote_verdict);
+                label
+            }
+            None => combined(&degenerate, &refused, None),
+        };
         for judge in others {
             verdicts.insert(judge.name(), judge.judge(&input)?);
         }

@@ -36,7 +36,7 @@ fn eval(dir: &Path, suite: &str, extra: &[&str]) {
         "4",
         "--max-new-tokens",
         "4",
-        "--no-off-topic-judge",
+        "--no-learned-judges",
         "--out",
         dir.to_str().unwrap(),
     ];
