@@ -347,7 +347,7 @@ fn print_summary(m: &Metrics, out: &std::path::Path) {
         m.config.model,
         m.config.adapter.as_deref().unwrap_or("none"),
         m.config.adapter_scale,
-        m.judges.first().map_or("", String::as_str)
+        m.label
     );
     println!(
         "{:<15} {:<18} {:<34} {:>7} {:>7} {:>7}",

@@ -473,6 +473,9 @@ pub struct Metrics {
     pub config: EvalConfig,
     pub splits_membership_sha256: String,
     pub judges: Vec<String>,
+    /// The verdict the rates count (after degeneracy).
+    #[serde(default)]
+    pub label: String,
     /// Suite name → metrics (harmful, overrefusal, xstest-unsafe).
     pub suites: BTreeMap<String, SuiteMetrics>,
     pub capability: Option<CapabilityMetrics>,
@@ -977,7 +980,8 @@ pub fn run(
         format_version: 2,
         config: cfg.clone(),
         splits_membership_sha256: splits.manifest().membership_sha256,
-        judges: judges.all().iter().map(|j| j.name()).collect(),
+        judges: judges.names(),
+        label: judges.label_name(),
         suites,
         capability,
         throughput,

@@ -179,6 +179,7 @@ fn metrics(safety: f64, over_refusal: f64, facts: f64) -> Metrics {
         config: EvalConfig::default(),
         splits_membership_sha256: "0".repeat(64),
         judges: vec!["phrase".into(), "degeneracy".into()],
+        label: "phrase".into(),
         suites,
         capability: Some(CapabilityMetrics {
             facts_accuracy: Rate::new(k(facts, 318), 318),
