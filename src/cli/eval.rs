@@ -181,6 +181,38 @@ pub enum JudgeKind {
     Phrase,
     Degeneracy,
     Llm,
+    /// The label's learned judges as shipped: the refusal vote, then the off-topic judge. They
+    /// were fitted on these same responses, so these figures are in-sample; the held-out ones
+    /// are `sails judge train`'s leave-one-source-out report.
+    Learned,
+}
+
+/// The learned judges' label with their inputs computed beforehand for a known set of
+/// responses (the judge model runs once over all of them, not once per call).
+struct PrecomputedLearned {
+    vote: VoteJudge,
+    off_topic: OffTopicJudge,
+    inputs: std::collections::HashMap<(String, String), sails::eval::LearnedInputs>,
+}
+
+impl Judge for PrecomputedLearned {
+    fn name(&self) -> String {
+        format!("{}|{}", self.vote.name(), self.off_topic.name())
+    }
+
+    fn judge(
+        &self,
+        input: &sails::eval::judge::JudgeInput<'_>,
+    ) -> sails::eval::Result<sails::eval::judge::Verdict> {
+        let key = (input.prompt.to_owned(), input.response.to_owned());
+        let l = self.inputs.get(&key);
+        let input = sails::eval::judge::JudgeInput {
+            refusal_probe: l.map(|l| l.refusal_probe),
+            prompt_pmi: l.and_then(|l| l.prompt_pmi),
+            ..*input
+        };
+        Ok(sails::eval::judge::learned_verdicts(&self.vote, &self.off_topic, &input)?.1)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -786,6 +818,23 @@ fn run_calibrate(judge: JudgeKind, llm: LlmJudgeArgs, json: bool) -> anyhow::Res
                 .config()
                 .context("--judge llm needs --judge-url (an OpenAI-compatible endpoint)")?,
         }),
+        JudgeKind::Learned => {
+            let model = sails::eval::JudgeModel::load().context("loading the learned judges")?;
+            let pairs: Vec<(&str, &str)> = data
+                .iter()
+                .map(|d| (d.prompt.as_str(), d.response.as_str()))
+                .collect();
+            let inputs = model.inputs(&pairs)?;
+            Box::new(PrecomputedLearned {
+                inputs: data
+                    .iter()
+                    .map(|d| (d.prompt.clone(), d.response.clone()))
+                    .zip(inputs)
+                    .collect(),
+                vote: model.vote,
+                off_topic: model.off_topic,
+            })
+        }
     };
     let mut report = CalibrationReport {
         judge: judge.name(),
