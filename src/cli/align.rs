@@ -344,6 +344,13 @@ pub struct AlignArgs {
 /// Deep-merges `over` into `base` (tables merge key by key; anything else is replaced).
 fn merge(base: &mut toml::Value, over: toml::Value) {
     match (base, over) {
+        // A one-key table over a one-key table with another key is an enum changing variant
+        // (`harmless = { exactly = 300 }` over `{ per_harmful = 1.0 }`): replaced, not merged.
+        (toml::Value::Table(b), toml::Value::Table(o))
+            if b.len() == 1 && o.len() == 1 && o.keys().all(|k| !b.contains_key(k)) =>
+        {
+            *b = o;
+        }
         (toml::Value::Table(b), toml::Value::Table(o)) => {
             for (k, v) in o {
                 match b.get_mut(&k) {
@@ -1289,6 +1296,15 @@ mod tests {
             .unwrap()
             .a;
         assert!(a.resolve().is_err(), "unknown keys are errors");
+        // An enum's other variant replaces the preset's, where a merge would hold both.
+        std::fs::write(&file, "[data]\nharmless = { exactly = 303 }\n").unwrap();
+        let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
+            .unwrap()
+            .a;
+        assert_eq!(
+            a.resolve().unwrap().data.harmless,
+            HarmlessCount::Exactly(303)
+        );
     }
 
     #[test]
