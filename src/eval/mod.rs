@@ -665,22 +665,22 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
     // The learned judges' inputs the stale records lack, each in one pass of the judge model:
     // the residual probe, then the mutual information where the vote finds no refusal.
     if let Some(m) = &judges.learned {
-        let pairs_of = |rows: &[usize], records: &[GenerationRecord]| -> Vec<(String, String)> {
-            rows.iter()
-                .map(|&i| (records[i].prompt.clone(), records[i].response.clone()))
-                .collect()
+        // One judge-model value per listed record, computed over their (prompt, response) pairs.
+        type PerPair<'a> = &'a dyn Fn(&[(&str, &str)]) -> Result<Vec<f64>>;
+        let values_for = |rows: &[usize], records: &[GenerationRecord], f: PerPair| {
+            let pairs: Vec<(&str, &str)> = rows
+                .iter()
+                .map(|&i| (records[i].prompt.as_str(), records[i].response.as_str()))
+                .collect();
+            f(&pairs)
         };
         let no_probe: Vec<usize> = stale
             .iter()
             .copied()
             .filter(|&i| records[i].refusal_probe.is_none())
             .collect();
-        let owned = pairs_of(&no_probe, records);
-        let pairs: Vec<(&str, &str)> = owned
-            .iter()
-            .map(|(p, r)| (p.as_str(), r.as_str()))
-            .collect();
-        for (&i, p) in no_probe.iter().zip(m.refusal_probe(&pairs)?) {
+        let probes = values_for(&no_probe, records, &|p| m.refusal_probe(p))?;
+        for (&i, p) in no_probe.iter().zip(probes) {
             records[i].refusal_probe = Some(p);
         }
         let mut no_pmi = Vec::new();
@@ -697,12 +697,8 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
                 no_pmi.push(i);
             }
         }
-        let owned = pairs_of(&no_pmi, records);
-        let pairs: Vec<(&str, &str)> = owned
-            .iter()
-            .map(|(p, r)| (p.as_str(), r.as_str()))
-            .collect();
-        for (&i, p) in no_pmi.iter().zip(m.pmi(&pairs)?) {
+        let pmi = values_for(&no_pmi, records, &|p| m.pmi(p))?;
+        for (&i, p) in no_pmi.iter().zip(pmi) {
             records[i].prompt_pmi = Some(p);
         }
     }
