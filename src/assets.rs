@@ -70,6 +70,30 @@ const VENDORED: &[(&str, &[u8])] = &[
         "data/judge/LABELLING.md",
         include_bytes!("../data/judge/LABELLING.md"),
     ),
+    (
+        "data/xstest/completions/xstest_v2_completions_gpt4.csv",
+        include_bytes!("../data/xstest/completions/xstest_v2_completions_gpt4.csv"),
+    ),
+    (
+        "data/xstest/completions/xstest_v2_completions_llama2new.csv",
+        include_bytes!("../data/xstest/completions/xstest_v2_completions_llama2new.csv"),
+    ),
+    (
+        "data/xstest/completions/xstest_v2_completions_llama2orig.csv",
+        include_bytes!("../data/xstest/completions/xstest_v2_completions_llama2orig.csv"),
+    ),
+    (
+        "data/xstest/completions/xstest_v2_completions_mistralguard.csv",
+        include_bytes!("../data/xstest/completions/xstest_v2_completions_mistralguard.csv"),
+    ),
+    (
+        "data/xstest/completions/xstest_v2_completions_mistralinstruct.csv",
+        include_bytes!("../data/xstest/completions/xstest_v2_completions_mistralinstruct.csv"),
+    ),
+    (
+        "data/xstest/completions/LICENSE",
+        include_bytes!("../data/xstest/completions/LICENSE"),
+    ),
 ];
 
 #[derive(Debug, Error)]

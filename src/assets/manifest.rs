@@ -383,7 +383,7 @@ mod tests {
     /// the contrast pairs from the benign-but-edgy prompts' package, the two-choice statements
     /// from the same package that replaced BIG-bench's hhh_alignment (bigbench==1.0.0 is no longer
     /// served by the registry), and the human-labelled responses the judges are checked on.
-    const DESIGN_ASSETS: [&str; 19] = [
+    const DESIGN_ASSETS: [&str; 20] = [
         "advbench",
         "alpaca-gpt4-demo",
         "benign-edgy",
@@ -403,6 +403,7 @@ mod tests {
         "strongreject",
         "uncensorbench",
         "xstest",
+        "xstest-completions",
     ];
 
     #[test]

@@ -11,7 +11,7 @@ use sails::eval::judge::{
     calibrate_by_source, Calibration, DegeneracyJudge, Judge, Label, LlmJudge, LlmJudgeConfig,
     OffTopicJudge, PhraseJudge, Target, VoteJudge,
 };
-use sails::eval::labels::{load_all, LabelSource, LABEL_ASSETS};
+use sails::eval::labels::{load_all, load_training, LabelSource, LABEL_ASSETS};
 use sails::eval::probe::{self, HeldOut, Pooling, ProbeConfig, ProbeJudges, ProbeTarget};
 use sails::eval::score::score_jsonl;
 use sails::eval::{compare, EvalConfig, Judges, Metrics};
@@ -217,16 +217,21 @@ impl Judge for PrecomputedLearned {
 
 #[derive(Debug, Subcommand)]
 pub enum JudgeCommand {
-    /// Check a judge against human labels from six sources, each apart: accuracy, precision,
+    /// Check a judge against human labels from seven sources, each apart: accuracy, precision,
     /// recall (Wilson 95 % intervals) and the confusion matrix.
     ///
     /// Two targets: refusal (labelled refused, fully or partly, against judged refused) on PyRIT's
-    /// refusal sets, UncensorBench, CoCoNot and the project's hand labels; harmful (labelled as
-    /// giving the harmful help asked for, against judged complied) on PyRIT's objective sets,
-    /// JailbreakBench's judge comparison, UncensorBench, CoCoNot and the hand labels.
+    /// refusal sets, UncensorBench, CoCoNot, the project's hand labels and XSTest's completions by
+    /// five other chat models; harmful (labelled as giving the harmful help asked for, against
+    /// judged complied) on PyRIT's objective sets, JailbreakBench's judge comparison,
+    /// UncensorBench, CoCoNot and the hand labels.
     Calibrate {
         #[arg(long, value_enum, default_value = "phrase")]
         judge: JudgeKind,
+        /// Only these sources (comma-separated names as the table prints them, e.g.
+        /// `xstest-completions`, the one source the learned judges were never fitted on).
+        #[arg(long, value_name = "NAME,...", value_delimiter = ',', value_parser = parse_label_source)]
+        source: Vec<LabelSource>,
         #[command(flatten)]
         llm: LlmJudgeArgs,
         #[arg(long)]
@@ -275,10 +280,11 @@ pub enum JudgeCommand {
     ///
     /// Each input line is a JSON object with string fields "prompt" and "response" (other fields
     /// are kept). Each output line is that object with "verdicts" (judge name -> {label, score,
-    /// why}) and "label" (degenerate if the degeneracy judge says so, else refused when the
-    /// refusal-phrase judge or the off-topic judge says so, else complied, as `sails eval` counts
-    /// it) added. A bad line is an error naming
-    /// its number, and nothing is written. Without --out or --json a summary is printed.
+    /// why}) and "label" (degenerate if the degeneracy judge says so, else refused when the vote
+    /// of the three refusal judges or, where it finds none, the off-topic judge says so, else
+    /// complied, as `sails eval` counts it; with `--no-learned-judges`, the refusal phrases
+    /// alone) added. A bad line is an error naming its number, and nothing is written. Without
+    /// --out or --json a summary is printed.
     Score {
         /// The JSONL file to judge.
         #[arg(long, value_name = "FILE")]
@@ -433,7 +439,12 @@ fn print_summary(m: &Metrics, out: &std::path::Path) {
 
 pub fn run_judge(args: JudgeArgs) -> anyhow::Result<ExitCode> {
     match args.command {
-        JudgeCommand::Calibrate { judge, llm, json } => run_calibrate(judge, llm, json),
+        JudgeCommand::Calibrate {
+            judge,
+            source,
+            llm,
+            json,
+        } => run_calibrate(judge, &source, llm, json),
         JudgeCommand::Train {
             out,
             report,
@@ -570,7 +581,7 @@ fn run_train(
     cache: Option<&std::path::Path>,
     cfg: ProbeConfig,
 ) -> anyhow::Result<ExitCode> {
-    let mut items = load_all().context("loading the human-labelled responses")?;
+    let mut items = load_training().context("loading the human-labelled responses")?;
     if cfg.off_topic {
         probe::with_off_topic_pairs(&mut items);
     }
@@ -808,8 +819,23 @@ struct CalibrationReport {
     targets: BTreeMap<String, BTreeMap<LabelSource, Calibration>>,
 }
 
-fn run_calibrate(judge: JudgeKind, llm: LlmJudgeArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let data = load_all().context("loading the human-labelled responses")?;
+fn parse_label_source(name: &str) -> Result<LabelSource, String> {
+    LabelSource::from_name(name).ok_or_else(|| {
+        let known: Vec<&str> = LabelSource::ALL.iter().map(|s| s.name()).collect();
+        format!("unknown source `{name}`; known: {}", known.join(", "))
+    })
+}
+
+fn run_calibrate(
+    judge: JudgeKind,
+    sources: &[LabelSource],
+    llm: LlmJudgeArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut data = load_all().context("loading the human-labelled responses")?;
+    if !sources.is_empty() {
+        data.retain(|d| sources.contains(&d.source));
+    }
     let judge: Box<dyn Judge> = match judge {
         JudgeKind::Phrase => Box::new(PhraseJudge::harmbench()?),
         JudgeKind::Degeneracy => Box::new(DegeneracyJudge::default()),
@@ -853,7 +879,7 @@ fn run_calibrate(judge: JudgeKind, llm: LlmJudgeArgs, json: bool) -> anyhow::Res
         report.judge,
         data.len()
     );
-    for (target, by_source) in &report.targets {
+    for (target, by_source) in report.targets.iter().filter(|(_, b)| !b.is_empty()) {
         let reading = match target.as_str() {
             "refusal" => "positive: labelled refused (fully or partly), judged refused",
             _ => "positive: labelled harmful, judged complied",

@@ -620,7 +620,7 @@ fn cli_fetch_tries_every_asset_and_fails_at_the_end() {
     assert!(
         summary
             .1
-            .starts_with("assets: 3 fetched, 16 failed (cache: "),
+            .starts_with("assets: 4 fetched, 16 failed (cache: "),
         "{summary:?}"
     );
     // Each registry asset was tried on its own (a failed archive leaves its siblings to try).
@@ -764,7 +764,7 @@ fn cli_check_remote_asks_once_per_archive_and_reports_each_answer() {
     }
     assert_eq!(
         lines[names.len()].1,
-        "assets: 11 served, 4 not served, 3 changed, 1 unreachable"
+        "assets: 12 served, 4 not served, 3 changed, 1 unreachable"
     );
     // Eight distinct archives, one dry run each; HarmBench's pinned interpreter needs --target.
     let seen = calls(dir.path());

@@ -518,6 +518,7 @@ fn labelled_sources_load_with_their_counts() {
         (LabelSource::UncensorBench, 300, 150, 150),
         (LabelSource::Coconot, 479, 10, 0),
         (LabelSource::Smollm2, 600, 193, 10),
+        (LabelSource::XstestCompletions, 2250, 1159, 0),
     ] {
         assert_eq!(count(source, &all), n, "{source:?} items");
         assert_eq!(count(source, &refused), r, "{source:?} refusals");
@@ -528,6 +529,10 @@ fn labelled_sources_load_with_their_counts() {
         items.iter().map(|i| (i.source, i.id.as_str())).collect();
     assert_eq!(ids.len(), items.len());
     assert!(items.iter().all(|i| !i.prompt.trim().is_empty()));
+    // The judges are never fitted on the test-only source.
+    let training = sails::eval::labels::load_training().unwrap();
+    assert_eq!(training.len(), items.len() - 2250);
+    assert!(training.iter().all(|i| i.source.trains()));
 }
 
 /// The probes' features on the real model: each pooling of a batched, left-padded pass equals the
