@@ -181,6 +181,7 @@ fn response_only_loss_and_all_240_lora_gradients_match_reference() {
     let reference = json("lora_grads.json");
     let full = load_safetensors_file(&dir().join("reference.safetensors"), &Device::Cpu).unwrap();
     let mut global = 0f64;
+    let mut full_compared = 0;
     for ((name, _), g) in params.iter().zip(&grads) {
         let want = &reference["grads"][name.as_str()];
         let values = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -211,8 +212,12 @@ fn response_only_loss_and_all_240_lora_gradients_match_reference() {
                 worst <= 3e-4 * want_norm,
                 "{name} full gradient: off by {worst}"
             );
+            full_compared += 1;
         }
     }
+    // The reference holds whole gradients for A and B of q, k, v, o in the first and last
+    // blocks; each must have met its tensor here (a renamed parameter would skip it silently).
+    assert_eq!(full_compared, 16);
     let want_global = reference["global_grad_norm"].as_f64().unwrap();
     assert!(
         ((global.sqrt() - want_global) / want_global).abs() <= 1e-4,
