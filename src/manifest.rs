@@ -30,6 +30,11 @@ pub enum ManifestError {
     MissingInput { stage: String, path: PathBuf },
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    #[error(
+        "{dir} is in use by another sails process ({holder}); wait for it to finish or choose \
+         another folder"
+    )]
+    InUse { dir: PathBuf, holder: String },
 }
 
 pub type Result<T> = std::result::Result<T, ManifestError>;
@@ -307,9 +312,112 @@ impl RunManifest {
     }
 }
 
+/// The lock file in a run folder; it stays after the run (removing it would race a new holder).
+pub const LOCK_FILE: &str = ".sails.lock";
+
+/// One writer per run folder: an exclusive `flock` on `<dir>/.sails.lock`, held while this value
+/// lives. The kernel drops it when the process exits or is killed, so a crash never leaves the
+/// folder locked. The file names the holder (pid, command, start time) for the error a second
+/// writer gets.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock on `dir` (created if missing) for `command`, or fails at once with
+    /// [`ManifestError::InUse`] naming the holder.
+    pub fn acquire(dir: &Path, command: &str) -> Result<Self> {
+        use std::io::{Seek, Write};
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        if !try_lock(&file).map_err(io(&path))? {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(ManifestError::InUse {
+                dir: dir.to_path_buf(),
+                holder: if holder.is_empty() {
+                    "holder unknown".into()
+                } else {
+                    holder.to_owned()
+                },
+            });
+        }
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let text = format!(
+            "pid {}, `{command}`, since {started} (Unix seconds)",
+            std::process::id()
+        );
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(text.as_bytes()))
+            .and_then(|_| file.flush())
+            .map_err(io(&path))?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: true when taken, false when another open file holds it.
+#[cfg(unix)]
+fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock only reads the descriptor, which `file` keeps open for the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+/// Elsewhere the standard library's advisory lock (the same semantics where the OS has them).
+#[cfg(not(unix))]
+fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_writer_is_refused_naming_the_holder_until_the_first_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let first = RunLock::acquire(&run, "sails train --out run").unwrap();
+        let err = RunLock::acquire(&run, "sails eval --out run").unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ManifestError::InUse { .. }), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id()))
+                && text.contains("sails train --out run")
+                && text.contains("in use"),
+            "{text}"
+        );
+        drop(first);
+        let again = RunLock::acquire(&run, "sails eval --out run").unwrap();
+        drop(again);
+        // The file stays and names the last holder.
+        let left = std::fs::read_to_string(run.join(LOCK_FILE)).unwrap();
+        assert!(left.contains("sails eval --out run"), "{left}");
+    }
 
     fn plan<'a>(input: &Path, cfg: u32) -> StagePlan<'a> {
         StagePlan {

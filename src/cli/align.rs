@@ -628,6 +628,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         })
     });
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let _lock = super::lock_run_folder(&root)?;
     let run = Layout { root: root.clone() };
     let config_json = serde_json::to_value(&cfg)?;
     let mut manifest = RunManifest::load(&root)?

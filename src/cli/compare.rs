@@ -295,6 +295,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
         eval_scales.push(1.0);
         eval_scales.sort_by(f64::total_cmp);
     }
+    let _lock = super::lock_run_folder(&root.join("compare"))?;
     let layout = Layout { root: root.clone() };
     let mut runner = Runner {
         run: &layout,

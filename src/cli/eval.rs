@@ -343,6 +343,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let _lock = super::lock_run_folder(&args.out)?;
     let defaults = EvalConfig::default();
     let cfg = EvalConfig {
         model: args.model.model.clone(),

@@ -71,6 +71,13 @@ pub enum Command {
     Explain(explain::ExplainArgs),
 }
 
+/// Takes `dir`'s one-writer lock for this process (named by its command line), or fails at once
+/// naming the process that holds it.
+fn lock_run_folder(dir: &std::path::Path) -> anyhow::Result<sails::manifest::RunLock> {
+    let command: Vec<String> = std::env::args().collect();
+    Ok(sails::manifest::RunLock::acquire(dir, &command.join(" "))?)
+}
+
 pub fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => "info",

@@ -357,6 +357,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
     let cfg = args.train_config()?;
     let lora_cfg = args.lora_config()?;
+    let _lock = super::lock_run_folder(&args.out)?;
     let source = ModelSource::resolve(&args.model)?;
     let mut model = ChatModel::load(&source, &Device::Cpu, DType::F32)
         .with_context(|| format!("loading {}", source.path().display()))?;

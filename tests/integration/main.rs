@@ -22,6 +22,7 @@ mod model_errors;
 mod model_golden;
 mod model_sources;
 mod report_chromium;
+mod run_lock;
 mod sae_corpus;
 mod sae_formats;
 mod sae_golden;
