@@ -30,9 +30,14 @@ fn cache_without_jbb(dir: &Path) -> PathBuf {
     home
 }
 
+/// Every file of `dir` but the one-writer lock (each run that takes it names itself there).
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut files: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .map_or(true, |e| e.file_name() != sails::manifest::LOCK_FILE)
+        })
         .map(|e| {
             let p = e.unwrap().path();
             let bytes = std::fs::read(&p).unwrap();
