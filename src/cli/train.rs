@@ -14,6 +14,7 @@ use sails::data::sft::{Kind, PreferencePair, SftSet};
 use sails::lora::{self, LoraConfig, LoraInit};
 use sails::model::chat::Message;
 use sails::model::load::{ChatModel, ModelSource};
+use sails::subspace::Subspace;
 use sails::train::{
     self, tokenize_chat, AdamW, Batch, ChatExample, RunOptions, Target, TokenizedPair, TrainConfig,
     TrainData,
@@ -59,10 +60,10 @@ pub struct TrainArgs {
     /// How the adapter starts.
     #[arg(long, value_enum, default_value = "kaiming")]
     init: InitArg,
-    /// Subspace bases for --init subspace: safetensors with one `(d_model, rank)` tensor per
-    /// layer, named `layers.<l>` (the residual stream entering block l). Blocks without one take
-    /// the nearest layer's.
-    #[arg(long, value_name = "FILE.safetensors")]
+    /// Subspace bases for --init subspace: a `sails subspace` folder or its
+    /// `subspace.safetensors` (one `(d_model, rank)` basis per layer, the residual stream
+    /// entering block l; blocks without one take the nearest layer's). Its rank must be --rank.
+    #[arg(long, value_name = "DIR|subspace.safetensors")]
     basis: Option<PathBuf>,
     /// Keep the basis factor fixed (no gradient), so updates stay in the subspace.
     #[arg(long)]
@@ -260,22 +261,31 @@ fn tokenize_pairs(
         .collect()
 }
 
-fn read_bases(path: &Path) -> anyhow::Result<BTreeMap<usize, Tensor>> {
-    let tensors = sails::model::weights::load_safetensors_file(path, &Device::Cpu)?;
-    let mut bases = BTreeMap::new();
-    for (name, t) in tensors {
-        let layer: usize = name
-            .strip_prefix("layers.")
-            .and_then(|l| l.parse().ok())
-            .with_context(|| {
-                format!(
-                    "{}: tensor {name:?} is not named layers.<l>",
-                    path.display()
-                )
-            })?;
-        bases.insert(layer, t.to_dtype(DType::F32)?);
+/// The bases of a `sails subspace` folder (given as the folder or its `subspace.safetensors`),
+/// read and checked by [`Subspace::load`]; their rank must be the adapter's.
+fn read_bases(path: &Path, rank: usize) -> anyhow::Result<BTreeMap<usize, Tensor>> {
+    let dir = if path.is_dir() {
+        path
+    } else if path.file_name() == Some(std::ffi::OsStr::new(sails::subspace::BASIS_FILE)) {
+        path.parent().unwrap_or(Path::new("."))
+    } else {
+        bail!(
+            "--basis {}: expected a `sails subspace` folder or its {}",
+            path.display(),
+            sails::subspace::BASIS_FILE
+        );
+    };
+    let subspace = Subspace::load(dir)
+        .with_context(|| format!("reading the subspace in {}", dir.display()))?;
+    let basis_rank = subspace.summary.config.rank;
+    if basis_rank != rank {
+        bail!(
+            "--basis {}: the subspace has rank {basis_rank}, the adapter --rank {rank}; \
+             build the subspace with --rank {rank} or train with --rank {basis_rank}",
+            path.display()
+        );
     }
-    Ok(bases)
+    Ok(subspace.tensors(&Device::Cpu)?)
 }
 
 impl TrainArgs {
@@ -330,7 +340,7 @@ impl TrainArgs {
                     .as_ref()
                     .context("--init subspace needs --basis")?;
                 LoraInit::Subspace {
-                    bases: read_bases(path)?,
+                    bases: read_bases(path, self.rank)?,
                     freeze_basis: self.freeze_basis,
                 }
             }

@@ -127,4 +127,47 @@ fn align_records_inputs_skips_what_is_done_and_reruns_what_changed() {
         stages(&[("sae", true), ("features", true), ("subspace", false)])
     );
     assert!(run.join("subspace/subspace.json").exists());
+
+    // `sails train` reads the subspace through the same checked loader, and a rank that is not
+    // the adapter's fails before any model is loaded.
+    let train = |basis: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_sails"))
+            .args([
+                "train",
+                "--init",
+                "subspace",
+                "--rank",
+                "16",
+                "--data",
+                "nowhere.jsonl",
+            ])
+            .arg("--basis")
+            .arg(basis)
+            .arg("--out")
+            .arg(tmp.path().join("train"))
+            .output()
+            .unwrap()
+    };
+    for basis in [
+        run.join("subspace"),
+        run.join("subspace/subspace.safetensors"),
+    ] {
+        let out = train(&basis);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("the subspace has rank 2, the adapter --rank 16"),
+            "{err}"
+        );
+    }
+    let stray = tmp.path().join("bases.safetensors");
+    std::fs::copy(run.join("subspace/subspace.safetensors"), &stray).unwrap();
+    let err = String::from_utf8_lossy(&train(&stray).stderr).into_owned();
+    assert!(err.contains("expected a `sails subspace` folder"), "{err}");
+    std::fs::remove_file(run.join("subspace/subspace.json")).unwrap();
+    let err = String::from_utf8_lossy(&train(&run.join("subspace")).stderr).into_owned();
+    assert!(
+        err.contains("reading the subspace") && err.contains("subspace.json"),
+        "{err}"
+    );
 }
