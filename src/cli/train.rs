@@ -87,7 +87,8 @@ pub struct TrainArgs {
     /// Seed of the adapter's random init.
     #[arg(long, default_value_t = 0)]
     init_seed: u64,
-    /// Training config (TOML, TrainConfig fields); flags below override it.
+    /// Training config (TOML, TrainConfig fields; those left out take their defaults); flags below
+    /// override it.
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
     /// Peak learning rate; the cosine floor becomes a tenth of it.

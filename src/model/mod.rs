@@ -69,18 +69,41 @@ pub enum ModelError {
     Tensor(#[from] candle_core::Error),
 }
 
-/// Writes a file atomically: a temp file in the same directory, then a rename.
+/// Writes a file atomically: a temp file in the same directory, flushed to disk, then a rename,
+/// so a crash or a full disk leaves the previous file (or none), never a part of the new one.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), ModelError> {
     use std::io::Write;
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let mut tmp = atomic_temp(path)?;
     tmp.write_all(bytes).map_err(io)?;
-    // tempfile creates 0600 files; artifacts are meant to be read by others too.
+    persist_atomic(tmp, path)
+}
+
+/// The temp file [`write_atomic`] writes into: in `path`'s folder (created if missing), so the
+/// final rename stays on one filesystem.
+pub(crate) fn atomic_temp(path: &std::path::Path) -> Result<tempfile::NamedTempFile, ModelError> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let io = |source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    tempfile::NamedTempFile::new_in(dir).map_err(io)
+}
+
+/// Flushes a written temp file to disk, makes it readable by others (tempfile creates 0600
+/// files; artifacts are meant to be shared) and renames it to `path`.
+pub(crate) fn persist_atomic(
+    tmp: tempfile::NamedTempFile,
+    path: &std::path::Path,
+) -> Result<(), ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -88,6 +111,7 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), ModelErr
             .set_permissions(std::fs::Permissions::from_mode(0o644))
             .map_err(io)?;
     }
+    tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
 }

@@ -148,24 +148,35 @@ pub fn load_safetensors_file(
     })
 }
 
-/// Writes tensors to a safetensors file atomically (temp file + rename).
+/// Writes tensors to a safetensors file atomically (temp file + rename, as
+/// [`crate::model::write_atomic`]).
 pub fn save_safetensors_atomic(
     tensors: &HashMap<String, Tensor>,
     path: &Path,
 ) -> Result<(), ModelError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
-        path: dir.to_path_buf(),
-        source,
+    let tmp = crate::model::atomic_temp(path)?;
+    candle_core::safetensors::save(tensors, tmp.path()).map_err(|e| match io_cause(&e) {
+        // A full disk or a lost mount reads as the file it hit, not as a tensor error.
+        Some(source) => ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        None => ModelError::Tensor(e),
     })?;
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|source| ModelError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    candle_core::safetensors::save(tensors, tmp.path())?;
-    tmp.persist(path).map_err(|e| ModelError::Io {
-        path: path.to_path_buf(),
-        source: e.error,
-    })?;
-    Ok(())
+    crate::model::persist_atomic(tmp, path)
+}
+
+/// The operating system's error at the root of `err`, if there is one.
+fn io_cause(err: &(dyn std::error::Error + 'static)) -> Option<std::io::Error> {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(match io.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(io.kind(), io.to_string()),
+            });
+        }
+        cause = e.source();
+    }
+    None
 }

@@ -41,7 +41,9 @@ pub fn checkpoints_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
 
-/// Saves parameters, optimizer moments and state after `step` optimizer steps.
+/// Saves parameters, optimizer moments and state after `step` optimizer steps. If the write
+/// fails (a full disk, say), the partial checkpoint is removed and the error names the last
+/// complete one, which `--resume` continues from.
 pub fn save(
     out: &Path,
     step: usize,
@@ -49,15 +51,6 @@ pub fn save(
     trainable: &Trainable,
     opt: &AdamW,
 ) -> Result<PathBuf> {
-    let root = checkpoints_dir(out);
-    std::fs::create_dir_all(&root).map_err(|e| io(&root, e))?;
-    let name = format!("step-{step:06}");
-    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-
     if let Some(name) = super::first_non_finite(trainable)? {
         return Err(TrainError::NonFiniteParameter {
             name,
@@ -65,6 +58,64 @@ pub fn save(
             last_checkpoint: latest(out)?,
         });
     }
+    let root = checkpoints_dir(out);
+    std::fs::create_dir_all(&root).map_err(|e| io(&root, e))?;
+    remove_partial(&root)?;
+    let name = format!("step-{step:06}");
+    let tmp = root.join(format!("{PARTIAL_PREFIX}{name}-{}", std::process::id()));
+    let written = write_files(&tmp, step, cfg, trainable, opt).and_then(|()| {
+        let dest = root.join(&name);
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).map_err(|e| io(&dest, e))?;
+        }
+        std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+        crate::model::write_atomic(&root.join("latest"), name.as_bytes())?;
+        Ok(dest)
+    });
+    match written {
+        Ok(dest) => {
+            tracing::debug!(path = %dest.display(), step, "checkpoint written");
+            Ok(dest)
+        }
+        Err(source) => {
+            // Best effort: a full disk would otherwise stay full of the part written.
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(TrainError::CheckpointWrite {
+                step,
+                source: Box::new(source),
+                last_checkpoint: latest(out).ok().flatten(),
+            })
+        }
+    }
+}
+
+/// Name prefix of a checkpoint being written.
+const PARTIAL_PREFIX: &str = ".tmp-";
+
+/// Removes what a killed run left half-written. Safe because one process writes a run folder
+/// at a time (the run lock).
+fn remove_partial(root: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(root).map_err(|e| io(root, e))? {
+        let path = entry.map_err(|e| io(root, e))?.path();
+        let partial = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(PARTIAL_PREFIX));
+        if partial && path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(|e| io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_files(
+    dir: &Path,
+    step: usize,
+    cfg: &TrainConfig,
+    trainable: &Trainable,
+    opt: &AdamW,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let mut params = HashMap::new();
     let mut moments = HashMap::new();
     for (key, var) in &trainable.vars {
@@ -75,8 +126,8 @@ pub fn save(
             moments.insert(format!("{key}.exp_avg_sq"), v.clone());
         }
     }
-    save_safetensors_atomic(&params, &tmp.join("params.safetensors"))?;
-    save_safetensors_atomic(&moments, &tmp.join("optimizer.safetensors"))?;
+    save_safetensors_atomic(&params, &dir.join("params.safetensors"))?;
+    save_safetensors_atomic(&moments, &dir.join("optimizer.safetensors"))?;
     let state = CheckpointState {
         format_version: FORMAT_VERSION,
         step,
@@ -84,17 +135,9 @@ pub fn save(
         config: cfg.clone(),
         params: trainable.vars.keys().cloned().collect(),
     };
-    let json = serde_json::to_string_pretty(&state).map_err(|e| io(&tmp, e))?;
-    crate::model::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
-
-    let dest = root.join(&name);
-    if dest.exists() {
-        std::fs::remove_dir_all(&dest).map_err(|e| io(&dest, e))?;
-    }
-    std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
-    crate::model::write_atomic(&root.join("latest"), name.as_bytes())?;
-    tracing::debug!(path = %dest.display(), step, "checkpoint written");
-    Ok(dest)
+    let json = serde_json::to_string_pretty(&state).map_err(|e| io(dir, e))?;
+    crate::model::write_atomic(&dir.join("state.json"), json.as_bytes())?;
+    Ok(())
 }
 
 /// The checkpoint `checkpoints/latest` names, if any.

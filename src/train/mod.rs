@@ -41,9 +41,10 @@ pub use dpo::{dpo_loss_and_grads, DpoStats, PairBatch, TokenizedPair};
 pub use loss::{response_token_loss, retain_kl_sum, LossOutput};
 pub use optim::{clip_grad_norm, lr_at, AdamW};
 
-/// Every setting of a training run. Saved into each checkpoint; a resume must match it.
+/// Every setting of a training run. Saved into each checkpoint; a resume must match it. A
+/// config file may name only some fields; the others take their defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Peak learning rate (after warm-up). 2e-4 is the usual LoRA SFT value (PEFT/TRL examples);
     /// full fine-tuning wants about ten times less.
@@ -184,6 +185,12 @@ pub enum TrainError {
     },
     #[error("{name} received no gradient: something on its path does not record a backward")]
     NoGradient { name: String },
+    #[error("step {step}: the checkpoint could not be written: {source}. Training stopped; last complete checkpoint: {}", last_checkpoint.as_ref().map_or("none (nothing to resume)".to_string(), |p| format!("{} (free space, then rerun with --resume)", p.display())))]
+    CheckpointWrite {
+        step: usize,
+        source: Box<TrainError>,
+        last_checkpoint: Option<PathBuf>,
+    },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
     #[error(

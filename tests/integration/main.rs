@@ -7,6 +7,7 @@ mod align;
 mod assets;
 mod chat;
 mod data_splits;
+mod disk_full;
 mod eval_frames;
 mod eval_judges;
 mod eval_metrics;
