@@ -7,7 +7,6 @@
 //!   trained here load in SAELens (`SAE.load_from_disk`).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -312,38 +311,9 @@ impl Sae {
     }
 }
 
-fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(|e| SaeError::Io {
-            path: dir.to_path_buf(),
-            source: e,
-        })
-}
-
-fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
-    tmp.persist(path).map_err(|e| SaeError::Io {
-        path: path.to_path_buf(),
-        source: e.error,
-    })?;
-    Ok(())
-}
-
-/// Write `bytes` to `path` atomically (temporary file in the same directory, then rename).
+/// Write `bytes` to `path` atomically ([`crate::model::write_atomic`]).
 pub(crate) fn write_bytes_atomic(bytes: &[u8], path: &Path) -> Result<()> {
-    let mut tmp = temp_beside(path)?;
-    let io = |e| SaeError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    tmp.write_all(bytes).map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
-    persist(tmp, path)
+    crate::model::write_atomic(path, bytes).map_err(|e| write_error(path, e))
 }
 
 /// Write `tensors` as safetensors to `path` atomically.
@@ -351,16 +321,25 @@ pub(crate) fn write_safetensors_atomic(
     tensors: &HashMap<String, Tensor>,
     path: &Path,
 ) -> Result<()> {
-    let tmp = temp_beside(path)?;
     let cpu: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&cpu, tmp.path()).map_err(|e| SaeError::TensorFile {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    persist(tmp, path)
+    crate::model::weights::save_safetensors_atomic(&cpu, path).map_err(|e| write_error(path, e))
+}
+
+fn write_error(path: &Path, e: crate::model::ModelError) -> SaeError {
+    match e {
+        crate::model::ModelError::Io { path, source } => SaeError::Io { path, source },
+        crate::model::ModelError::Tensor(source) => SaeError::TensorFile {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => SaeError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
 }
 
 #[cfg(test)]
