@@ -25,6 +25,13 @@ pub enum ChatError {
 
 pub type Result<T> = std::result::Result<T, ChatError>;
 
+/// Instructions one rendering may execute (minijinja's fuel): a template that loops without end
+/// fails with "engine ran out of fuel" instead of hanging.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Nesting depth (macro calls, includes, blocks) one rendering may reach before it fails.
+pub const TEMPLATE_RECURSION_LIMIT: usize = 100;
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -72,6 +79,10 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A template comes with the model file: one that loops or recurses without end must
+        // fail, not hang. Real chat templates need a few thousand instructions per message.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
@@ -146,6 +157,12 @@ fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Err
     ))
 }
 
+/// The largest `tojson(indent=…)` a template may ask for.
+const MAX_TOJSON_INDENT: usize = 64;
+
+/// The deepest nesting `tojson` writes (the recursion stays well inside the stack).
+const MAX_TOJSON_DEPTH: usize = 256;
+
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`, as HF's template
 /// environment defines `tojson` (maps keep their order).
 fn tojson(
@@ -158,6 +175,12 @@ fn tojson(
         None => indent,
     };
     kwargs.assert_all_used()?;
+    if indent.is_some_and(|n| n > MAX_TOJSON_INDENT) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent is at most {MAX_TOJSON_INDENT}"),
+        ));
+    }
     let mut out = String::new();
     write_python_json(value, indent, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
@@ -170,6 +193,12 @@ fn write_python_json(
     out: &mut String,
 ) -> std::result::Result<(), minijinja::Error> {
     use minijinja::value::ValueKind as K;
+    if depth > MAX_TOJSON_DEPTH {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: a value nested more than {MAX_TOJSON_DEPTH} deep"),
+        ));
+    }
     let newline = |out: &mut String, depth: usize| {
         if let Some(n) = indent {
             out.push('\n');
