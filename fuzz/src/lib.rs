@@ -217,6 +217,8 @@ pub fn judge_jsonl(data: &[u8]) {
     };
     let path = Path::new("responses.jsonl");
     JUDGES.with(|(phrase, degeneracy, vote, off_topic)| {
+        #[allow(clippy::result_large_err)]
+        // the library's error type, as every eval function returns
         let inputs = |pairs: &[(&str, &str)]| -> sails::eval::Result<Vec<LearnedInputs>> {
             Ok(pairs
                 .iter()
@@ -238,8 +240,11 @@ pub fn judge_jsonl(data: &[u8]) {
     });
 }
 
+/// A fuzz target's entry function.
+pub type Entry = fn(&[u8]);
+
 /// Every target of the library's parsers, by corpus folder name.
-pub const LIBRARY_TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const LIBRARY_TARGETS: &[(&str, Entry)] = &[
     ("gguf", gguf),
     ("safetensors", safetensors),
     ("sae_npz", sae_npz),

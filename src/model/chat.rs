@@ -85,6 +85,7 @@ impl ChatTemplate {
         env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_test("divisibleby", is_divisible_by);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| ChatError::Syntax {
@@ -148,6 +149,17 @@ fn describe(e: &minijinja::Error) -> String {
         source = s.source();
     }
     msg
+}
+
+/// `x is divisibleby(n)`: minijinja's own test computes `x % n` unchecked, a panic for `n = 0`.
+fn is_divisible_by(v: &Value, other: &Value) -> bool {
+    if let (Ok(a), Ok(b)) = (i128::try_from(v.clone()), i128::try_from(other.clone())) {
+        return a.checked_rem(b) == Some(0);
+    }
+    if let (Ok(a), Ok(b)) = (f64::try_from(v.clone()), f64::try_from(other.clone())) {
+        return b != 0.0 && a % b == 0.0;
+    }
+    false
 }
 
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {

@@ -203,9 +203,9 @@ impl Tokenizer {
             path: path.to_path_buf(),
             source,
         })?;
-        // tokenizers panics ("Helper") on a JSON syntax error inside the "decoder" value instead
-        // of returning it, so the text is checked to be JSON first.
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        // tokenizers panics ("Helper") on a JSON error inside the "decoder" value (a syntax error,
+        // text that is not UTF-8) instead of returning it, so the file is parsed as JSON first.
+        serde_json::from_slice::<serde_json::Value>(&bytes)
             .map_err(|e| load(format!("not valid JSON: {e}")))?;
         let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
             .map_err(|_| load("the tokenizers library panicked while reading it".into()))?

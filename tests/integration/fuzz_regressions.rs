@@ -110,26 +110,35 @@ fn gguf_huge_tensor_claim_is_truncation_not_allocation() {
     assert!(GgufFile::open(&path).is_err());
 }
 
-/// A JSON syntax error inside `"decoder"` made the tokenizers library panic ("Helper") instead
-/// of returning an error.
+/// A JSON syntax error or bytes that are not UTF-8 inside `"decoder"` made the tokenizers
+/// library panic ("Helper") instead of returning an error.
 #[test]
 fn tokenizer_json_with_a_syntax_error_in_the_decoder_is_a_load_error() {
     use sails::model::tokenizer::{Tokenizer, TokenizerError};
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/fuzz/tokenizer-decoder-syntax-error.json");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("tokenizer.json");
-    std::fs::copy(&fixture, &path).expect("copy");
-    let err = Tokenizer::from_file(&path).expect_err("not JSON");
-    assert!(matches!(err, TokenizerError::Load { .. }), "{err:?}");
-    assert!(err.to_string().contains("not valid JSON"), "{err}");
+    for fixture in [
+        "tokenizer-decoder-syntax-error.json",
+        "tokenizer-decoder-not-utf8.json",
+    ] {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fuzz")
+            .join(fixture);
+        std::fs::copy(&fixture, &path).expect("copy");
+        let err = Tokenizer::from_file(&path).expect_err("not JSON");
+        assert!(matches!(err, TokenizerError::Load { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("not valid JSON"),
+            "{fixture:?}: {err}"
+        );
+    }
 }
 
 /// A `.npy` array in a zip, `header` its header dict, `data` its bytes.
 fn npz_with(name: &str, header: &str, data: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut h = header.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');
@@ -188,4 +197,17 @@ fn chat_template_tojson_indent_is_bounded() {
     use sails::model::chat::{ChatTemplate, Message};
     let t = ChatTemplate::new("{{ messages | tojson(indent=1000000000000) }}").expect("parses");
     assert!(t.render(&[Message::user("hi")], false).is_err());
+}
+
+/// `is divisibleby 0` made minijinja's builtin test divide by zero (a panic).
+#[test]
+fn chat_template_divisibleby_zero_is_false_not_a_panic() {
+    use sails::model::chat::{ChatTemplate, Message};
+    let t = ChatTemplate::new(
+        "{{ 4 is divisibleby 0 }}|{{ 4 is divisibleby(2) }}|{{ 4.5 is divisibleby 1.5 }}|\
+         {{ 4 is divisibleby 0.0 }}|{{ 5 is divisibleby 2 }}",
+    )
+    .expect("parses");
+    let out = t.render(&[Message::user("hi")], false).expect("renders");
+    assert_eq!(out, "False|True|True|False|False");
 }
