@@ -365,19 +365,27 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
     }
 }
 
+/// A `--config` TOML file's text merged over `preset` (`path` only names the file in errors).
+pub fn config_over_preset(
+    preset: AlignConfig,
+    text: &str,
+    path: &Path,
+) -> anyhow::Result<AlignConfig> {
+    let over: toml::Value =
+        toml::from_str(text).with_context(|| format!("parsing {}", path.display()))?;
+    let mut base = toml::Value::try_from(&preset).context("preset as TOML")?;
+    merge(&mut base, over);
+    base.try_into()
+        .with_context(|| format!("{}: not an align config", path.display()))
+}
+
 impl AlignArgs {
     pub fn resolve(&self) -> anyhow::Result<AlignConfig> {
         let mut cfg = AlignConfig::preset(self.preset);
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let over: toml::Value =
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-            let mut base = toml::Value::try_from(&cfg).context("preset as TOML")?;
-            merge(&mut base, over);
-            cfg = base
-                .try_into()
-                .with_context(|| format!("{}: not an align config", path.display()))?;
+            cfg = config_over_preset(cfg, &text, path)?;
         }
         if let Some(m) = &self.model {
             cfg.model = m.clone();
@@ -1341,5 +1349,29 @@ mod tests {
             .unwrap()
             .a;
         assert!(matches!(a.resolve().unwrap().sae, SaePlan::Load { .. }));
+    }
+
+    /// Every `--config` file the fuzzer kept (`fuzz/corpus/align_config/`) and its seeds, merged
+    /// over each preset: accepted or refused, never a panic.
+    #[test]
+    fn fuzz_corpus_align_configs_replay_without_panics() {
+        let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        let mut replayed = 0;
+        for sub in ["corpus/align_config", "seeds/align_config"] {
+            let Ok(entries) = std::fs::read_dir(fuzz.join(sub)) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                let Ok(text) = String::from_utf8(std::fs::read(&path).unwrap()) else {
+                    continue;
+                };
+                for preset in [PresetArg::Quick, PresetArg::Default, PresetArg::Gemma2_9b] {
+                    let _ = config_over_preset(AlignConfig::preset(preset), &text, &path);
+                }
+                replayed += 1;
+            }
+        }
+        assert!(replayed > 0, "no align_config corpus under {fuzz:?}");
     }
 }

@@ -114,6 +114,14 @@ pub struct GenerationRecord {
     pub gate: Option<GateReading>,
 }
 
+/// One line of a `--prompts` file: a JSON string, `{"prompt": …}` or `{"messages": […]}`.
+pub fn parse_prompt_line(line: &str) -> serde_json::Result<Vec<Message>> {
+    Ok(match serde_json::from_str(line)? {
+        PromptLine::Text(t) | PromptLine::Prompt { prompt: t } => vec![Message::user(t)],
+        PromptLine::Messages { messages } => messages,
+    })
+}
+
 fn conversations(args: &GenerateArgs) -> anyhow::Result<Vec<Vec<Message>>> {
     let with_system = |msgs: Vec<Message>| match &args.system {
         Some(s) if !msgs.iter().any(|m| m.role == "system") => {
@@ -136,17 +144,14 @@ fn conversations(args: &GenerateArgs) -> anyhow::Result<Vec<Vec<Message>>> {
             if line.trim().is_empty() {
                 continue;
             }
-            let parsed: PromptLine = serde_json::from_str(&line).with_context(|| {
+            let messages = parse_prompt_line(&line).with_context(|| {
                 format!(
                     "{}:{}: expected a JSON string, {{\"prompt\"}} or {{\"messages\"}}",
                     path.display(),
                     n + 1
                 )
             })?;
-            out.push(with_system(match parsed {
-                PromptLine::Text(t) | PromptLine::Prompt { prompt: t } => vec![Message::user(t)],
-                PromptLine::Messages { messages } => messages,
-            }));
+            out.push(with_system(messages));
         }
     }
     if out.is_empty() {
@@ -334,4 +339,44 @@ fn respond(
         g.ids.len() as f64 / secs
     );
     Ok(g.text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_lines_take_three_spellings() {
+        let user = |t: &str| vec![Message::user(t)];
+        assert_eq!(parse_prompt_line(r#""hi""#).unwrap(), user("hi"));
+        assert_eq!(
+            parse_prompt_line(r#"{"prompt": "hi"}"#).unwrap(),
+            user("hi")
+        );
+        let m = parse_prompt_line(r#"{"messages": [{"role": "system", "content": "s"}]}"#);
+        assert_eq!(m.unwrap(), vec![Message::system("s")]);
+        assert!(parse_prompt_line(r#"{"prompt": 3}"#).is_err());
+        assert!(parse_prompt_line("[").is_err());
+    }
+
+    /// Every `--prompts` file the fuzzer kept (`fuzz/corpus/prompt_lines/`) and its seeds, line
+    /// by line: parsed or refused, never a panic.
+    #[test]
+    fn fuzz_corpus_prompt_lines_replay_without_panics() {
+        let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        let mut replayed = 0;
+        for sub in ["corpus/prompt_lines", "seeds/prompt_lines"] {
+            let Ok(entries) = std::fs::read_dir(fuzz.join(sub)) else {
+                continue;
+            };
+            for entry in entries {
+                let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+                for line in String::from_utf8_lossy(&bytes).lines() {
+                    let _ = parse_prompt_line(line);
+                }
+                replayed += 1;
+            }
+        }
+        assert!(replayed > 0, "no prompt_lines corpus under {fuzz:?}");
+    }
 }

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-mod align;
+pub mod align;
 mod assets;
 mod bench;
 mod compare;
@@ -13,7 +13,7 @@ mod explain;
 mod features;
 mod frames;
 mod gate;
-mod generate;
+pub mod generate;
 mod model_args;
 mod report;
 mod sae;

@@ -25,6 +25,13 @@ pub enum ChatError {
 
 pub type Result<T> = std::result::Result<T, ChatError>;
 
+/// Instructions one rendering may execute (minijinja's fuel): a template that loops without end
+/// fails with "engine ran out of fuel" instead of hanging.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Nesting depth (macro calls, includes, blocks) one rendering may reach before it fails.
+pub const TEMPLATE_RECURSION_LIMIT: usize = 100;
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -72,8 +79,13 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A template comes with the model file: one that loops or recurses without end must
+        // fail, not hang. Real chat templates need a few thousand instructions per message.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_test("divisibleby", is_divisible_by);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| ChatError::Syntax {
@@ -139,12 +151,29 @@ fn describe(e: &minijinja::Error) -> String {
     msg
 }
 
+/// `x is divisibleby(n)`: minijinja's own test computes `x % n` unchecked, a panic for `n = 0`.
+fn is_divisible_by(v: &Value, other: &Value) -> bool {
+    if let (Ok(a), Ok(b)) = (i128::try_from(v.clone()), i128::try_from(other.clone())) {
+        return a.checked_rem(b) == Some(0);
+    }
+    if let (Ok(a), Ok(b)) = (f64::try_from(v.clone()), f64::try_from(other.clone())) {
+        return b != 0.0 && a % b == 0.0;
+    }
+    false
+}
+
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
     Err(minijinja::Error::new(
         ErrorKind::InvalidOperation,
         format!("raise_exception: {message}"),
     ))
 }
+
+/// The largest `tojson(indent=…)` a template may ask for.
+const MAX_TOJSON_INDENT: usize = 64;
+
+/// The deepest nesting `tojson` writes (the recursion stays well inside the stack).
+const MAX_TOJSON_DEPTH: usize = 256;
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`, as HF's template
 /// environment defines `tojson` (maps keep their order).
@@ -158,6 +187,12 @@ fn tojson(
         None => indent,
     };
     kwargs.assert_all_used()?;
+    if indent.is_some_and(|n| n > MAX_TOJSON_INDENT) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent is at most {MAX_TOJSON_INDENT}"),
+        ));
+    }
     let mut out = String::new();
     write_python_json(value, indent, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
@@ -170,6 +205,12 @@ fn write_python_json(
     out: &mut String,
 ) -> std::result::Result<(), minijinja::Error> {
     use minijinja::value::ValueKind as K;
+    if depth > MAX_TOJSON_DEPTH {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: a value nested more than {MAX_TOJSON_DEPTH} deep"),
+        ));
+    }
     let newline = |out: &mut String, depth: usize| {
         if let Some(n) = indent {
             out.push('\n');

@@ -224,6 +224,7 @@ impl GgufFile {
                 version,
             });
         }
+        check_alignment(&mut file, path)?;
         let content = read_content(&mut file, path, len)?;
 
         for (name, info) in &content.tensor_infos {
@@ -481,8 +482,16 @@ impl GgufFile {
     }
 
     fn read_qtensor(&self, file: &mut File, name: &str, device: &Device) -> Result<QTensor> {
-        if !self.has_tensor(name) {
+        let Some(info) = self.content.tensor_infos.get(name) else {
             return Err(self.missing_tensor(name));
+        };
+        // candle views the (then empty, unaligned) buffer as blocks; nothing to read in any case.
+        if info.shape.elem_count() == 0 {
+            return Err(GgufError::Tensor {
+                path: self.path.clone(),
+                name: name.into(),
+                message: format!("shape {:?} has no elements", info.shape.dims()),
+            });
         }
         self.content
             .tensor(file, name, device)
@@ -739,6 +748,145 @@ fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
         candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
         other => other,
     }
+}
+
+/// Refuses a `general.alignment` of 0 or one that is not a power of two (llama.cpp refuses both):
+/// candle's reader divides by it unchecked. Walks the metadata the way `Content::read` will; a
+/// header it cannot walk is left for `Content::read` to report.
+fn check_alignment(file: &mut File, path: &Path) -> Result<()> {
+    use std::io::{BufReader, Seek};
+    file.rewind().map_err(|source| GgufError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut r = BufReader::new(&mut *file);
+    let alignment = match find_alignment(&mut r) {
+        Ok(Some(a)) => a,
+        Ok(None) | Err(_) => return Ok(()),
+    };
+    if alignment == 0 || !alignment.is_power_of_two() {
+        return Err(GgufError::BadHeader {
+            path: path.to_path_buf(),
+            message: format!("general.alignment is {alignment}; it must be a power of two"),
+        });
+    }
+    Ok(())
+}
+
+/// The integer value of `general.alignment` when the metadata sets one (as `Content::read` reads
+/// it: an unsigned or non-negative signed integer of at most 32 bits; anything else is ignored).
+fn find_alignment<R: std::io::BufRead + std::io::Seek>(r: &mut R) -> std::io::Result<Option<u64>> {
+    fn u32_of<R: Read>(r: &mut R) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64_of<R: Read>(r: &mut R) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn too_long() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "length out of range")
+    }
+    /// Skips one value of GGUF type `ty` (arrays at most `depth` deep).
+    fn skip<R: std::io::BufRead + std::io::Seek>(
+        r: &mut R,
+        ty: u32,
+        v1: bool,
+        depth: usize,
+    ) -> std::io::Result<()> {
+        let len = |r: &mut R| {
+            if v1 {
+                u32_of(r).map(u64::from)
+            } else {
+                u64_of(r)
+            }
+        };
+        let fixed = |ty: u32| match ty {
+            0 | 1 | 7 => Some(1i64),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        if let Some(n) = fixed(ty) {
+            return r.seek_relative(n);
+        }
+        match ty {
+            8 => {
+                let n = i64::try_from(len(r)?).map_err(|_| too_long())?;
+                r.seek_relative(n)
+            }
+            9 if depth > 0 => {
+                let item = u32_of(r)?;
+                let count = len(r)?;
+                if let Some(size) = fixed(item) {
+                    let bytes = i64::try_from(count)
+                        .ok()
+                        .and_then(|c| c.checked_mul(size))
+                        .ok_or_else(too_long)?;
+                    return r.seek_relative(bytes);
+                }
+                for _ in 0..count {
+                    // Each item takes at least one byte: a count beyond the file ends in EOF.
+                    if r.fill_buf()?.is_empty() {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    skip(r, item, v1, depth - 1)?;
+                }
+                Ok(())
+            }
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "unknown value type",
+            )),
+        }
+    }
+    let mut head = [0u8; 8];
+    r.read_exact(&mut head)?;
+    let v1 = head[4..8] == 1u32.to_le_bytes();
+    let count = |r: &mut R| {
+        if v1 {
+            u32_of(r).map(u64::from)
+        } else {
+            u64_of(r)
+        }
+    };
+    let _tensors = count(r)?;
+    let kvs = count(r)?;
+    let mut alignment = None;
+    for _ in 0..kvs {
+        let key_len = count(r)?;
+        if key_len > 1 << 20 {
+            return Err(too_long());
+        }
+        let mut key = vec![0u8; key_len as usize];
+        r.read_exact(&mut key)?;
+        let ty = u32_of(r)?;
+        // As candle reads keys: trailing NULs dropped; a later duplicate replaces an earlier one.
+        while key.last() == Some(&0) {
+            key.pop();
+        }
+        if key == b"general.alignment" {
+            alignment = None;
+        }
+        if key == b"general.alignment" && ty <= 5 {
+            let mut b = [0u8; 4];
+            let n = [1, 1, 2, 2, 4, 4][ty as usize];
+            r.read_exact(&mut b[..n])?;
+            let signed_negative = matches!(ty, 1 | 3 | 5) && b[n - 1] & 0x80 != 0;
+            alignment = if signed_negative {
+                None
+            } else {
+                Some(u64::from(u32::from_le_bytes(b)))
+            };
+        } else {
+            // candle refuses arrays nested deeper than 64.
+            skip(r, ty, v1, 65)?;
+        }
+    }
+    Ok(alignment)
 }
 
 /// `Content::read` with its errors sorted into truncation, unsupported type and malformed header.

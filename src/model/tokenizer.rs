@@ -195,10 +195,21 @@ impl Tokenizer {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+        let load = |message: String| TokenizerError::Load {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io {
+            path: path.to_path_buf(),
+            source,
         })?;
+        // tokenizers panics ("Helper") on a JSON error inside the "decoder" value (a syntax error,
+        // text that is not UTF-8) instead of returning it, so the file is parsed as JSON first.
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| load(format!("not valid JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|_| load("the tokenizers library panicked while reading it".into()))?
+            .map_err(|e| load(e.to_string()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let config = read_json_opt(&dir.join("tokenizer_config.json"))?;
         let generation = read_json_opt(&dir.join("generation_config.json"))?;

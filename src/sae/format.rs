@@ -48,7 +48,7 @@ fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let tensors = if ext == "npz" {
-        Tensor::read_npz(path).map(|v| v.into_iter().collect::<HashMap<_, _>>())
+        read_npz(path).map(|v| v.into_iter().collect::<HashMap<_, _>>())
     } else {
         candle_core::safetensors::load(path, &Device::Cpu)
     }
@@ -60,6 +60,161 @@ fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_device(device)?)))
         .collect()
+}
+
+/// The most header bytes a `.npy` array may have (numpy writes under a hundred).
+const MAX_NPY_HEADER: usize = 1 << 16;
+
+/// Reads a `.npz` file (a zip of `.npy` arrays, as `numpy.savez` writes it), each array's data
+/// read as far as it goes and checked against its header: what is allocated follows the bytes in
+/// the file, never the shape a header claims (candle's `read_npz` allocates the claimed shape
+/// first, so a 200-byte file could ask for 40 GB).
+fn read_npz(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
+    let file = std::fs::File::open(path)?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| candle_core::Error::Msg(format!("not a .npz (zip) archive: {e}")))?;
+    let mut out = Vec::with_capacity(zip.len().min(64));
+    for i in 0..zip.len() {
+        let mut entry = zip
+            .by_index(i)
+            .map_err(|e| candle_core::Error::Msg(format!("entry {i}: {e}")))?;
+        let name = entry.name().to_string();
+        let tensor = read_npy(&mut entry)
+            .map_err(|message| candle_core::Error::Msg(format!("{name}: {message}")))?;
+        let key = name.strip_suffix(".npy").unwrap_or(&name).to_string();
+        out.push((key, tensor));
+    }
+    Ok(out)
+}
+
+/// One `.npy` array (format versions 1–3, little-endian or single-byte types, C or Fortran order).
+fn read_npy<R: std::io::Read>(r: &mut R) -> std::result::Result<Tensor, String> {
+    use candle_core::DType;
+    let io = |e: std::io::Error| e.to_string();
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)
+        .map_err(|e| format!("no .npy header ({e})"))?;
+    if &magic[..6] != b"\x93NUMPY" {
+        return Err("not a .npy array (bad magic)".into());
+    }
+    let header_len = match magic[6] {
+        1 => {
+            let mut b = [0u8; 2];
+            r.read_exact(&mut b).map_err(io)?;
+            usize::from(u16::from_le_bytes(b))
+        }
+        2 | 3 => {
+            let mut b = [0u8; 4];
+            r.read_exact(&mut b).map_err(io)?;
+            u32::from_le_bytes(b) as usize
+        }
+        v => return Err(format!(".npy format version {v} is not supported")),
+    };
+    if header_len > MAX_NPY_HEADER {
+        return Err(format!(
+            "a {header_len}-byte .npy header (at most {MAX_NPY_HEADER})"
+        ));
+    }
+    let mut header = vec![0u8; header_len];
+    r.read_exact(&mut header).map_err(io)?;
+    let header = String::from_utf8(header).map_err(|_| "the .npy header is not text")?;
+    let field = |key: &str| -> std::result::Result<&str, String> {
+        let at = [format!("'{key}'"), format!("\"{key}\"")]
+            .iter()
+            .find_map(|k| header.find(k.as_str()).map(|i| i + k.len()))
+            .ok_or_else(|| format!("the .npy header has no {key:?}: {header:?}"))?;
+        let rest = header[at..].trim_start();
+        let rest = rest
+            .strip_prefix(':')
+            .ok_or_else(|| format!("bad .npy header: {header:?}"))?;
+        Ok(rest.trim_start())
+    };
+    let descr = {
+        let v = field("descr")?;
+        let quote = v.chars().next().filter(|c| *c == '\'' || *c == '"');
+        let quote = quote.ok_or_else(|| format!("bad descr in .npy header: {header:?}"))?;
+        let v = &v[1..];
+        &v[..v.find(quote).ok_or("unterminated descr")?]
+    };
+    let (order, code) = match descr.as_bytes().first() {
+        Some(b'<' | b'|' | b'=') => (None, &descr[1..]),
+        Some(b'>') => (Some('>'), &descr[1..]),
+        _ => (None, descr),
+    };
+    let dtype = match code {
+        "e" | "f2" => DType::F16,
+        "f" | "f4" => DType::F32,
+        "d" | "f8" => DType::F64,
+        "h" | "i2" => DType::I16,
+        "i" | "i4" => DType::I32,
+        "q" | "i8" => DType::I64,
+        "B" | "u1" => DType::U8,
+        "I" | "u4" => DType::U32,
+        _ => return Err(format!("array type {descr:?} is not supported")),
+    };
+    if order == Some('>') && dtype.size_in_bytes() > 1 {
+        return Err(format!("big-endian array type {descr:?} is not supported"));
+    }
+    let fortran = {
+        let v = field("fortran_order")?;
+        if v.starts_with("True") {
+            true
+        } else if v.starts_with("False") {
+            false
+        } else {
+            return Err(format!("bad fortran_order in .npy header: {header:?}"));
+        }
+    };
+    let shape: Vec<usize> = {
+        let v = field("shape")?;
+        let inner = v
+            .strip_prefix('(')
+            .and_then(|v| v.split_once(')'))
+            .map(|(inner, _)| inner)
+            .ok_or_else(|| format!("bad shape in .npy header: {header:?}"))?;
+        inner
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(|d| {
+                d.parse::<usize>()
+                    .map_err(|_| format!("bad dimension {d:?}"))
+            })
+            .collect::<std::result::Result<_, _>>()?
+    };
+    let bytes = shape
+        .iter()
+        .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| format!("shape {shape:?} overflows"))?;
+    // Grow with the data actually there; stop at what the header claims.
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    while data.len() < bytes {
+        let want = chunk.len().min(bytes - data.len());
+        match r.read(&mut chunk[..want]) {
+            Ok(0) => break,
+            Ok(n) => data.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if data.len() != bytes {
+        return Err(format!(
+            "the header says {shape:?} {descr} ({bytes} bytes) but the array holds {} bytes",
+            data.len()
+        ));
+    }
+    let err = |e: candle_core::Error| e.to_string();
+    if fortran && shape.len() > 1 {
+        let reversed: Vec<usize> = shape.iter().rev().copied().collect();
+        let dims: Vec<usize> = (0..shape.len()).rev().collect();
+        Tensor::from_raw_buffer(&data, dtype, &reversed, &Device::Cpu)
+            .and_then(|t| t.permute(dims))
+            .and_then(|t| t.contiguous())
+            .map_err(err)
+    } else {
+        Tensor::from_raw_buffer(&data, dtype, &shape, &Device::Cpu).map_err(err)
+    }
 }
 
 /// Take exactly the `expected` keys (and the `optional` ones if present); anything else is an error.

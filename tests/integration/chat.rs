@@ -176,3 +176,28 @@ fn messages_are_serde() {
     assert_eq!(m, vec![Message::user("hi"), Message::assistant("")]);
     assert!(serde_json::from_str::<Message>(r#"{"role":"user"}"#).is_err());
 }
+
+/// A template comes with the model file; one that never stops must end with an error, promptly.
+#[test]
+fn endless_templates_fail_instead_of_hanging() {
+    let msgs = [Message::user("hi")];
+    let cases = [
+        // Nested loops: 10^15 iterations.
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x{% endfor %}{% endfor %}{% endfor %}",
+        // Unbounded recursion through a macro.
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        // A recursive loop over a self-similar structure.
+        "{% set t = [[1], [2]] %}{% for x in t recursive %}{{ loop(t) }}{% endfor %}",
+    ];
+    for source in cases {
+        let t = ChatTemplate::new(source).expect("parses");
+        let start = std::time::Instant::now();
+        let err = t.render(&msgs, true).expect_err(source);
+        assert!(matches!(err, ChatError::Render { .. }), "{source}: {err}");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{source}: took {:?}",
+            start.elapsed()
+        );
+    }
+}

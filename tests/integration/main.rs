@@ -14,6 +14,8 @@ mod eval_metrics;
 mod eval_run;
 mod explain_smollm2;
 mod features_smollm2;
+mod fuzz_corpus;
+mod fuzz_regressions;
 mod gate;
 mod gguf;
 mod lora;
