@@ -406,6 +406,16 @@ impl AlignArgs {
                 );
             }
         }
+        // The basis is the adapter's read/write factor: its width is the LoRA rank. Checked
+        // here so a mismatch fails before any stage runs, not at the train stage an hour in.
+        if cfg.subspace.rank != cfg.lora.rank {
+            bail!(
+                "[subspace] rank = {} but [lora] rank = {}: the subspace basis is the adapter's \
+                 factor, so the two must be equal",
+                cfg.subspace.rank,
+                cfg.lora.rank
+            );
+        }
         if cfg.preset == PresetArg::Gemma2_9b
             && matches!(&cfg.sae, SaePlan::Load { paths } if paths.is_empty())
         {
@@ -1305,6 +1315,21 @@ mod tests {
             .unwrap()
             .a;
         assert!(a.resolve().is_err(), "unknown keys are errors");
+        // One rank: a subspace and an adapter of different widths are refused at once.
+        std::fs::write(&file, "[lora]\nrank = 8\n").unwrap();
+        let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
+            .unwrap()
+            .a;
+        let e = a.resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("[subspace] rank = 16 but [lora] rank = 8"),
+            "{e}"
+        );
+        std::fs::write(&file, "[lora]\nrank = 8\n[subspace]\nrank = 8\n").unwrap();
+        let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
+            .unwrap()
+            .a;
+        assert_eq!(a.resolve().unwrap().lora.rank, 8);
         // An enum's other variant replaces the preset's, where a merge would hold both.
         std::fs::write(&file, "[data]\nharmless = { exactly = 303 }\n").unwrap();
         let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
