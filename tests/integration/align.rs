@@ -67,7 +67,7 @@ fn align_records_inputs_skips_what_is_done_and_reruns_what_changed() {
     let run = tmp.path().join("run");
     let config = tmp.path().join("run.toml");
     let base_cfg = "feature_prompts = 4\n[features]\ntop_k = 4\nbootstrap = 10\n\
-                    [subspace]\nrank = 2\n";
+                    [subspace]\nrank = 2\n[lora]\nrank = 2\n";
     std::fs::write(&config, base_cfg).unwrap();
 
     let m = align(&run, &sae, &config);
