@@ -37,11 +37,28 @@ pub enum PresetArg {
     /// $SAILS_HOME and reused; ~37 min the first time), every training prompt, the full
     /// evaluation (65 min on 2 CPU cores measured, SAEs already trained).
     Default,
+    /// For choosing between configurations: the default preset's SAEs, features, data and
+    /// adapter, trained for 100 steps instead of 300, then judged on the fixed validation suites
+    /// only (training-side prompts held out of training; never an evaluation item), and the run
+    /// stops there. About 15 minutes on 2 CPU cores with the default SAEs trained; checked to
+    /// rank data configurations as the default preset does (EVALUATION.md). Combine with
+    /// --config to try a change; its figures are printed at the end and kept in select/.
+    Iterate,
     /// The paper's setting for users with a GPU and the weights: Gemma-2-9B, Gemma Scope 16k
     /// residual SAEs (give them with --sae PATH@out:L), rank-16 LoRA on q,k,v,o.
     #[value(name = "gemma-2-9b")]
     #[serde(rename = "gemma-2-9b")]
     Gemma2_9b,
+}
+
+impl PresetArg {
+    /// The stage a run of this preset stops after when `--until` does not say.
+    fn last_stage(self) -> Option<&'static str> {
+        match self {
+            PresetArg::Iterate => Some("select"),
+            _ => None,
+        }
+    }
 }
 
 /// Where the SAEs come from.
@@ -276,6 +293,22 @@ impl AlignConfig {
                 select: SelectPlan::default(),
                 gate: None,
             },
+            PresetArg::Iterate => {
+                let default = AlignConfig::preset(PresetArg::Default);
+                AlignConfig {
+                    preset,
+                    train: TrainConfig {
+                        max_steps: 100,
+                        ..default.train
+                    },
+                    // Scale 1 is the default preset's adapter; validation is what is judged.
+                    select: SelectPlan {
+                        scales: vec![1.0],
+                        max_overrefusal: 0.08,
+                    },
+                    ..default
+                }
+            }
             PresetArg::Gemma2_9b => AlignConfig {
                 preset,
                 model: "google/gemma-2-9b-it".into(),
@@ -642,6 +675,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         PathBuf::from("runs").join(match cfg.preset {
             PresetArg::Quick => "quick",
             PresetArg::Default => "default",
+            PresetArg::Iterate => "iterate",
             PresetArg::Gemma2_9b => "gemma-2-9b",
         })
     });
@@ -664,7 +698,8 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("resolving model {:?}", cfg.model))?
         .path()
         .to_path_buf();
-    let until = |stage: &str| args.until.as_deref() == Some(stage);
+    let last = args.until.as_deref().or(cfg.preset.last_stage());
+    let until = |stage: &str| last == Some(stage);
 
     // 1. SAEs
     let sae_specs: Vec<String> = match &cfg.sae {
@@ -1185,6 +1220,24 @@ fn finish(mut runner: Runner<'_>, args: &AlignArgs, total: Instant) -> anyhow::R
                 }
             );
         }
+        let choice = runner.run.path("select/choice.json");
+        if choice.exists() {
+            let c: SelectChoice = read_json(&choice)?;
+            println!("validation (val-harmful safety, val-benign refusal):");
+            for t in &c.tried {
+                println!(
+                    "  scale {:<5} {:.1} %, {:.1} %{}",
+                    t.scale,
+                    100.0 * t.val_safety,
+                    100.0 * t.val_overrefusal,
+                    if t.scale == c.chosen {
+                        "  (chosen)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
         let report = runner.run.path("report.html");
         if report.exists() {
             println!("report: {}", report.display());
@@ -1269,7 +1322,12 @@ mod tests {
 
     #[test]
     fn presets_round_trip_through_toml_and_a_config_file_overrides_them() {
-        for p in [PresetArg::Quick, PresetArg::Default, PresetArg::Gemma2_9b] {
+        for p in [
+            PresetArg::Quick,
+            PresetArg::Default,
+            PresetArg::Iterate,
+            PresetArg::Gemma2_9b,
+        ] {
             let cfg = AlignConfig::preset(p);
             let text = toml::to_string(&cfg).unwrap();
             let back: AlignConfig = toml::from_str(&text).unwrap();
@@ -1365,6 +1423,27 @@ mod tests {
     }
 
     #[test]
+    fn the_iteration_preset_is_the_default_shortened_and_judged_on_validation_only() {
+        let default = AlignConfig::preset(PresetArg::Default);
+        let iterate = AlignConfig::preset(PresetArg::Iterate);
+        assert_eq!(iterate.train.max_steps, 100);
+        assert_eq!(iterate.select.scales, [1.0]);
+        assert_eq!(PresetArg::Iterate.last_stage(), Some("select"));
+        assert_eq!(PresetArg::Default.last_stage(), None);
+        // Everything else is the default preset's, so its choices carry over.
+        let same = AlignConfig {
+            preset: PresetArg::Default,
+            train: default.train.clone(),
+            select: SelectPlan::default(),
+            ..iterate.clone()
+        };
+        assert_eq!(same, default);
+        // A configuration tried with it keeps the shortening.
+        let cfg = config_over_preset(iterate, "[data]\nmany_shot = 44\n", Path::new("x")).unwrap();
+        assert_eq!((cfg.data.many_shot, cfg.train.max_steps), (44, 100));
+    }
+
+    #[test]
     fn gemma_preset_needs_saes() {
         let a = A::try_parse_from(["x", "--preset", "gemma-2-9b"])
             .unwrap()
@@ -1391,7 +1470,12 @@ mod tests {
                 let Ok(text) = String::from_utf8(std::fs::read(&path).unwrap()) else {
                     continue;
                 };
-                for preset in [PresetArg::Quick, PresetArg::Default, PresetArg::Gemma2_9b] {
+                for preset in [
+                    PresetArg::Quick,
+                    PresetArg::Default,
+                    PresetArg::Iterate,
+                    PresetArg::Gemma2_9b,
+                ] {
                     let _ = config_over_preset(AlignConfig::preset(preset), &text, &path);
                 }
                 replayed += 1;
