@@ -12,7 +12,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         return;
     };
     let path = std::path::Path::new("align.toml");
-    for preset in [PresetArg::Quick, PresetArg::Default, PresetArg::Gemma2_9b] {
+    for preset in [
+        PresetArg::Quick,
+        PresetArg::Default,
+        PresetArg::Iterate,
+        PresetArg::Gemma2_9b,
+    ] {
         let _ = config_over_preset(AlignConfig::preset(preset), text, path);
     }
 });
