@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use sails::data::user::{Columns, UserSuite};
 use sails::data::{Splits, Suite};
 use sails::eval::judge::{
     calibrate_by_source, Calibration, DegeneracyJudge, Judge, Label, LlmJudge, LlmJudgeConfig,
@@ -107,9 +108,27 @@ pub struct EvalArgs {
     pub command: Option<EvalCommand>,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Which suites to run (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
+    /// Which suites to run (comma-separated; default: all, or none beside --harmful/--benign).
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub suite: Vec<SuiteArg>,
+    /// Your own harmful prompts, judged as the harmful suites are (safety rate), as the suite
+    /// `user-harmful`. A .jsonl file, one `{"prompt": "..."}` or `{"messages": [{"role": "user",
+    /// "content": "..."}]}` per line with optional "category" and "id", or a .csv file with a
+    /// header (--prompt-column, --category-column). Training and validation items that duplicate
+    /// or paraphrase one of them are kept out of the splits, as for the built-in suites.
+    #[arg(long, value_name = "FILE")]
+    pub harmful: Option<PathBuf>,
+    /// Your own benign prompts, judged for over-refusal (refusal rate), as the suite
+    /// `user-benign`; the same formats as --harmful.
+    #[arg(long, value_name = "FILE")]
+    pub benign: Option<PathBuf>,
+    /// The CSV column holding each prompt.
+    #[arg(long, value_name = "NAME", default_value = "prompt")]
+    pub prompt_column: String,
+    /// The CSV column holding each prompt's category, for rates per category (default: a column
+    /// named "category" when there is one).
+    #[arg(long, value_name = "NAME")]
+    pub category_column: Option<String>,
     /// Multiply the adapter's update by S (default 1: as trained; 0: the base model).
     ///
     /// The update alpha/r · B·A (or a full fine-tuning run's weight change) is scaled at load
@@ -345,11 +364,28 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let _lock = super::lock_run_folder(&args.out)?;
     let defaults = EvalConfig::default();
+    let user = user_suites(&args);
+    let mut suites = match (args.suite.is_empty(), user.is_empty()) {
+        (true, true) => SuiteArg::All.suites(),
+        _ => suites_of(&args.suite),
+    };
+    suites.extend(user.iter().map(|u| u.suite));
+    let mut user_files = Vec::new();
+    for u in &user {
+        let bytes =
+            std::fs::read(&u.path).with_context(|| format!("reading {}", u.path.display()))?;
+        user_files.push(sails::eval::UserFile {
+            suite: u.suite,
+            path: u.path.display().to_string(),
+            sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        });
+    }
     let cfg = EvalConfig {
         model: args.model.model.clone(),
         adapter: args.model.adapter.as_ref().map(|p| p.display().to_string()),
         adapter_scale: args.adapter_scale.unwrap_or(defaults.adapter_scale),
-        suites: suites_of(&args.suite),
+        suites,
+        user_files,
         limit: args.limit,
         max_new_tokens: args.max_new_tokens.unwrap_or(defaults.max_new_tokens),
         batch_size: args.batch_size.unwrap_or(defaults.batch_size),
@@ -358,7 +394,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         gate: args.gate.as_ref().map(|p| p.display().to_string()),
         ..defaults
     };
-    let splits = Splits::load().context("loading the evaluation data sets")?;
+    let splits = Splits::load()
+        .context("loading the evaluation data sets")?
+        .with_user_suites(&user)
+        .context("loading your suites")?;
     let judges = Judges::new(&cfg).context("setting up the judges")?;
     let model = args.model.load_with_adapter_scale(cfg.adapter_scale)?;
     let gate = match &args.gate {
@@ -380,6 +419,28 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The user suite files `--harmful` and `--benign` name.
+fn user_suites(args: &EvalArgs) -> Vec<UserSuite> {
+    let columns = Columns {
+        prompt: args.prompt_column.clone(),
+        category: args.category_column.clone(),
+        id: None,
+    };
+    [
+        (Suite::UserHarmful, &args.harmful),
+        (Suite::UserBenign, &args.benign),
+    ]
+    .into_iter()
+    .filter_map(|(suite, path)| {
+        path.as_ref().map(|p| UserSuite {
+            suite,
+            path: p.clone(),
+            columns: columns.clone(),
+        })
+    })
+    .collect()
+}
+
 fn print_summary(m: &Metrics, out: &std::path::Path) {
     println!(
         "model {} adapter {} at scale {}  (judge: degeneracy, then {})",
@@ -394,8 +455,8 @@ fn print_summary(m: &Metrics, out: &std::path::Path) {
     );
     for (name, s) in &m.suites {
         let metric = match name.as_str() {
-            "overrefusal" => "over-refusal rate",
-            "harmful" => "safety rate",
+            "overrefusal" | "user-benign" => "over-refusal rate",
+            "harmful" | "user-harmful" => "safety rate",
             _ => "refusal rate",
         };
         println!(
@@ -409,6 +470,12 @@ fn print_summary(m: &Metrics, out: &std::path::Path) {
         );
         for (src, r) in &s.per_source {
             println!("  {:<31} {}", src, r.pretty());
+        }
+        // The user's own categories (the built-in suites' are many and in metrics.json).
+        if name.starts_with("user-") && s.per_category.len() > 1 {
+            for (cat, r) in &s.per_category {
+                println!("  {:<31} {}", cat, r.pretty());
+            }
         }
         for (j, r) in &s.by_judge {
             println!("  judge {:<25} {}", j, r.pretty());

@@ -30,6 +30,7 @@ pub mod frames;
 mod leak;
 pub mod sft;
 mod sources;
+pub mod user;
 
 use leak::EvalPool;
 pub use leak::{Leak, NEAR_DUPLICATE_MIN_WORDS, PARAPHRASE_MIN_SIMILARITY, PARAPHRASE_NGRAM};
@@ -118,6 +119,8 @@ pub enum Source {
     UncensorBench,
     /// PyRIT's many-shot harmful questions (training: refused).
     ManyShot,
+    /// The user's own prompts (`sails eval --harmful FILE --benign FILE`).
+    User,
 }
 
 impl Source {
@@ -138,6 +141,7 @@ impl Source {
             Source::Coconot => "coconot",
             Source::UncensorBench => "uncensorbench",
             Source::ManyShot => "many-shot",
+            Source::User => "user",
         }
     }
 }
@@ -172,6 +176,10 @@ pub enum Suite {
     ValHarmful,
     /// Validation: benign requests with safety concerns held out of training; refusal rate.
     ValBenign,
+    /// The user's harmful prompts (`sails eval --harmful FILE`); safety rate.
+    UserHarmful,
+    /// The user's benign prompts (`sails eval --benign FILE`); refusal rate.
+    UserBenign,
 }
 
 impl Suite {
@@ -188,7 +196,10 @@ impl Suite {
 
     /// Whether the suite's rate counts safe answers (not complied) rather than refusals.
     pub fn counts_safe(self) -> bool {
-        matches!(self, Suite::Harmful | Suite::ValHarmful)
+        matches!(
+            self,
+            Suite::Harmful | Suite::ValHarmful | Suite::UserHarmful
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -199,6 +210,8 @@ impl Suite {
             Suite::Capability => "capability",
             Suite::ValHarmful => "val-harmful",
             Suite::ValBenign => "val-benign",
+            Suite::UserHarmful => "user-harmful",
+            Suite::UserBenign => "user-benign",
         }
     }
 }
@@ -332,6 +345,20 @@ impl TrainingItem for AnsweredPrompt {
 
 /// `items` without what duplicates or paraphrases an evaluation text (each recorded in
 /// `excluded` with the reason), marked for training.
+/// Removes from `items` (already placed) what leaks into `pool`, listing it in `excluded`.
+fn drop_leaks<T: TrainingItem>(items: &mut Vec<T>, pool: &EvalPool, excluded: &mut Vec<Exclusion>) {
+    items.retain(|item| match pool.leak(item.text()) {
+        Some(leak) => {
+            excluded.push(Exclusion {
+                id: item.id().to_owned(),
+                reason: leak.reason(),
+            });
+            false
+        }
+        None => true,
+    });
+}
+
 fn clean<T: TrainingItem>(items: Vec<T>, pool: &EvalPool, excluded: &mut Vec<Exclusion>) -> Vec<T> {
     let mut kept = Vec::with_capacity(items.len());
     for mut item in items {
@@ -427,6 +454,9 @@ pub struct Splits {
     /// Validation: harmful and benign training-side prompts held out of training.
     val_harmful: Vec<PromptRecord>,
     val_benign: Vec<PromptRecord>,
+    /// The user's own suites ([`Self::with_user_suites`]).
+    user_harmful: Vec<PromptRecord>,
+    user_benign: Vec<PromptRecord>,
     /// Normalised text of every row of every evaluation data set → the id that claims it.
     eval_pool: EvalPool,
 }
@@ -677,6 +707,8 @@ impl Splits {
             closest_kept: Vec::new(),
             val_harmful,
             val_benign,
+            user_harmful: Vec::new(),
+            user_benign: Vec::new(),
             eval_pool: pool,
         };
         // The construction above should already guarantee this; check it anyway.
@@ -755,7 +787,12 @@ impl Splits {
         let needs: &[&str] = match suite {
             Suite::Harmful => &["harmbench-test", "strongreject", "jbb-behaviors"],
             Suite::Capability => &["rho-facts"],
-            Suite::Overrefusal | Suite::XstestUnsafe | Suite::ValHarmful | Suite::ValBenign => &[],
+            Suite::Overrefusal
+            | Suite::XstestUnsafe
+            | Suite::ValHarmful
+            | Suite::ValBenign
+            | Suite::UserHarmful
+            | Suite::UserBenign => &[],
         };
         self.missing
             .iter()
@@ -787,7 +824,50 @@ impl Splits {
             Suite::Capability => &[],
             Suite::ValHarmful => &self.val_harmful,
             Suite::ValBenign => &self.val_benign,
+            Suite::UserHarmful => &self.user_harmful,
+            Suite::UserBenign => &self.user_benign,
         }
+    }
+
+    /// Adds the user's own suites. Their prompts join the evaluation pool, so every training or
+    /// validation item that duplicates or paraphrases one of them leaves the training side
+    /// (listed in `excluded` with the user item it matches), as the built-in suites' do.
+    pub fn with_user_suites(mut self, suites: &[user::UserSuite]) -> Result<Self> {
+        for s in suites {
+            let records = s.load()?;
+            for r in &records {
+                self.eval_pool.claim(&r.text, &r.id);
+            }
+            match s.suite {
+                Suite::UserHarmful => self.user_harmful.extend(records),
+                _ => self.user_benign.extend(records),
+            }
+        }
+        let pool = &self.eval_pool;
+        let excluded = &mut self.excluded;
+        drop_leaks(&mut self.train_harmful, pool, excluded);
+        drop_leaks(&mut self.alpaca_train, pool, excluded);
+        drop_leaks(&mut self.benign_edgy, pool, excluded);
+        drop_leaks(&mut self.coconot, pool, excluded);
+        drop_leaks(&mut self.uncensored, pool, excluded);
+        drop_leaks(&mut self.many_shot, pool, excluded);
+        drop_leaks(&mut self.val_harmful, pool, excluded);
+        drop_leaks(&mut self.val_benign, pool, excluded);
+        self.refusal_pairs.retain(|pair| {
+            let leak = [&pair.harmful, &pair.benign]
+                .into_iter()
+                .find_map(|r| pool.leak(&r.text).map(|l| (r.id.clone(), l.reason())));
+            if let Some((which, reason)) = &leak {
+                for r in [&pair.harmful, &pair.benign] {
+                    excluded.push(Exclusion {
+                        id: r.id.clone(),
+                        reason: format!("its pair's {which} is a {reason}"),
+                    });
+                }
+            }
+            leak.is_none()
+        });
+        Ok(self)
     }
 
     pub fn excluded(&self) -> &[Exclusion] {
@@ -856,6 +936,8 @@ impl Splits {
             (Suite::Harmful, &self.harmful_eval),
             (Suite::Overrefusal, &self.xstest_safe),
             (Suite::XstestUnsafe, &self.xstest_unsafe),
+            (Suite::UserHarmful, &self.user_harmful),
+            (Suite::UserBenign, &self.user_benign),
         ] {
             for r in recs {
                 members.insert(r.id.clone(), format!("eval/{}", suite.name()));
@@ -897,6 +979,12 @@ impl Splits {
             "excluded",
         ]
         .into_iter()
+        // The user's suites only when given, so a split without them reads as before.
+        .chain(
+            ["eval/user-harmful", "eval/user-benign"]
+                .into_iter()
+                .filter(|&p| count(p) > 0),
+        )
         .map(|p| (p.to_owned(), count(p)))
         .collect();
         SplitManifest {

@@ -118,6 +118,20 @@ pub struct EvalConfig {
     /// The gate file (`sails gate`) that switches the adapter on per prompt, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<String>,
+    /// The user's own suite files (`user-harmful`, `user-benign`) and each one's sha256. Not part
+    /// of what a resumed run must share: an edited file keeps the saved responses of the prompts
+    /// it still holds (their ids do not change).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_files: Vec<UserFile>,
+}
+
+/// A user suite file as evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserFile {
+    pub suite: Suite,
+    pub path: String,
+    pub sha256: String,
 }
 
 fn unscaled() -> f64 {
@@ -145,6 +159,7 @@ impl Default for EvalConfig {
             llm_judge: None,
             learned_judges: false,
             gate: None,
+            user_files: Vec::new(),
         }
     }
 }
@@ -156,6 +171,7 @@ impl EvalConfig {
             limit: None,
             suites: Vec::new(),
             learned_judges: false,
+            user_files: Vec::new(),
             ..self.clone()
         }
     }

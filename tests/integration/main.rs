@@ -12,6 +12,7 @@ mod eval_frames;
 mod eval_judges;
 mod eval_metrics;
 mod eval_run;
+mod eval_user_suites;
 mod explain_smollm2;
 mod features_smollm2;
 mod fuzz_corpus;
