@@ -91,6 +91,84 @@ pub struct EvalPlan {
     pub limit: Option<usize>,
     pub max_new_tokens: usize,
     pub batch_size: usize,
+    /// Your own harmful prompts (`sails eval --harmful`): evaluated beside the built-in suites,
+    /// and kept out of feature selection and of the fine-tuning data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harmful_file: Option<PathBuf>,
+    /// Your own benign prompts (`sails eval --benign`), the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub benign_file: Option<PathBuf>,
+    /// The CSV column holding each prompt in those files (default `prompt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_column: Option<String>,
+    /// The CSV column holding each prompt's category (default: `category` when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category_column: Option<String>,
+}
+
+impl Default for EvalPlan {
+    /// Every item, 64 new tokens, batches of 16: the default preset's evaluation.
+    fn default() -> Self {
+        Self {
+            limit: None,
+            max_new_tokens: 64,
+            batch_size: 16,
+            harmful_file: None,
+            benign_file: None,
+            prompt_column: None,
+            category_column: None,
+        }
+    }
+}
+
+impl EvalPlan {
+    /// The user's suite files, inputs of every stage that reads them.
+    pub(super) fn user_files(&self) -> Vec<PathBuf> {
+        self.harmful_file
+            .iter()
+            .chain(&self.benign_file)
+            .cloned()
+            .collect()
+    }
+
+    /// Flags that keep the user's suites out of a training-side stage (`data build`, `features`).
+    fn keep_out_flags(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        for (flag, file) in [
+            ("--eval-harmful", &self.harmful_file),
+            ("--eval-benign", &self.benign_file),
+        ] {
+            if let Some(f) = file {
+                a.extend([s(flag), s(f.display())]);
+            }
+        }
+        if let Some(c) = &self.prompt_column {
+            a.extend([s("--eval-prompt-column"), c.clone()]);
+        }
+        a
+    }
+
+    /// Flags that evaluate the user's suites (`sails eval`).
+    fn user_suite_flags(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        for (flag, file) in [
+            ("--harmful", &self.harmful_file),
+            ("--benign", &self.benign_file),
+        ] {
+            if let Some(f) = file {
+                a.extend([s(flag), s(f.display())]);
+            }
+        }
+        for (flag, column) in [
+            ("--prompt-column", &self.prompt_column),
+            ("--category-column", &self.category_column),
+        ] {
+            if let Some(c) = column {
+                a.extend([s(flag), c.clone()]);
+            }
+        }
+        a
+    }
 }
 
 /// Everything `sails align` does; saved into `manifest.json`.
@@ -253,6 +331,7 @@ impl AlignConfig {
                         limit: Some(24),
                         max_new_tokens: 48,
                         batch_size: 12,
+                        ..EvalPlan::default()
                     },
                     explain_contexts: 3,
                     select: SelectPlan::default(),
@@ -284,11 +363,7 @@ impl AlignConfig {
                     max_seq_len: 768,
                     ..TrainConfig::default()
                 },
-                eval: EvalPlan {
-                    limit: None,
-                    max_new_tokens: 64,
-                    batch_size: 16,
-                },
+                eval: EvalPlan::default(),
                 explain_contexts: 5,
                 select: SelectPlan::default(),
                 gate: None,
@@ -319,11 +394,7 @@ impl AlignConfig {
                 data: SftConfig::default(),
                 lora,
                 train: TrainConfig::default(),
-                eval: EvalPlan {
-                    limit: None,
-                    max_new_tokens: 64,
-                    batch_size: 16,
-                },
+                eval: EvalPlan::default(),
                 explain_contexts: 5,
                 select: SelectPlan::default(),
                 gate: None,
@@ -538,6 +609,10 @@ pub(super) fn eval_args(
     ];
     if let Some(n) = e.limit {
         a.extend([s("--limit"), s(n)]);
+    }
+    // Validation is for model selection only: the user's suites go with the evaluation suites.
+    if suite != "validation" {
+        a.extend(e.user_suite_flags());
     }
     if let Some(ad) = adapter {
         a.extend([s("--adapter"), s(ad.display())]);
@@ -773,6 +848,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
     };
     let mut inputs = vec![model_path.clone()];
     inputs.extend(sae_weight_inputs.iter().cloned());
+    inputs.extend(cfg.eval.user_files());
     let f = &cfg.features;
     runner.stage(
         StagePlan {
@@ -804,6 +880,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
             if let Some(n) = cfg.feature_prompts {
                 a.extend([s("--max-prompts"), s(n)]);
             }
+            a.extend(cfg.eval.keep_out_flags());
             sails(&run, "features", &a)
         },
     )?;
@@ -861,7 +938,10 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
     runner.stage(
         StagePlan {
             name: "data",
-            inputs: vec![model_path.clone()],
+            inputs: [model_path.clone()]
+                .into_iter()
+                .chain(cfg.eval.user_files())
+                .collect(),
             config: serde_json::to_value(&cfg.data)?,
             outputs: data_outputs,
         },
@@ -871,20 +951,18 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
             }
             let cfg_path = run.path("data-config.toml");
             write_toml(&cfg_path, &cfg.data)?;
-            sails(
-                &run,
-                "data",
-                &[
-                    s("data"),
-                    s("build"),
-                    s("--model"),
-                    cfg.model.clone(),
-                    s("--config"),
-                    s(cfg_path.display()),
-                    s("--out"),
-                    s(run.path("data").display()),
-                ],
-            )
+            let mut a = vec![
+                s("data"),
+                s("build"),
+                s("--model"),
+                cfg.model.clone(),
+                s("--config"),
+                s(cfg_path.display()),
+                s("--out"),
+                s(run.path("data").display()),
+            ];
+            a.extend(cfg.eval.keep_out_flags());
+            sails(&run, "data", &a)
         },
     )?;
     if until("data") {
@@ -1089,6 +1167,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<ExitCode> {
     // 8–9. evaluation of the base and the aligned model (at the chosen scale, behind the gate)
     for (stage, adapter) in [("eval-base", None), ("eval-aligned", Some("train/adapter"))] {
         let mut inputs = vec![model_path.clone()];
+        inputs.extend(e.user_files());
         if let Some(a) = adapter {
             inputs.push(run.path(a));
         }
@@ -1441,6 +1520,57 @@ mod tests {
         // A configuration tried with it keeps the shortening.
         let cfg = config_over_preset(iterate, "[data]\nmany_shot = 44\n", Path::new("x")).unwrap();
         assert_eq!((cfg.data.many_shot, cfg.train.max_steps), (44, 100));
+    }
+
+    #[test]
+    fn your_suites_in_a_config_are_evaluated_and_kept_out_of_the_training_stages() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(
+            &file,
+            "[eval]\nharmful_file = \"red.jsonl\"\nbenign_file = \"ok.csv\"\nprompt_column = \"q\"\n",
+        )
+        .unwrap();
+        let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
+            .unwrap()
+            .a;
+        let e = a.resolve().unwrap().eval;
+        assert_eq!(
+            e.user_files(),
+            [PathBuf::from("red.jsonl"), PathBuf::from("ok.csv")]
+        );
+        assert_eq!(
+            e.keep_out_flags(),
+            [
+                "--eval-harmful",
+                "red.jsonl",
+                "--eval-benign",
+                "ok.csv",
+                "--eval-prompt-column",
+                "q"
+            ]
+        );
+        let all = eval_args("default", Path::new("o"), &e, "all", None);
+        assert!(
+            all.windows(2).any(|w| w == ["--harmful", "red.jsonl"]),
+            "{all:?}"
+        );
+        assert!(
+            all.windows(2).any(|w| w == ["--prompt-column", "q"]),
+            "{all:?}"
+        );
+        // Validation is for model selection: the user's suites are not judged there.
+        let val = eval_args("default", Path::new("o"), &e, "validation", None);
+        assert!(
+            !val.iter().any(|f| f == "--harmful" || f == "--benign"),
+            "{val:?}"
+        );
+        // Without them a preset's config serialises as before (old manifests stay up to date).
+        let text = serde_json::to_string(&AlignConfig::preset(PresetArg::Default).eval).unwrap();
+        assert_eq!(
+            text,
+            r#"{"limit":null,"max_new_tokens":64,"batch_size":16}"#
+        );
     }
 
     #[test]

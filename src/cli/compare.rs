@@ -430,7 +430,10 @@ pub fn run(args: CompareArgs) -> anyhow::Result<ExitCode> {
                 runner.stage(
                     StagePlan {
                         name: &eval_stage,
-                        inputs: vec![model_path.clone(), adapter.clone()],
+                        inputs: [model_path.clone(), adapter.clone()]
+                            .into_iter()
+                            .chain(eval.user_files())
+                            .collect(),
                         config,
                         outputs: vec![PathBuf::from(&tag).join(&dir_name).join("metrics.json")],
                     },

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use sails::data::sft::{self, HarmlessCount, HelpfulSource, ModelAnswers, SftConfig, SftSet};
-use sails::data::Splits;
 use sails::model::chat::Message;
 use sails::model::generate::{generate, GenerationConfig, Sampling};
 use sails::model::load::ChatModel;
@@ -57,6 +56,8 @@ pub struct BuildArgs {
     /// Output directory: train.jsonl, heldout.jsonl, sft_manifest.json, answers.jsonl.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    #[command(flatten)]
+    keep_out: super::eval::KeepOutArgs,
     /// Fine-tuning set config (TOML, SftConfig fields); the flags below override it.
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
@@ -313,7 +314,7 @@ impl Answerer<'_> {
 
 fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let cfg = config(&args)?;
-    let splits = Splits::load().context("loading the prompt sets")?;
+    let splits = args.keep_out.splits()?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let needs_model = cfg.helpful == HelpfulSource::Model

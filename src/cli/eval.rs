@@ -421,24 +421,68 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
 
 /// The user suite files `--harmful` and `--benign` name.
 fn user_suites(args: &EvalArgs) -> Vec<UserSuite> {
+    user_suite_list(
+        &args.harmful,
+        &args.benign,
+        &args.prompt_column,
+        &args.category_column,
+    )
+}
+
+/// The user's harmful and benign suite files, each read with the same CSV columns.
+fn user_suite_list(
+    harmful: &Option<PathBuf>,
+    benign: &Option<PathBuf>,
+    prompt_column: &str,
+    category_column: &Option<String>,
+) -> Vec<UserSuite> {
     let columns = Columns {
-        prompt: args.prompt_column.clone(),
-        category: args.category_column.clone(),
+        prompt: prompt_column.to_owned(),
+        category: category_column.clone(),
         id: None,
     };
-    [
-        (Suite::UserHarmful, &args.harmful),
-        (Suite::UserBenign, &args.benign),
-    ]
-    .into_iter()
-    .filter_map(|(suite, path)| {
-        path.as_ref().map(|p| UserSuite {
-            suite,
-            path: p.clone(),
-            columns: columns.clone(),
+    [(Suite::UserHarmful, harmful), (Suite::UserBenign, benign)]
+        .into_iter()
+        .filter_map(|(suite, path)| {
+            path.as_ref().map(|p| UserSuite {
+                suite,
+                path: p.clone(),
+                columns: columns.clone(),
+            })
         })
-    })
-    .collect()
+        .collect()
+}
+
+/// Evaluation prompt files of the user's (`sails eval --harmful/--benign`) that a training-side
+/// command must keep out of what it uses, as it keeps out the built-in suites.
+#[derive(Debug, Clone, Args)]
+pub struct KeepOutArgs {
+    /// Your harmful evaluation prompts (the file `sails eval --harmful` reads): training-side
+    /// prompts that repeat or paraphrase one of them are left out.
+    #[arg(long, value_name = "FILE")]
+    pub eval_harmful: Option<PathBuf>,
+    /// Your benign evaluation prompts (the file `sails eval --benign` reads); as --eval-harmful.
+    #[arg(long, value_name = "FILE")]
+    pub eval_benign: Option<PathBuf>,
+    /// The CSV column holding each prompt in those files.
+    #[arg(long, value_name = "NAME", default_value = "prompt")]
+    pub eval_prompt_column: String,
+}
+
+impl KeepOutArgs {
+    /// The splits with the user's suites kept out of their training side.
+    pub fn splits(&self) -> anyhow::Result<Splits> {
+        let user = user_suite_list(
+            &self.eval_harmful,
+            &self.eval_benign,
+            &self.eval_prompt_column,
+            &None,
+        );
+        Splits::load()
+            .context("loading the prompt splits")?
+            .with_user_suites(&user)
+            .context("loading your evaluation suites")
+    }
 }
 
 fn print_summary(m: &Metrics, out: &std::path::Path) {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
-use sails::data::{hash_unit, Splits};
+use sails::data::hash_unit;
 use sails::features::{
     self, FeatureConfig, LabelledSae, PooledResiduals, Pooling, Selection, ACTIVATIONS_FILE,
     SELECTION_FILE,
@@ -43,6 +43,8 @@ impl From<PoolingArg> for Pooling {
 pub struct FeaturesArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub keep_out: super::eval::KeepOutArgs,
     /// SAEs to score: SAELens folders (cfg.json + sae_weights.safetensors), a folder holding
     /// several of them (one per layer, as `sails sae train` writes), or a Gemma Scope
     /// params.npz with its layer after `@` (`params.npz@out:20`).
@@ -231,7 +233,7 @@ fn read_lines(path: &Path) -> anyhow::Result<Vec<String>> {
 /// The two prompt sets: files if given, else the training splits.
 fn prompt_sets(args: &FeaturesArgs, seed: u64) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let splits = if args.harmful_file.is_none() || args.harmless_file.is_none() {
-        Some(Splits::load().context("loading the prompt splits")?)
+        Some(args.keep_out.splits()?)
     } else {
         None
     };

@@ -151,3 +151,48 @@ fn a_bad_line_in_your_suite_is_an_error_naming_it() {
     );
     assert!(!out.join("generations.jsonl").exists());
 }
+
+#[test]
+fn a_data_build_keeps_your_suites_out_of_the_fine_tuning_set() {
+    let splits = Splits::load().unwrap();
+    let kept_out: Vec<&str> = splits.train_harmful()[..3]
+        .iter()
+        .map(|r| r.text.as_str())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.csv");
+    let mut csv = String::from("prompt\n");
+    for t in &kept_out {
+        csv.push_str(&format!("\"{}\"\n", t.replace('"', "\"\"")));
+    }
+    std::fs::write(&file, csv).unwrap();
+    // Every training-side harmful prompt, reference answers, no model needed.
+    let build = |out: &std::path::Path, keep_out: bool| {
+        let mut a = vec![
+            "data",
+            "build",
+            "--no-edgy",
+            "--helpful",
+            "reference",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if keep_out {
+            a.extend(["--eval-harmful", file.to_str().unwrap()]);
+        }
+        let o = sails(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ["train.jsonl", "heldout.jsonl"]
+            .iter()
+            .map(|f| std::fs::read_to_string(out.join(f)).unwrap())
+            .collect::<String>()
+    };
+    let holds = |text: &str, prompt: &str| {
+        let quoted = serde_json::to_string(prompt).unwrap();
+        text.contains(&quoted[1..quoted.len() - 1])
+    };
+    let with = build(&dir.path().join("with"), false);
+    assert!(kept_out.iter().all(|p| holds(&with, p)));
+    let without = build(&dir.path().join("without"), true);
+    assert!(kept_out.iter().all(|p| !holds(&without, p)));
+}
