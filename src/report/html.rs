@@ -791,7 +791,8 @@ fn evaluation_section(eval: &Evaluation<'_>) -> String {
                 change_cell(
                     b.map(|r| r.rate),
                     a.map(|r| r.rate),
-                    suite != "overrefusal",
+                    // Over-refusal, the built-in suite's or the user's benign prompts': lower is better.
+                    !matches!(suite.as_str(), "overrefusal" | "user-benign"),
                     true
                 )
             );

@@ -430,6 +430,8 @@ pub(crate) fn suite_label(name: &str, metric: &str) -> String {
         ("harmful", _) => "Safety rate (harmful)".into(),
         ("overrefusal", _) => "Over-refusal (XSTest safe)".into(),
         ("xstest-unsafe", _) => "Refusal (XSTest unsafe)".into(),
+        ("user-harmful", _) => "Safety rate (your harmful prompts)".into(),
+        ("user-benign", _) => "Over-refusal (your benign prompts)".into(),
         (n, m) => format!("{m} ({n})"),
     }
 }

@@ -480,3 +480,26 @@ fn estimates_format_as_sd_or_interval() {
     assert_eq!(duration(75.0), "1 min 15 s");
     assert_eq!(duration(f64::NAN), "–");
 }
+
+#[test]
+fn your_suites_are_named_and_more_over_refusal_reads_as_worse() {
+    let mut demo = Demo::new();
+    let template = demo.base.suites["overrefusal"].clone();
+    let user = |k: usize| crate::eval::SuiteMetrics {
+        rate: crate::eval::metrics::Rate::new(k, 40),
+        metric: "refusal_rate".into(),
+        ..template.clone()
+    };
+    demo.base.suites.insert("user-benign".into(), user(2));
+    demo.aligned.suites.insert("user-benign".into(), user(10));
+    let html = render_html(&demo.inputs());
+    let row = html
+        .lines()
+        .find(|l| l.contains("Over-refusal (your benign prompts)"))
+        .expect("a row for the user's benign suite");
+    assert!(
+        row.contains("<td class=\"num down\">+20.0 pts</td>"),
+        "{row}"
+    );
+    assert!(render_markdown(&demo.inputs()).contains("Over-refusal (your benign prompts)"));
+}
