@@ -10,6 +10,7 @@ mod compare;
 mod data;
 mod eval;
 mod explain;
+mod export;
 mod features;
 mod frames;
 mod gate;
@@ -69,6 +70,8 @@ pub enum Command {
     Data(data::DataArgs),
     /// Explain the selected features (top contexts, logit lens) and a trained adapter's update.
     Explain(explain::ExplainArgs),
+    /// Write the model with its adapter merged as a Hugging Face directory.
+    Export(export::ExportArgs),
 }
 
 /// Takes `dir`'s one-writer lock for this process (named by its command line), or fails at once
@@ -109,6 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Judge(args) => eval::run_judge(args),
         Command::Data(args) => data::run(args),
         Command::Explain(args) => explain::run(args),
+        Command::Export(args) => export::run(args),
         Command::Sae(args) => sae::run(args),
         Command::Features(args) => features::run_features(args),
         Command::Subspace(args) => features::run_subspace(args),

@@ -7,6 +7,7 @@ pub mod blocks;
 pub mod chat;
 pub mod config;
 pub mod decoder;
+pub mod export;
 pub mod frozen;
 pub mod fused;
 pub mod gemv;

@@ -14,6 +14,7 @@ mod eval_metrics;
 mod eval_run;
 mod eval_user_suites;
 mod explain_smollm2;
+mod export;
 mod features_smollm2;
 mod fuzz_corpus;
 mod fuzz_regressions;
