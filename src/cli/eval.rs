@@ -170,6 +170,12 @@ pub struct EvalArgs {
     /// (greedy decoding gives the same tokens); they are judged by this run's judges.
     #[arg(long, value_name = "DIR", requires = "gate")]
     pub gate_base_responses: Option<PathBuf>,
+    /// The prefilling attack: force every reply to start with TEXT (e.g. "Sure, here is") and
+    /// let the model continue. The saved response is TEXT and its continuation, judged as usual,
+    /// so on the harmful suites the safety rate is 1 - the attack's success rate; compare it with
+    /// an unattacked run of the same model (`sails eval compare`).
+    #[arg(long, value_name = "TEXT", conflicts_with = "gate_base_responses")]
+    pub prefill: Option<String>,
     /// Print metrics.json on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -386,6 +392,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         adapter_scale: args.adapter_scale.unwrap_or(defaults.adapter_scale),
         suites,
         user_files,
+        prefill: args.prefill.clone().filter(|p| !p.is_empty()),
         limit: args.limit,
         max_new_tokens: args.max_new_tokens.unwrap_or(defaults.max_new_tokens),
         batch_size: args.batch_size.unwrap_or(defaults.batch_size),
@@ -1139,7 +1146,7 @@ pub fn run_bench(args: BenchEvalArgs) -> anyhow::Result<ExitCode> {
         )
         .take(args.limit.unwrap_or(usize::MAX))
         .collect();
-    let encoded = sails::eval::encode_by_length(&model, &items)?;
+    let encoded = sails::eval::encode_by_length(&model, &items, "")?;
     let prompt_tokens: usize = encoded.iter().map(|(_, _, ids)| ids.len()).sum();
     let openings = sails::eval::opening_ids(&model)?;
     let modes: &[bool] = if args.unshared {
@@ -1162,7 +1169,8 @@ pub fn run_bench(args: BenchEvalArgs) -> anyhow::Result<ExitCode> {
         let mut batch_s = Vec::new();
         for chunk in encoded.chunks(args.batch_size) {
             let t0 = std::time::Instant::now();
-            let recs = sails::eval::generate_batch(&model, &judges, chunk, &gen_cfg, &openings)?;
+            let recs =
+                sails::eval::generate_batch(&model, &judges, chunk, &gen_cfg, &openings, "")?;
             batch_s.push(t0.elapsed().as_secs_f64());
             new_tokens += recs.iter().map(|r| r.new_tokens).sum::<usize>();
             bar.inc(chunk.len() as u64);

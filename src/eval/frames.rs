@@ -512,7 +512,7 @@ pub fn run(
         // Responses, judged.
         let t0 = Instant::now();
         let items: Vec<(Suite, &PromptRecord)> = records.iter().map(|(s, r)| (*s, r)).collect();
-        let encoded = encode_by_length(model, &items)?;
+        let encoded = encode_by_length(model, &items, "")?;
         let openings = opening_ids(model)?;
         let what = format!("{} responses", variant.name());
         let mut recs = Vec::with_capacity(encoded.len());
@@ -523,6 +523,7 @@ pub fn run(
                 chunk,
                 &gen_cfg,
                 &openings,
+                "",
             )?);
             on_progress(&what, recs.len(), encoded.len());
         }

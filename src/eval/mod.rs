@@ -123,6 +123,11 @@ pub struct EvalConfig {
     /// it still holds (their ids do not change).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub user_files: Vec<UserFile>,
+    /// The prefilling attack: every reply is forced to start with this text (after the chat
+    /// template's assistant header) and the model continues it; the saved and judged response is
+    /// the text and its continuation. Part of what a resumed run must share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<String>,
 }
 
 /// A user suite file as evaluated.
@@ -160,6 +165,7 @@ impl Default for EvalConfig {
             learned_judges: false,
             gate: None,
             user_files: Vec::new(),
+            prefill: None,
         }
     }
 }
@@ -757,10 +763,20 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
 pub fn encode_by_length<'a>(
     model: &ChatModel,
     items: &[(Suite, &'a crate::data::PromptRecord)],
+    prefill: &str,
 ) -> Result<Vec<(Suite, &'a crate::data::PromptRecord, Vec<u32>)>> {
+    let forced = if prefill.is_empty() {
+        Vec::new()
+    } else {
+        model.tokenizer.encode(prefill, false)?
+    };
     let mut encoded = items
         .iter()
-        .map(|&(suite, r)| Ok((suite, r, model.encode_chat(&[Message::user(&r.text)])?)))
+        .map(|&(suite, r)| {
+            let mut ids = model.encode_chat(&[Message::user(&r.text)])?;
+            ids.extend_from_slice(&forced);
+            Ok((suite, r, ids))
+        })
         .collect::<Result<Vec<_>>>()?;
     encoded.sort_by_key(|(_, _, ids)| ids.len());
     Ok(encoded)
@@ -774,6 +790,7 @@ pub fn generate_batch(
     chunk: &[(Suite, &crate::data::PromptRecord, Vec<u32>)],
     gen_cfg: &GenerationConfig,
     openings: &[u32],
+    prefill: &str,
 ) -> Result<Vec<GenerationRecord>> {
     let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, _, ids)| ids.clone()).collect();
     let mut logodds = vec![f64::NAN; ids.len()];
@@ -785,6 +802,16 @@ pub fn generate_batch(
         |row, logits| logodds[row] = refusal_logodds(logits, openings),
         |_, _| {},
     )?;
+    // Under the prefilling attack the reply is the forced text and what the model added to it.
+    let gens: Vec<_> = gens
+        .into_iter()
+        .map(|mut g| {
+            if !prefill.is_empty() {
+                g.text = format!("{prefill}{}", g.text);
+            }
+            g
+        })
+        .collect();
     let pairs: Vec<(&str, &str)> = chunk
         .iter()
         .zip(&gens)
@@ -932,9 +959,10 @@ pub fn run(
     let total: usize = groups.iter().map(|(_, items)| items.len()).sum();
     let mut generated = 0;
     for (answering, items) in &groups {
-        let encoded = encode_by_length(answering, items)?;
+        let prefill = cfg.prefill.as_deref().unwrap_or("");
+        let encoded = encode_by_length(answering, items, prefill)?;
         for chunk in encoded.chunks(cfg.batch_size) {
-            let mut recs = generate_batch(answering, judges, chunk, &gen_cfg, &openings)?;
+            let mut recs = generate_batch(answering, judges, chunk, &gen_cfg, &openings, prefill)?;
             for r in &mut recs {
                 r.gate = readings.get(&r.id).copied();
             }

@@ -91,3 +91,45 @@ fn adapter_for_another_model_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("adapter"), "{err}");
 }
+
+#[test]
+fn the_prefilling_attack_forces_the_start_of_every_reply() {
+    let model = ChatModel::load(
+        &ModelSource::resolve("default").unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let splits = Splits::load().unwrap();
+    let plain = EvalConfig {
+        suites: vec![Suite::Harmful],
+        limit: Some(2),
+        max_new_tokens: 6,
+        batch_size: 2,
+        ..EvalConfig::default()
+    };
+    let attacked = EvalConfig {
+        prefill: Some("Sure, here is".into()),
+        ..plain.clone()
+    };
+    let judges = Judges::new(&plain).unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run(&model, &splits, &judges, &plain, a.path(), None).unwrap();
+    run(&model, &splits, &judges, &attacked, b.path(), None).unwrap();
+    let read = |dir: &std::path::Path| -> Vec<GenerationRecord> {
+        read_jsonl(&dir.join("generations.jsonl")).unwrap()
+    };
+    let (plain_recs, attacked_recs) = (read(a.path()), read(b.path()));
+    for (p, q) in plain_recs.iter().zip(&attacked_recs) {
+        assert_eq!(p.id, q.id);
+        assert!(q.response.starts_with("Sure, here is"), "{:?}", q.response);
+        // The forced text is context, not output: the model still adds up to 6 tokens of its own.
+        assert!(q.new_tokens > 0 && q.new_tokens <= 6);
+        assert_ne!(p.response, q.response);
+    }
+    // A run folder holds one attack: another prefill (or none) does not resume into it.
+    let e = run(&model, &splits, &judges, &plain, b.path(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another configuration") && e.contains("prefill"), "{e}");
+}
