@@ -90,3 +90,11 @@ pub fn random_topk_sae(
     let zeros = |n| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
     Sae::new(cfg, w_enc, zeros(d_sae), w_dec, zeros(d_in), None).unwrap()
 }
+
+/// Runs the `sails` binary with `args`, waiting for it.
+pub fn run_sails(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sails"))
+        .args(args)
+        .output()
+        .unwrap()
+}

@@ -5,9 +5,9 @@
 
 use crate::common;
 
+use crate::common::run_sails;
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use sails::data::frames::Frame;
@@ -124,13 +124,6 @@ pub(crate) fn write_adapter(dir: &Path, b_std: f64) {
     .unwrap();
 }
 
-fn sails(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sails"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn frames_probe_writes_its_report_and_a_zero_adapter_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -139,7 +132,7 @@ fn frames_probe_writes_its_report_and_a_zero_adapter_changes_nothing() {
     write_zero_adapter(&adapter);
     let out_dir = tmp.path().join("out");
     let path = |p: &Path| p.display().to_string();
-    let out = sails(&[
+    let out = run_sails(&[
         "eval",
         "frames",
         "--features",
@@ -231,7 +224,7 @@ fn frames_probe_writes_its_report_and_a_zero_adapter_changes_nothing() {
     let md = std::fs::read_to_string(out_dir.join("frames.md")).unwrap();
     assert!(md.contains("| hypothetical | 2 + 1 |"), "{md}");
     // A dry run prints the same draw without loading a model.
-    let dry = sails(&[
+    let dry = run_sails(&[
         "eval",
         "frames",
         "--features",
@@ -259,7 +252,7 @@ fn frames_probe_writes_its_report_and_a_zero_adapter_changes_nothing() {
 fn frames_probe_errors_name_what_is_missing() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("nowhere");
-    let out = sails(&[
+    let out = run_sails(&[
         "eval",
         "frames",
         "--features",
@@ -274,7 +267,7 @@ fn frames_probe_errors_name_what_is_missing() {
     assert!(err.contains("features.json"), "{err}");
     // Nothing was written.
     assert!(!tmp.path().join("out").exists());
-    let out = sails(&[
+    let out = run_sails(&[
         "eval",
         "frames",
         "--behaviours",

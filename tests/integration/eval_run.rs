@@ -8,14 +8,18 @@ use sails::model::load::{ChatModel, ModelSource};
 
 use crate::common;
 
-#[test]
-fn interrupted_evaluation_resumes_without_redoing_prompts() {
-    let model = ChatModel::load(
+fn default_model() -> ChatModel {
+    ChatModel::load(
         &ModelSource::resolve("default").unwrap(),
         &Device::Cpu,
         DType::F32,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn interrupted_evaluation_resumes_without_redoing_prompts() {
+    let model = default_model();
     let splits = Splits::load().unwrap();
     let cfg = EvalConfig {
         suites: vec![Suite::Harmful],
@@ -94,12 +98,7 @@ fn adapter_for_another_model_is_a_clear_error() {
 
 #[test]
 fn the_prefilling_attack_forces_the_start_of_every_reply() {
-    let model = ChatModel::load(
-        &ModelSource::resolve("default").unwrap(),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
+    let model = default_model();
     let splits = Splits::load().unwrap();
     let plain = EvalConfig {
         suites: vec![Suite::Harmful],
@@ -131,5 +130,8 @@ fn the_prefilling_attack_forces_the_start_of_every_reply() {
     let e = run(&model, &splits, &judges, &plain, b.path(), None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("another configuration") && e.contains("prefill"), "{e}");
+    assert!(
+        e.contains("another configuration") && e.contains("prefill"),
+        "{e}"
+    );
 }

@@ -2,16 +2,9 @@
 //! generated, judged and summarised as suites of their own (per category too), a training item
 //! that repeats one of them leaves the training side, and a bad line is an error naming it.
 
+use crate::common::run_sails;
 use sails::data::Splits;
 use sails::eval::{read_jsonl, GenerationRecord, Metrics};
-use std::process::Command;
-
-fn sails(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sails"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 #[test]
 fn your_own_suites_are_evaluated_and_kept_out_of_training() {
@@ -37,7 +30,7 @@ fn your_own_suites_are_evaluated_and_kept_out_of_training() {
     )
     .unwrap();
     let out = dir.path().join("run");
-    let o = sails(&[
+    let o = run_sails(&[
         "eval",
         "--harmful",
         harmful.to_str().unwrap(),
@@ -113,7 +106,7 @@ fn your_own_suites_are_evaluated_and_kept_out_of_training() {
         ),
     )
     .unwrap();
-    let o = sails(&[
+    let o = run_sails(&[
         "eval",
         "--harmful",
         harmful.to_str().unwrap(),
@@ -135,7 +128,7 @@ fn a_bad_line_in_your_suite_is_an_error_naming_it() {
     let file = dir.path().join("bad.jsonl");
     std::fs::write(&file, "{\"prompt\": \"a\"}\n{\"promt\": \"b\"}\n").unwrap();
     let out = dir.path().join("run");
-    let o = sails(&[
+    let o = run_sails(&[
         "eval",
         "--benign",
         file.to_str().unwrap(),
@@ -180,7 +173,7 @@ fn a_data_build_keeps_your_suites_out_of_the_fine_tuning_set() {
         if keep_out {
             a.extend(["--eval-harmful", file.to_str().unwrap()]);
         }
-        let o = sails(&a);
+        let o = run_sails(&a);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         ["train.jsonl", "heldout.jsonl"]
             .iter()

@@ -144,10 +144,7 @@ fn the_default_models_export_generates_what_the_gguf_does() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("smollm2");
     let sails = |args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sails"))
-            .args(args)
-            .output()
-            .unwrap();
+        let o = crate::common::run_sails(args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).unwrap()
     };
