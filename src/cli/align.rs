@@ -37,12 +37,13 @@ pub enum PresetArg {
     /// $SAILS_HOME and reused; ~37 min the first time), every training prompt, the full
     /// evaluation (65 min on 2 CPU cores measured, SAEs already trained).
     Default,
-    /// For choosing between configurations: the default preset's SAEs, features, data and
-    /// adapter, trained for 100 steps instead of 300, then judged on the fixed validation suites
-    /// only (training-side prompts held out of training; never an evaluation item), and the run
-    /// stops there. About 15 minutes on 2 CPU cores with the default SAEs trained; checked to
-    /// rank data configurations as the default preset does (EVALUATION.md). Combine with
-    /// --config to try a change; its figures are printed at the end and kept in select/.
+    /// A quick look at a configuration: the default preset's SAEs, features, data and adapter,
+    /// trained for 100 steps instead of 300, then judged on the fixed validation suites only
+    /// (training-side prompts held out of training; never an evaluation item), and the run stops
+    /// there. 18-21 min on 2 CPU cores beside another job, with the default SAEs trained. Not a
+    /// stand-in for the default preset when configurations differ in data size: on three data
+    /// configurations it swapped two of them (EVALUATION.md). Combine with --config; its figures
+    /// are printed at the end and kept in select/.
     Iterate,
     /// The paper's setting for users with a GPU and the weights: Gemma-2-9B, Gemma Scope 16k
     /// residual SAEs (give them with --sae PATH@out:L), rank-16 LoRA on q,k,v,o.
