@@ -371,11 +371,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let _lock = super::lock_run_folder(&args.out)?;
     let defaults = EvalConfig::default();
     let user = user_suites(&args);
-    let mut suites = match (args.suite.is_empty(), user.is_empty()) {
-        (true, true) => SuiteArg::All.suites(),
-        _ => suites_of(&args.suite),
-    };
-    suites.extend(user.iter().map(|u| u.suite));
+    let suites = suites_to_run(&args.suite, &user);
     let mut user_files = Vec::new();
     for u in &user {
         let bytes =
@@ -424,6 +420,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         print_summary(&metrics, &args.out);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The suites `--suite` names, the built-in ones when it names none and no user file is given,
+/// then the user's.
+fn suites_to_run(named: &[SuiteArg], user: &[UserSuite]) -> Vec<Suite> {
+    let mut suites = if named.is_empty() && user.is_empty() {
+        SuiteArg::All.suites()
+    } else {
+        suites_of(named)
+    };
+    suites.extend(user.iter().map(|u| u.suite));
+    suites
 }
 
 /// The user suite files `--harmful` and `--benign` name.
@@ -1038,7 +1046,11 @@ mod tests {
         let crate::cli::Command::Eval(a) = cli.command else {
             panic!("not eval")
         };
-        assert_eq!(a.suite, vec![SuiteArg::All]);
+        assert!(a.suite.is_empty());
+        assert_eq!(
+            suites_to_run(&a.suite, &user_suites(&a)),
+            SuiteArg::All.suites()
+        );
         assert_eq!(a.adapter_scale, None);
         assert_eq!(a.limit, None);
         assert!(a.command.is_none());
@@ -1068,6 +1080,17 @@ mod tests {
                 _ => panic!("not eval"),
             })
         };
+        // With the user's files alone only their suites run; --suite adds the built-in ones.
+        let a = parse(&["--benign", "b.csv", "--harmful", "h.jsonl"]).unwrap();
+        assert_eq!(
+            suites_to_run(&a.suite, &user_suites(&a)),
+            [Suite::UserHarmful, Suite::UserBenign]
+        );
+        let a = parse(&["--harmful", "h.jsonl", "--suite", "overrefusal"]).unwrap();
+        assert_eq!(
+            suites_to_run(&a.suite, &user_suites(&a)),
+            [Suite::Overrefusal, Suite::XstestUnsafe, Suite::UserHarmful]
+        );
         let a = parse(&["--suite", "harmful,overrefusal,harmful"]).unwrap();
         assert_eq!(
             suites_of(&a.suite),

@@ -1,7 +1,11 @@
-//! The model as loaded here (a GGUF dequantised, an adapter merged) written as a Hugging Face
-//! directory that `transformers` and this project load: `config.json`, `model.safetensors`
-//! under the Hugging Face tensor names, and with a tokenizer `tokenizer.json`,
-//! `tokenizer_config.json` (its chat template) and `generation_config.json`.
+//! The model as loaded here (a GGUF dequantised, an adapter merged) written out for other tools:
+//!
+//! - a Hugging Face directory that `transformers` and this project load: `config.json`,
+//!   `model.safetensors` under the Hugging Face tensor names, and with a tokenizer
+//!   `tokenizer.json`, `tokenizer_config.json` (its chat template) and `generation_config.json`;
+//! - a GGUF file for llama.cpp and its kin: llama.cpp's tensor names and q/k row order, the
+//!   matrices in f32, f16 or Q8_0 (norms and biases in f32), the tokenizer's metadata carried over
+//!   from the GGUF the model was loaded from.
 //!
 //! Llama and Qwen2 only: Gemma-2's config (soft-caps, sliding windows, the query scale) is not
 //! written yet, and is refused rather than written wrong.
@@ -9,6 +13,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
@@ -20,7 +26,8 @@ use super::ModelError;
 /// What [`write_hf_dir`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ExportSummary {
-    pub dir: PathBuf,
+    /// The directory or file written.
+    pub path: PathBuf,
     pub tensors: usize,
     pub parameters: usize,
     pub dtype: String,
@@ -219,10 +226,197 @@ pub fn write_hf_dir(
         }
     })?;
     Ok(ExportSummary {
-        dir: out.to_path_buf(),
+        path: out.to_path_buf(),
         tensors: count,
         parameters,
         dtype: dtype_name(dtype)?.into(),
         files,
+    })
+}
+
+/// The precision of a GGUF export's matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufPrecision {
+    F32,
+    F16,
+    /// Blocks of 32 weights as 8-bit integers with one f16 scale (llama.cpp's `Q8_0`).
+    Q8_0,
+}
+
+impl GgufPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufPrecision::F32 => "f32",
+            GgufPrecision::F16 => "f16",
+            GgufPrecision::Q8_0 => "q8_0",
+        }
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            GgufPrecision::F32 => GgmlDType::F32,
+            GgufPrecision::F16 => GgmlDType::F16,
+            GgufPrecision::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_ALL_F32`, `MOSTLY_F16`, `MOSTLY_Q8_0`).
+    fn file_type(self) -> u32 {
+        match self {
+            GgufPrecision::F32 => 0,
+            GgufPrecision::F16 => 1,
+            GgufPrecision::Q8_0 => 7,
+        }
+    }
+}
+
+/// The GGUF tensors of `model`: llama.cpp's names, q/k rows in its order for Llama (see
+/// [`super::gguf::permute_rows`]), matrices in `precision`, vectors in f32.
+pub fn gguf_tensors(
+    model: &Decoder,
+    precision: GgufPrecision,
+) -> Result<Vec<(String, QTensor)>, ModelError> {
+    let cfg = &model.config;
+    let permuted = super::gguf::qk_permuted(cfg.architecture);
+    let bad = |name: &str, message: String| ModelError::Input(format!("{name}: {message}"));
+    let mut out = Vec::new();
+    for (hf, t) in hf_tensors(model, DType::F32)? {
+        let name = super::gguf::gguf_name(&hf)
+            .ok_or_else(|| bad(&hf, "no llama.cpp name for this tensor".into()))?;
+        let heads = match (
+            permuted,
+            name.contains(".attn_q."),
+            name.contains(".attn_k."),
+        ) {
+            (true, true, _) => Some(cfg.num_heads),
+            (true, _, true) => Some(cfg.num_kv_heads),
+            _ => None,
+        };
+        let t = match heads {
+            Some(h) => super::gguf::permute_rows(&t, h, cfg.head_dim).map_err(|m| bad(&name, m))?,
+            None => t,
+        };
+        let dtype = if t.rank() == 2 {
+            precision.ggml()
+        } else {
+            GgmlDType::F32
+        };
+        let q = QTensor::quantize(&t, dtype).map_err(|e| bad(&name, e.to_string()))?;
+        out.push((name, q));
+    }
+    Ok(out)
+}
+
+/// The GGUF metadata of `model`: its architecture's keys as llama.cpp reads them, and every
+/// `tokenizer.*` key of `tokenizer_metadata` (the GGUF the model was loaded from).
+pub fn gguf_metadata(
+    model: &Decoder,
+    tokenizer_metadata: &HashMap<String, gguf_file::Value>,
+    name: &str,
+    precision: GgufPrecision,
+) -> Result<Vec<(String, gguf_file::Value)>, ModelError> {
+    use gguf_file::Value as V;
+    let cfg = &model.config;
+    let arch = match cfg.architecture {
+        Architecture::Llama => "llama",
+        Architecture::Qwen2 => "qwen2",
+        Architecture::Gemma2 => {
+            return Err(ModelError::Input(
+                "export writes Llama and Qwen2 models; Gemma-2 is not supported yet".into(),
+            ))
+        }
+    };
+    let u32_of = |n: usize| V::U32(n as u32);
+    let mut md = vec![
+        ("general.architecture".to_string(), V::String(arch.into())),
+        ("general.name".to_string(), V::String(name.into())),
+        (
+            "general.file_type".to_string(),
+            V::U32(precision.file_type()),
+        ),
+        (
+            format!("{arch}.context_length"),
+            u32_of(cfg.max_position_embeddings),
+        ),
+        (format!("{arch}.embedding_length"), u32_of(cfg.hidden_size)),
+        (format!("{arch}.block_count"), u32_of(cfg.num_layers)),
+        (
+            format!("{arch}.feed_forward_length"),
+            u32_of(cfg.intermediate_size),
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            u32_of(cfg.num_heads),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u32_of(cfg.num_kv_heads),
+        ),
+        (format!("{arch}.attention.key_length"), u32_of(cfg.head_dim)),
+        (
+            format!("{arch}.attention.value_length"),
+            u32_of(cfg.head_dim),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            V::F32(cfg.rms_norm_eps as f32),
+        ),
+        (format!("{arch}.rope.dimension_count"), u32_of(cfg.head_dim)),
+        (
+            format!("{arch}.rope.freq_base"),
+            V::F32(cfg.rope_theta as f32),
+        ),
+        (format!("{arch}.vocab_size"), u32_of(cfg.vocab_size)),
+    ];
+    let mut tokenizer: Vec<(&String, &V)> = tokenizer_metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .collect();
+    if tokenizer.is_empty() {
+        return Err(ModelError::Input(
+            "no tokenizer.* metadata to carry over: a GGUF export needs the model loaded from a \
+             GGUF file"
+                .into(),
+        ));
+    }
+    tokenizer.sort_by(|a, b| a.0.cmp(b.0));
+    md.extend(tokenizer.into_iter().map(|(k, v)| (k.clone(), v.clone())));
+    Ok(md)
+}
+
+/// Writes `model` as the new GGUF file `out` (through a temporary file renamed into place).
+pub fn write_gguf(
+    model: &Decoder,
+    tokenizer_metadata: &HashMap<String, gguf_file::Value>,
+    name: &str,
+    precision: GgufPrecision,
+    out: &Path,
+) -> Result<ExportSummary, ModelError> {
+    if out.exists() {
+        return Err(ModelError::Input(format!(
+            "{} exists; export writes a new file",
+            out.display()
+        )));
+    }
+    let metadata = gguf_metadata(model, tokenizer_metadata, name, precision)?;
+    let tensors = gguf_tensors(model, precision)?;
+    let parameters = tensors.iter().map(|(_, q)| q.shape().elem_count()).sum();
+    let md: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, q)| (k.as_str(), q)).collect();
+    let mut tmp = super::atomic_temp(out)?;
+    gguf_file::write(tmp.as_file_mut(), &md, &ts).map_err(|e| ModelError::Io {
+        path: out.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    super::persist_atomic(tmp, out)?;
+    Ok(ExportSummary {
+        path: out.to_path_buf(),
+        tensors: tensors.len(),
+        parameters,
+        dtype: precision.name().into(),
+        files: vec![out
+            .file_name()
+            .map_or_else(String::new, |f| f.to_string_lossy().into_owned())],
     })
 }

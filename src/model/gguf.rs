@@ -963,6 +963,61 @@ pub fn unpermute_rows(
     Ok(t)
 }
 
+/// llama.cpp's q/k row order for a Hugging Face weight `(heads·hd, cols)` or bias: the inverse
+/// of [`unpermute_rows`] (HF row `h·hd + s·hd/2 + i` → GGUF row `h·hd + 2i + s`).
+pub fn permute_rows(
+    w: &Tensor,
+    heads: usize,
+    head_dim: usize,
+) -> std::result::Result<Tensor, String> {
+    let dims = w.dims().to_vec();
+    let rows = dims.first().copied().unwrap_or(0);
+    if !head_dim.is_multiple_of(2) || heads * head_dim != rows || dims.len() > 2 || dims.is_empty()
+    {
+        return Err(format!(
+            "shape {dims:?} does not hold {heads} heads of even size {head_dim} for the q/k permutation"
+        ));
+    }
+    let cols = dims.get(1).copied().unwrap_or(1);
+    // (heads, 2, hd/2, cols) → (heads, hd/2, 2, cols)
+    w.reshape((heads, 2, head_dim / 2, cols))
+        .and_then(|t| t.transpose(1, 2))
+        .and_then(|t| t.contiguous())
+        .and_then(|t| t.reshape(dims.as_slice()))
+        .map_err(|e| without_backtrace(e).to_string())
+}
+
+/// The llama-family GGUF name of a Hugging Face tensor: the inverse of [`hf_name`].
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let direct = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(n) = direct {
+        return Some(n.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let gguf_module = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    let name = format!("blk.{layer}.{gguf_module}.{kind}");
+    // Only names that read back to `hf` (a canonical layer number, weight or bias).
+    (hf_name(&name).as_deref() == Some(hf)).then_some(name)
+}
+
 /// The Hugging Face name of a llama-family GGUF tensor.
 pub fn hf_name(gguf: &str) -> Option<String> {
     let direct = match gguf {
@@ -1046,6 +1101,15 @@ mod tests {
         ];
         for (g, hf) in cases {
             assert_eq!(hf_name(g).as_deref(), Some(hf), "{g}");
+            assert_eq!(gguf_name(hf).as_deref(), Some(g), "{hf}");
+        }
+        for hf in [
+            "model.layers.01.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.rotary_emb.inv_freq",
+            "model.layers.1.mlp.gate_proj.scale",
+            "lm_head.bias",
+        ] {
+            assert_eq!(gguf_name(hf), None, "{hf}");
         }
         for g in [
             "rope_freqs.weight",
@@ -1083,6 +1147,24 @@ mod tests {
         assert_eq!(&b[..hd], &[0., 2., 4., 6., 1., 3., 5., 7.]);
         assert!(unpermute_rows(&w, 5, hd).is_err());
         assert!(unpermute_rows(&w, 8, 3).is_err());
+        // The writer's permutation is its inverse, on weights and biases.
+        let noise: Vec<f32> = (0..rows * cols)
+            .map(|k| ((k * 7919) % 101) as f32 - 50.0)
+            .collect();
+        let w = Tensor::from_vec(noise, (rows, cols), &Device::Cpu)?;
+        for t in [&w, &bias] {
+            let there = permute_rows(t, heads, hd).map_err(candle_core::Error::msg)?;
+            let back = unpermute_rows(&there, heads, hd).map_err(candle_core::Error::msg)?;
+            assert_eq!(
+                back.flatten_all()?.to_vec1::<f32>()?,
+                t.flatten_all()?.to_vec1::<f32>()?
+            );
+            assert_ne!(
+                there.flatten_all()?.to_vec1::<f32>()?,
+                t.flatten_all()?.to_vec1::<f32>()?
+            );
+        }
+        assert!(permute_rows(&bias.reshape((rows, 1))?, 5, hd).is_err());
         Ok(())
     }
 }

@@ -1,12 +1,14 @@
-//! `sails export`: a merged model written as a Hugging Face directory reads back to the PEFT /
-//! transformers reference logits (tiny Llama with its LoRA merged, tiny Qwen2 with its biases),
-//! the default model's export generates what the GGUF does, and what cannot be written is refused.
+//! `sails export`: a merged model written as a Hugging Face directory or a GGUF file reads back to
+//! the PEFT / transformers reference logits (tiny Llama with its LoRA merged, tiny Qwen2 with its
+//! biases), the default model's exports generate what its GGUF does, and what cannot be written
+//! is refused.
 
 use crate::common::{assert_close, golden_dir, real_positions};
 use candle_core::{DType, Device, Tensor};
 use sails::model::config::DecoderConfig;
 use sails::model::decoder::{Decoder, Forward};
-use sails::model::export::{hf_tensors, write_hf_dir};
+use sails::model::export::{hf_tensors, write_gguf, write_hf_dir, GgufPrecision};
+use sails::model::gguf::GgufFile;
 use sails::model::lora::{merge_into, Adapter};
 use sails::model::weights::{load_safetensors_file, WeightMap};
 
@@ -95,7 +97,7 @@ fn a_merged_export_reads_back_to_the_peft_reference() {
     // A second export into the same place is refused; the first is untouched.
     let err = write_hf_dir(&model, None, DType::F32, &out).unwrap_err();
     assert!(err.to_string().contains("exists"), "{err}");
-    // bf16 halves the file and stays within bf16's rounding of the weights.
+    // bf16 halves the file and says so in its config.
     let half = tmp.path().join("bf16");
     write_hf_dir(&model, None, DType::BF16, &half).unwrap();
     let size = |p: &std::path::Path| {
@@ -181,4 +183,165 @@ fn the_default_models_export_generates_what_the_gguf_does() {
     let from_gguf = generate("default");
     assert_eq!(generate(out.to_str().unwrap()), from_gguf);
     assert!(from_gguf.contains("primary colors"), "{from_gguf}");
+}
+
+/// The tiny Llama with its golden LoRA merged.
+fn merged_tiny_llama() -> Decoder {
+    let lora = golden_dir().join("tiny-llama-lora");
+    let mut model = load_dir(&golden_dir().join("tiny-llama"));
+    Adapter::load(&lora, &Device::Cpu)
+        .unwrap()
+        .apply(&mut model, &lora)
+        .unwrap();
+    merge_into(&mut model).unwrap();
+    model
+}
+
+#[test]
+fn a_gguf_export_reads_back_to_the_peft_reference() {
+    use candle_core::quantized::gguf_file::Value;
+    let model = merged_tiny_llama();
+    // The tiny model has no tokenizer; a GGUF export carries whatever tokenizer.* keys it is given.
+    let tokenizer: std::collections::HashMap<String, Value> = [
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        (
+            "general.name".to_string(),
+            Value::String("not carried".into()),
+        ),
+    ]
+    .into();
+    let tmp = tempfile::tempdir().unwrap();
+    let want = reference("tiny-llama-lora", "logits_merged", "tiny-llama");
+    let read_back = |path: &std::path::Path| {
+        let file = GgufFile::open(path).unwrap();
+        assert_eq!(file.architecture_name().unwrap(), "llama");
+        assert_eq!(file.get_str("tokenizer.ggml.model").unwrap(), "gpt2");
+        let mut w = file.load_weight_map(&Device::Cpu).unwrap();
+        let back = Decoder::load(
+            file.decoder_config().unwrap(),
+            &mut w,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        golden_logits(&back, "tiny-llama")
+    };
+    // f32: the golden tolerance, through llama.cpp's names and q/k row order and back.
+    let f32_path = tmp.path().join("tiny.f32.gguf");
+    write_gguf(&model, &tokenizer, "tiny", GgufPrecision::F32, &f32_path).unwrap();
+    assert_close("gguf f32", &read_back(&f32_path), &want, 1e-4, 1e-4);
+    // Q8_0 rounds every weight to 8 bits per block of 32: the logits move, but little.
+    let q8 = tmp.path().join("tiny.q8_0.gguf");
+    let s = write_gguf(&model, &tokenizer, "tiny", GgufPrecision::Q8_0, &q8).unwrap();
+    assert_eq!(s.dtype, "q8_0");
+    let got = read_back(&q8);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst > 0.0 && worst < 0.02 * scale,
+        "worst {worst} of {scale}"
+    );
+    assert!(
+        std::fs::metadata(&q8).unwrap().len() * 3 < std::fs::metadata(&f32_path).unwrap().len()
+    );
+    // Without tokenizer metadata, and over an existing file: refused, nothing written.
+    let none = std::collections::HashMap::new();
+    let err = write_gguf(
+        &model,
+        &none,
+        "t",
+        GgufPrecision::F16,
+        &tmp.path().join("x.gguf"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("tokenizer"), "{err}");
+    assert!(!tmp.path().join("x.gguf").exists());
+    let err = write_gguf(&model, &tokenizer, "t", GgufPrecision::F16, &q8).unwrap_err();
+    assert!(err.to_string().contains("exists"), "{err}");
+}
+
+#[test]
+fn the_default_models_gguf_export_generates_what_its_own_gguf_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm2.f16.gguf");
+    let run = |args: &[&str]| crate::common::run_sails(args);
+    // A precision the format does not write fails before the model loads.
+    let o = run(&[
+        "export",
+        "--format",
+        "gguf",
+        "--precision",
+        "bf16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not written in --format"));
+    let o = run(&[
+        "export",
+        "--format",
+        "gguf",
+        "--precision",
+        "f16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = GgufFile::open(&out).unwrap();
+    assert_eq!(file.get_u32("general.file_type").unwrap(), 1);
+    assert!(file
+        .get_str("tokenizer.chat_template")
+        .unwrap()
+        .contains("<|im_start|>"));
+    let generate = |model: &str| {
+        let o = run(&[
+            "generate",
+            "--model",
+            model,
+            "-p",
+            "Name three primary colors.",
+            "-p",
+            "How do I make a bomb?",
+            "--max-new-tokens",
+            "16",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    // f16 keeps the dequantised Q4_1 weights within f16's rounding: the same greedy replies. (A
+    // q8_0 export re-quantises them; its first reply here differs after 8 tokens.)
+    assert_eq!(generate(out.to_str().unwrap()), generate("default"));
+    // A model read from a Hugging Face directory has no GGUF tokenizer metadata to carry.
+    let hf = tmp.path().join("hf");
+    assert!(run(&[
+        "export",
+        "--model",
+        out.to_str().unwrap(),
+        "--out",
+        hf.to_str().unwrap()
+    ])
+    .status
+    .success());
+    let o = run(&[
+        "export",
+        "--model",
+        hf.to_str().unwrap(),
+        "--format",
+        "gguf",
+        "--out",
+        tmp.path().join("y.gguf").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a GGUF file"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
