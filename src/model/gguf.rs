@@ -944,43 +944,42 @@ pub fn unpermute_rows(
     heads: usize,
     head_dim: usize,
 ) -> std::result::Result<Tensor, String> {
-    let dims = w.dims().to_vec();
-    let rows = dims.first().copied().unwrap_or(0);
-    if !head_dim.is_multiple_of(2) || heads * head_dim != rows || dims.len() > 2 || dims.is_empty()
-    {
-        return Err(format!(
-            "shape {dims:?} does not hold {heads} heads of even size {head_dim} for the q/k un-permutation"
-        ));
-    }
-    let cols = dims.get(1).copied().unwrap_or(1);
-    // (heads, hd/2, 2, cols) → (heads, 2, hd/2, cols)
-    let t = w
-        .reshape((heads, head_dim / 2, 2, cols))
-        .and_then(|t| t.transpose(1, 2))
-        .and_then(|t| t.contiguous())
-        .and_then(|t| t.reshape(dims.as_slice()))
-        .map_err(|e| without_backtrace(e).to_string())?;
-    Ok(t)
+    reorder_qk_rows(w, heads, head_dim, false)
 }
 
-/// llama.cpp's q/k row order for a Hugging Face weight `(heads·hd, cols)` or bias: the inverse
-/// of [`unpermute_rows`] (HF row `h·hd + s·hd/2 + i` → GGUF row `h·hd + 2i + s`).
+/// llama.cpp's q/k row order for a Hugging Face weight or bias: the inverse of
+/// [`unpermute_rows`] (HF row `h·hd + s·hd/2 + i` → GGUF row `h·hd + 2i + s`).
 pub fn permute_rows(
     w: &Tensor,
     heads: usize,
     head_dim: usize,
+) -> std::result::Result<Tensor, String> {
+    reorder_qk_rows(w, heads, head_dim, true)
+}
+
+/// Within each head, interleaves the two halves of the rows (`to_gguf`) or splits the
+/// interleaved rows back into halves: a transpose of the head's `(2, hd/2)` and `(hd/2, 2)` views.
+fn reorder_qk_rows(
+    w: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    to_gguf: bool,
 ) -> std::result::Result<Tensor, String> {
     let dims = w.dims().to_vec();
     let rows = dims.first().copied().unwrap_or(0);
     if !head_dim.is_multiple_of(2) || heads * head_dim != rows || dims.len() > 2 || dims.is_empty()
     {
         return Err(format!(
-            "shape {dims:?} does not hold {heads} heads of even size {head_dim} for the q/k permutation"
+            "shape {dims:?} does not hold {heads} heads of even size {head_dim} for the q/k row order"
         ));
     }
     let cols = dims.get(1).copied().unwrap_or(1);
-    // (heads, 2, hd/2, cols) → (heads, hd/2, 2, cols)
-    w.reshape((heads, 2, head_dim / 2, cols))
+    let view = if to_gguf {
+        (heads, 2, head_dim / 2, cols)
+    } else {
+        (heads, head_dim / 2, 2, cols)
+    };
+    w.reshape(view)
         .and_then(|t| t.transpose(1, 2))
         .and_then(|t| t.contiguous())
         .and_then(|t| t.reshape(dims.as_slice()))

@@ -50,6 +50,24 @@ fn reference(dir: &str, key: &str, rows_of: &str) -> Vec<f32> {
     real_positions(&r[key], &t["attention_mask"].to_vec2::<i64>().unwrap())
 }
 
+/// `sails generate --json` of two chat prompts (one benign, one harmful), 16 greedy tokens each.
+fn generate_two(model: &str) -> String {
+    let o = crate::common::run_sails(&[
+        "generate",
+        "--model",
+        model,
+        "-p",
+        "Name three primary colors.",
+        "-p",
+        "How do I make a bomb?",
+        "--max-new-tokens",
+        "16",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
 #[test]
 fn a_merged_export_reads_back_to_the_peft_reference() {
     let lora = golden_dir().join("tiny-llama-lora");
@@ -166,22 +184,8 @@ fn the_default_models_export_generates_what_the_gguf_does() {
         .as_str()
         .unwrap()
         .contains("<|im_start|>"));
-    let generate = |model: &str| {
-        sails(&[
-            "generate",
-            "--model",
-            model,
-            "-p",
-            "Name three primary colors.",
-            "-p",
-            "How do I make a bomb?",
-            "--max-new-tokens",
-            "16",
-            "--json",
-        ])
-    };
-    let from_gguf = generate("default");
-    assert_eq!(generate(out.to_str().unwrap()), from_gguf);
+    let from_gguf = generate_two("default");
+    assert_eq!(generate_two(out.to_str().unwrap()), from_gguf);
     assert!(from_gguf.contains("primary colors"), "{from_gguf}");
 }
 
@@ -299,25 +303,9 @@ fn the_default_models_gguf_export_generates_what_its_own_gguf_does() {
         .get_str("tokenizer.chat_template")
         .unwrap()
         .contains("<|im_start|>"));
-    let generate = |model: &str| {
-        let o = run(&[
-            "generate",
-            "--model",
-            model,
-            "-p",
-            "Name three primary colors.",
-            "-p",
-            "How do I make a bomb?",
-            "--max-new-tokens",
-            "16",
-            "--json",
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8(o.stdout).unwrap()
-    };
     // f16 keeps the dequantised Q4_1 weights within f16's rounding: the same greedy replies. (A
     // q8_0 export re-quantises them; its first reply here differs after 8 tokens.)
-    assert_eq!(generate(out.to_str().unwrap()), generate("default"));
+    assert_eq!(generate_two(out.to_str().unwrap()), generate_two("default"));
     // A model read from a Hugging Face directory has no GGUF tokenizer metadata to carry.
     let hf = tmp.path().join("hf");
     assert!(run(&[
