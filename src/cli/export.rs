@@ -13,9 +13,9 @@ use super::model_args::ModelArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
-    /// A Hugging Face directory (transformers, PEFT, vLLM, sails).
+    /// A Hugging Face directory (read by transformers and sails, tested).
     Hf,
-    /// One GGUF file (llama.cpp, Ollama, LM Studio, sails).
+    /// One GGUF file in llama.cpp's layout (read by transformers and sails, tested).
     Gguf,
 }
 

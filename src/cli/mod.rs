@@ -70,7 +70,7 @@ pub enum Command {
     Data(data::DataArgs),
     /// Explain the selected features (top contexts, logit lens) and a trained adapter's update.
     Explain(explain::ExplainArgs),
-    /// Write the model with its adapter merged as a Hugging Face directory.
+    /// Write the model with its adapter merged as a Hugging Face directory or a GGUF file.
     Export(export::ExportArgs),
 }
 
