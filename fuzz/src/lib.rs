@@ -244,6 +244,33 @@ pub fn judge_jsonl(data: &[u8]) {
 pub type Entry = fn(&[u8]);
 
 /// Every target of the library's parsers, by corpus folder name.
+/// A user suite file (`sails eval --harmful/--benign`): the first byte picks JSONL or CSV, the
+/// suite and whether a category column is named; the rest is the file.
+pub fn user_suite(data: &[u8]) {
+    use sails::data::user::{Columns, UserSuite};
+    use sails::data::Suite;
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(rest) else {
+        return;
+    };
+    let suite = UserSuite {
+        suite: if pick & 2 == 0 {
+            Suite::UserHarmful
+        } else {
+            Suite::UserBenign
+        },
+        path: PathBuf::from(if pick & 1 == 0 { "s.jsonl" } else { "s.csv" }),
+        columns: Columns {
+            prompt: "prompt".into(),
+            category: (pick & 4 != 0).then(|| "category".to_string()),
+            id: None,
+        },
+    };
+    let _ = suite.parse(text);
+}
+
 pub const LIBRARY_TARGETS: &[(&str, Entry)] = &[
     ("gguf", gguf),
     ("safetensors", safetensors),
@@ -254,6 +281,7 @@ pub const LIBRARY_TARGETS: &[(&str, Entry)] = &[
     ("chat_template", chat_template),
     ("run_manifest", run_manifest),
     ("judge_jsonl", judge_jsonl),
+    ("user_suite", user_suite),
 ];
 
 /// The files of `fuzz/corpus/<target>` (none when the folder is missing), sorted.

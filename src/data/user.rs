@@ -61,9 +61,14 @@ impl UserSuite {
             path: self.path.clone(),
             source,
         })?;
+        self.parse(&text)
+    }
+
+    /// `text` read as the file `self.path` names (its extension picks JSONL or CSV).
+    pub fn parse(&self, text: &str) -> Result<Vec<PromptRecord>> {
         let rows = match self.path.extension().and_then(|e| e.to_str()) {
-            Some("jsonl") => jsonl_rows(&text, &self.path)?,
-            Some("csv") => csv_rows(&text, &self.path, &self.columns)?,
+            Some("jsonl") => jsonl_rows(text, &self.path)?,
+            Some("csv") => csv_rows(text, &self.path, &self.columns)?,
             _ => {
                 return Err(DataError::Config(format!(
                     "{}: unknown format; a user suite is a .jsonl or a .csv file",
