@@ -304,7 +304,7 @@ fn the_default_models_gguf_export_generates_what_its_own_gguf_does() {
         .unwrap()
         .contains("<|im_start|>"));
     // f16 keeps the dequantised Q4_1 weights within f16's rounding: the same greedy replies. (A
-    // q8_0 export re-quantises them; its first reply here differs after 8 tokens.)
+    // q8_0 export re-quantises them; its first reply here differs after five tokens.)
     assert_eq!(generate_two(out.to_str().unwrap()), generate_two("default"));
     // A model read from a Hugging Face directory has no GGUF tokenizer metadata to carry.
     let hf = tmp.path().join("hf");
