@@ -397,10 +397,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         gate: args.gate.as_ref().map(|p| p.display().to_string()),
         ..defaults
     };
-    let splits = Splits::load()
-        .context("loading the evaluation data sets")?
-        .with_user_suites(&user)
-        .context("loading your suites")?;
+    let splits = splits_with(&user)?;
     let judges = Judges::new(&cfg).context("setting up the judges")?;
     let model = args.model.load_with_adapter_scale(cfg.adapter_scale)?;
     let gate = match &args.gate {
@@ -487,17 +484,21 @@ pub struct KeepOutArgs {
 impl KeepOutArgs {
     /// The splits with the user's suites kept out of their training side.
     pub fn splits(&self) -> anyhow::Result<Splits> {
-        let user = user_suite_list(
+        splits_with(&user_suite_list(
             &self.eval_harmful,
             &self.eval_benign,
             &self.eval_prompt_column,
             &None,
-        );
-        Splits::load()
-            .context("loading the prompt splits")?
-            .with_user_suites(&user)
-            .context("loading your evaluation suites")
+        ))
     }
+}
+
+/// The prompt splits with the user's suites added (and kept out of the training side).
+fn splits_with(user: &[UserSuite]) -> anyhow::Result<Splits> {
+    Splits::load()
+        .context("loading the prompt splits")?
+        .with_user_suites(user)
+        .context("loading your evaluation suites")
 }
 
 fn print_summary(m: &Metrics, out: &std::path::Path) {

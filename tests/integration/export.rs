@@ -70,12 +70,7 @@ fn generate_two(model: &str) -> String {
 
 #[test]
 fn a_merged_export_reads_back_to_the_peft_reference() {
-    let lora = golden_dir().join("tiny-llama-lora");
-    let mut model = load_dir(&golden_dir().join("tiny-llama"));
-    Adapter::load(&lora, &Device::Cpu)
-        .unwrap()
-        .apply(&mut model, &lora)
-        .unwrap();
+    let mut model = tiny_llama_with_lora();
     // An adapter still in its slots would be left out of the weights: refused.
     let tmp = tempfile::tempdir().unwrap();
     let err = write_hf_dir(&model, None, DType::F32, &tmp.path().join("x")).unwrap_err();
@@ -189,14 +184,20 @@ fn the_default_models_export_generates_what_the_gguf_does() {
     assert!(from_gguf.contains("primary colors"), "{from_gguf}");
 }
 
-/// The tiny Llama with its golden LoRA merged.
-fn merged_tiny_llama() -> Decoder {
+/// The tiny Llama with its golden LoRA in its slots (not merged).
+fn tiny_llama_with_lora() -> Decoder {
     let lora = golden_dir().join("tiny-llama-lora");
     let mut model = load_dir(&golden_dir().join("tiny-llama"));
     Adapter::load(&lora, &Device::Cpu)
         .unwrap()
         .apply(&mut model, &lora)
         .unwrap();
+    model
+}
+
+/// The tiny Llama with its golden LoRA merged.
+fn merged_tiny_llama() -> Decoder {
+    let mut model = tiny_llama_with_lora();
     merge_into(&mut model).unwrap();
     model
 }
