@@ -223,7 +223,7 @@ pub fn judge_jsonl(data: &[u8]) {
             Ok(pairs
                 .iter()
                 .map(|_| LearnedInputs {
-                    refusal_probe: 0.25,
+                    refusal_probe: Some(0.25),
                     prompt_pmi: Some(-1.0),
                 })
                 .collect())

@@ -232,7 +232,7 @@ impl Judge for PrecomputedLearned {
         let key = (input.prompt.to_owned(), input.response.to_owned());
         let l = self.inputs.get(&key);
         let input = sails::eval::judge::JudgeInput {
-            refusal_probe: l.map(|l| l.refusal_probe),
+            refusal_probe: l.and_then(|l| l.refusal_probe),
             prompt_pmi: l.and_then(|l| l.prompt_pmi),
             ..*input
         };

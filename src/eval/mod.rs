@@ -296,7 +296,9 @@ pub struct JudgeModel {
 /// What the learned judges read of one response beyond its text.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LearnedInputs {
-    pub refusal_probe: f64,
+    /// Only where the phrase list and the cue probe disagree (elsewhere it cannot change the
+    /// vote: [`VoteJudge::needs_residual`]).
+    pub refusal_probe: Option<f64>,
     /// Only where the vote finds no refusal (the off-topic judge is asked only there).
     pub prompt_pmi: Option<f64>,
 }
@@ -343,36 +345,59 @@ impl JudgeModel {
             .collect())
     }
 
-    /// Each pair's learned-judge inputs: the residual probe for all, then the mutual information
-    /// where the vote finds no refusal (a refusal stays one whatever else the response does, and
-    /// those two passes cost about as much as generating the response).
+    /// Each pair's learned-judge inputs, computed only where they can change the label: the
+    /// residual probe where the phrase list and the cue probe disagree, then the mutual
+    /// information where the vote finds no refusal (a refusal stays one whatever else the
+    /// response does). Each is a pass of the judge model, which costs about as much as
+    /// generating the response.
     pub fn inputs(&self, pairs: &[(&str, &str)]) -> Result<Vec<LearnedInputs>> {
-        let probes = self.refusal_probe(pairs)?;
-        let mut needed = Vec::new();
-        for (i, (&(prompt, response), &p)) in pairs.iter().zip(&probes).enumerate() {
-            let input = JudgeInput {
-                prompt,
-                response,
-                refusal_logodds: None,
+        let mut out = vec![
+            LearnedInputs {
+                refusal_probe: None,
                 prompt_pmi: None,
-                refusal_probe: Some(p),
             };
-            if self.vote.judge(&input)?.label != Label::Refused {
-                needed.push(i);
+            pairs.len()
+        ];
+        let mut needs_residual = Vec::new();
+        for (i, &(prompt, response)) in pairs.iter().enumerate() {
+            if self
+                .vote
+                .needs_residual(&text_input(prompt, response, None))?
+            {
+                needs_residual.push(i);
             }
         }
-        let subset: Vec<(&str, &str)> = needed.iter().map(|&i| pairs[i]).collect();
-        let mut out: Vec<LearnedInputs> = probes
-            .into_iter()
-            .map(|refusal_probe| LearnedInputs {
-                refusal_probe,
-                prompt_pmi: None,
-            })
-            .collect();
-        for (&i, pmi) in needed.iter().zip(self.pmi(&subset)?) {
+        let subset: Vec<(&str, &str)> = needs_residual.iter().map(|&i| pairs[i]).collect();
+        for (&i, p) in needs_residual.iter().zip(self.refusal_probe(&subset)?) {
+            out[i].refusal_probe = Some(p);
+        }
+        let mut needs_pmi = Vec::new();
+        for (i, &(prompt, response)) in pairs.iter().enumerate() {
+            let input = text_input(prompt, response, out[i].refusal_probe);
+            if self.vote.judge(&input)?.label != Label::Refused {
+                needs_pmi.push(i);
+            }
+        }
+        let subset: Vec<(&str, &str)> = needs_pmi.iter().map(|&i| pairs[i]).collect();
+        for (&i, pmi) in needs_pmi.iter().zip(self.pmi(&subset)?) {
             out[i].prompt_pmi = Some(pmi);
         }
         Ok(out)
+    }
+}
+
+/// A judge input of the text and, where computed, the residual probe.
+fn text_input<'a>(
+    prompt: &'a str,
+    response: &'a str,
+    refusal_probe: Option<f64>,
+) -> JudgeInput<'a> {
+    JudgeInput {
+        prompt,
+        response,
+        refusal_logodds: None,
+        prompt_pmi: None,
+        refusal_probe,
     }
 }
 
@@ -685,7 +710,8 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
         .filter(|&i| !names.iter().all(|n| records[i].verdicts.contains_key(n)))
         .collect();
     // The learned judges' inputs the stale records lack, each in one pass of the judge model:
-    // the residual probe, then the mutual information where the vote finds no refusal.
+    // the residual probe where it can change the vote, then the mutual information where the
+    // vote finds no refusal.
     if let Some(m) = &judges.learned {
         // One judge-model value per listed record, computed over their (prompt, response) pairs.
         type PerPair<'a> = &'a dyn Fn(&[(&str, &str)]) -> Result<Vec<f64>>;
@@ -696,11 +722,16 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
                 .collect();
             f(&pairs)
         };
-        let no_probe: Vec<usize> = stale
-            .iter()
-            .copied()
-            .filter(|&i| records[i].refusal_probe.is_none())
-            .collect();
+        let mut no_probe = Vec::new();
+        for &i in &stale {
+            let r = &records[i];
+            if r.refusal_probe.is_none()
+                && m.vote
+                    .needs_residual(&text_input(&r.prompt, &r.response, None))?
+            {
+                no_probe.push(i);
+            }
+        }
         let probes = values_for(&no_probe, records, &|p| m.refusal_probe(p))?;
         for (&i, p) in no_probe.iter().zip(probes) {
             records[i].refusal_probe = Some(p);
@@ -708,13 +739,7 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
         let mut no_pmi = Vec::new();
         for &i in &stale {
             let r = &records[i];
-            let input = JudgeInput {
-                prompt: &r.prompt,
-                response: &r.response,
-                refusal_logodds: None,
-                prompt_pmi: None,
-                refusal_probe: r.refusal_probe,
-            };
+            let input = text_input(&r.prompt, &r.response, r.refusal_probe);
             if r.prompt_pmi.is_none() && m.vote.judge(&input)?.label != Label::Refused {
                 no_pmi.push(i);
             }
@@ -822,7 +847,7 @@ pub fn generate_batch(
     for ((((suite, r, _), g), lo), learned) in chunk.iter().zip(gens).zip(logodds).zip(learned) {
         let (pmi, probe) = (
             learned.and_then(|l| l.prompt_pmi),
-            learned.map(|l| l.refusal_probe),
+            learned.and_then(|l| l.refusal_probe),
         );
         let input = JudgeInput {
             prompt: &r.text,

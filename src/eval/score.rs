@@ -109,7 +109,7 @@ pub fn score_jsonl(
                 let l = inputs.get(out.len());
                 let input = JudgeInput {
                     prompt_pmi: l.and_then(|l| l.prompt_pmi),
-                    refusal_probe: l.map(|l| l.refusal_probe),
+                    refusal_probe: l.and_then(|l| l.refusal_probe),
                     ..input
                 };
                 let (vote_verdict, either) = learned_verdicts(vote, off_topic, &input)?;

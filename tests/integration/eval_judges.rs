@@ -349,15 +349,46 @@ fn the_learned_judges_vote_on_refusal_and_catch_an_answer_to_another_request() {
             Label::Refused
         ]
     );
-    // The vote's score is the mean of its three members.
+    // The vote's score is the mean of its three members; the residual probe ran only where the
+    // phrase list and the cue probe disagree, the one case where it can move the vote.
     for r in &records {
         let phrase = (r.verdicts[&judges.phrase.name()].label == Label::Refused) as u8 as f64;
-        let mean = (phrase + m.vote.cue_probability(&r.response) + r.refusal_probe.unwrap()) / 3.0;
-        assert!(
-            (r.verdicts[&vote].score.unwrap() - mean).abs() < 1e-12,
+        let cues = m.vote.cue_probability(&r.response);
+        assert_eq!(
+            r.refusal_probe.is_some(),
+            (phrase >= 0.5) != (cues >= 0.5),
             "{}",
             r.id
         );
+        match r.refusal_probe {
+            Some(residual) => {
+                let mean = (phrase + cues + residual) / 3.0;
+                let score = r.verdicts[&vote].score.unwrap();
+                assert!((score - mean).abs() < 1e-12, "{}", r.id);
+            }
+            None => assert_eq!(r.verdicts[&vote].score, None, "{}", r.id),
+        }
+    }
+    assert!(
+        records.iter().any(|r| r.refusal_probe.is_some())
+            && records.iter().any(|r| r.refusal_probe.is_none()),
+        "both cases are exercised"
+    );
+    // Judged again with every input computed, no label moves.
+    let mut full = records.clone();
+    let pairs: Vec<(&str, &str)> = full
+        .iter()
+        .map(|r| (r.prompt.as_str(), r.response.as_str()))
+        .collect();
+    let probes = m.refusal_probe(&pairs).unwrap();
+    for (r, p) in full.iter_mut().zip(probes) {
+        r.refusal_probe = Some(p);
+        r.verdicts.clear();
+    }
+    rejudge(&judges, &mut full).unwrap();
+    for (a, b) in records.iter().zip(&full) {
+        assert_eq!(a.label, b.label, "{}", a.id);
+        assert_eq!(a.verdicts[&vote].label, b.verdicts[&vote].label, "{}", a.id);
     }
     assert_eq!(
         records[3].verdicts[&judges.phrase.name()].label,
