@@ -560,10 +560,13 @@ pub(super) fn sails(run: &Layout, stage: &str, args: &[String]) -> anyhow::Resul
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     tracing::info!(stage, cmd = %format!("sails {}", args.join(" ")), "running");
-    let status = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(args)
         .stdout(Stdio::from(log))
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    die_with_parent(&mut command);
+    let status = command
         .status()
         .with_context(|| format!("starting stage {stage}"))?;
     if !status.success() {
@@ -575,6 +578,32 @@ pub(super) fn sails(run: &Layout, stage: &str, args: &[String]) -> anyhow::Resul
     }
     Ok(())
 }
+
+/// A stage outlives nothing: when this process dies, killed outright included, the kernel kills
+/// the stage too. Otherwise a stage orphaned by a killed `sails align` would go on writing into
+/// the run folder while the rerun that resumes it writes there too.
+#[cfg(target_os = "linux")]
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the hook calls only async-signal-safe functions (prctl,
+    // getppid, _exit) and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the request took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_: &mut Command) {}
 
 pub(super) fn s(v: impl ToString) -> String {
     v.to_string()

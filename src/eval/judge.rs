@@ -193,7 +193,9 @@ pub const REFUSAL_OPENINGS: &[&str] = &[
 pub fn refusal_logodds(logits: &[f32], opening_ids: &[u32]) -> f64 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
     let total: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
-    let set: HashSet<u32> = opening_ids.iter().copied().collect();
+    // Ordered: a hash set's order changes from process to process, and with it the sum's last
+    // bits, so the same responses judged twice would not give byte-identical records.
+    let set: std::collections::BTreeSet<u32> = opening_ids.iter().copied().collect();
     let p_set: f64 = set
         .iter()
         .filter_map(|&i| logits.get(i as usize))

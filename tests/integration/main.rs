@@ -6,6 +6,7 @@ mod common;
 mod align;
 mod assets;
 mod chat;
+mod crash_anywhere;
 mod data_splits;
 mod disk_full;
 mod eval_frames;
