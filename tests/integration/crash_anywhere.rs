@@ -2,8 +2,8 @@
 //! the gate's, whose validation evaluations are full-size by design and take minutes in a test
 //! build) is killed outright (SIGKILL, no handler runs) at 30 seeded random moments, rerun after each
 //! kill, and must end with the same artifacts, byte for byte, as a run never interrupted. After
-//! every kill each artifact in the run folder is whole: what a reader would take is either absent
-//! or complete (append-only JSONL logs may end in a torn line, which their readers drop).
+//! every kill no stage of it is still running, and each artifact in the run folder is whole: what
+//! a reader would take is either absent or complete (append-only JSONL logs may end in a torn line, which their readers drop).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -201,6 +201,35 @@ fn assert_whole(run: &Path, after: &str) {
     }
 }
 
+/// Processes whose command line names `run` (a stage `align` started writes there).
+fn processes_in(run: &Path) -> Vec<String> {
+    let needle = run.to_string_lossy().to_string();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            out.push(cmdline);
+        }
+    }
+    out
+}
+
+/// No stage outlives the killed `align`: the kernel ends each with it.
+fn assert_no_orphans(run: &Path, after: &str) {
+    let start = Instant::now();
+    while !processes_in(run).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{after}: still running: {:?}",
+            processes_in(run)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The reference run's stages in the order they ran, with their wall times (its manifest).
 fn stage_times(run: &Path) -> Vec<(String, f64)> {
     let m: serde_json::Value =
@@ -325,7 +354,9 @@ fn a_run_killed_anywhere_resumes_to_the_same_artifacts() {
             panic!("kill {}: the run ended before {point:?}", k + 1);
         };
         *hit.entry(stage.clone()).or_default() += 1;
-        assert_whole(&run, &format!("after kill {} ({stage}, {point:?})", k + 1));
+        let after = format!("after kill {} ({stage}, {point:?})", k + 1);
+        assert_no_orphans(&run, &after);
+        assert_whole(&run, &after);
     }
     eprintln!("kills by stage: {hit:?}; uninterrupted: {stages:?}");
     run_to_end(&run, &config);
