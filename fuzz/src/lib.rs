@@ -243,7 +243,6 @@ pub fn judge_jsonl(data: &[u8]) {
 /// A fuzz target's entry function.
 pub type Entry = fn(&[u8]);
 
-/// Every target of the library's parsers, by corpus folder name.
 /// A user suite file (`sails eval --harmful/--benign`): the first byte picks JSONL or CSV, the
 /// suite and whether a category column is named; the rest is the file.
 pub fn user_suite(data: &[u8]) {
@@ -271,6 +270,7 @@ pub fn user_suite(data: &[u8]) {
     let _ = suite.parse(text);
 }
 
+/// Every target of the library's parsers, by corpus folder name.
 pub const LIBRARY_TARGETS: &[(&str, Entry)] = &[
     ("gguf", gguf),
     ("safetensors", safetensors),

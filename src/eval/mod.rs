@@ -351,38 +351,46 @@ impl JudgeModel {
     /// response does). Each is a pass of the judge model, which costs about as much as
     /// generating the response.
     pub fn inputs(&self, pairs: &[(&str, &str)]) -> Result<Vec<LearnedInputs>> {
-        let mut out = vec![
-            LearnedInputs {
-                refusal_probe: None,
-                prompt_pmi: None,
-            };
-            pairs.len()
-        ];
+        let none = LearnedInputs {
+            refusal_probe: None,
+            prompt_pmi: None,
+        };
+        self.complete(pairs, vec![none; pairs.len()])
+    }
+
+    /// [`Self::inputs`] for pairs some of whose inputs are `known` already (saved records):
+    /// only the missing ones that can change the label are computed.
+    pub fn complete(
+        &self,
+        pairs: &[(&str, &str)],
+        mut known: Vec<LearnedInputs>,
+    ) -> Result<Vec<LearnedInputs>> {
         let mut needs_residual = Vec::new();
         for (i, &(prompt, response)) in pairs.iter().enumerate() {
-            if self
-                .vote
-                .needs_residual(&text_input(prompt, response, None))?
+            if known[i].refusal_probe.is_none()
+                && self
+                    .vote
+                    .needs_residual(&text_input(prompt, response, None))?
             {
                 needs_residual.push(i);
             }
         }
         let subset: Vec<(&str, &str)> = needs_residual.iter().map(|&i| pairs[i]).collect();
         for (&i, p) in needs_residual.iter().zip(self.refusal_probe(&subset)?) {
-            out[i].refusal_probe = Some(p);
+            known[i].refusal_probe = Some(p);
         }
         let mut needs_pmi = Vec::new();
         for (i, &(prompt, response)) in pairs.iter().enumerate() {
-            let input = text_input(prompt, response, out[i].refusal_probe);
-            if self.vote.judge(&input)?.label != Label::Refused {
+            let input = text_input(prompt, response, known[i].refusal_probe);
+            if known[i].prompt_pmi.is_none() && self.vote.judge(&input)?.label != Label::Refused {
                 needs_pmi.push(i);
             }
         }
         let subset: Vec<(&str, &str)> = needs_pmi.iter().map(|&i| pairs[i]).collect();
         for (&i, pmi) in needs_pmi.iter().zip(self.pmi(&subset)?) {
-            out[i].prompt_pmi = Some(pmi);
+            known[i].prompt_pmi = Some(pmi);
         }
-        Ok(out)
+        Ok(known)
     }
 }
 
@@ -713,40 +721,21 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
     // the residual probe where it can change the vote, then the mutual information where the
     // vote finds no refusal.
     if let Some(m) = &judges.learned {
-        // One judge-model value per listed record, computed over their (prompt, response) pairs.
-        type PerPair<'a> = &'a dyn Fn(&[(&str, &str)]) -> Result<Vec<f64>>;
-        let values_for = |rows: &[usize], records: &[GenerationRecord], f: PerPair| {
-            let pairs: Vec<(&str, &str)> = rows
-                .iter()
-                .map(|&i| (records[i].prompt.as_str(), records[i].response.as_str()))
-                .collect();
-            f(&pairs)
-        };
-        let mut no_probe = Vec::new();
-        for &i in &stale {
-            let r = &records[i];
-            if r.refusal_probe.is_none()
-                && m.vote
-                    .needs_residual(&text_input(&r.prompt, &r.response, None))?
-            {
-                no_probe.push(i);
-            }
-        }
-        let probes = values_for(&no_probe, records, &|p| m.refusal_probe(p))?;
-        for (&i, p) in no_probe.iter().zip(probes) {
-            records[i].refusal_probe = Some(p);
-        }
-        let mut no_pmi = Vec::new();
-        for &i in &stale {
-            let r = &records[i];
-            let input = text_input(&r.prompt, &r.response, r.refusal_probe);
-            if r.prompt_pmi.is_none() && m.vote.judge(&input)?.label != Label::Refused {
-                no_pmi.push(i);
-            }
-        }
-        let pmi = values_for(&no_pmi, records, &|p| m.pmi(p))?;
-        for (&i, p) in no_pmi.iter().zip(pmi) {
-            records[i].prompt_pmi = Some(p);
+        let pairs: Vec<(&str, &str)> = stale
+            .iter()
+            .map(|&i| (records[i].prompt.as_str(), records[i].response.as_str()))
+            .collect();
+        let known = stale
+            .iter()
+            .map(|&i| LearnedInputs {
+                refusal_probe: records[i].refusal_probe,
+                prompt_pmi: records[i].prompt_pmi,
+            })
+            .collect();
+        let filled = m.complete(&pairs, known)?;
+        for (&i, l) in stale.iter().zip(filled) {
+            records[i].refusal_probe = l.refusal_probe;
+            records[i].prompt_pmi = l.prompt_pmi;
         }
     }
     let mut changed = 0;
