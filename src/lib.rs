@@ -8,6 +8,7 @@
 //!        ─► features ─► subspace ─► lora ─► train ─► eval ─► report
 //! ```
 //!
+//! `serve` puts a model and its adapter behind an OpenAI-compatible HTTP API.
 //! `theory` is the controlled recovery-error experiment behind the method's claim.
 //! The `sails` binary is a thin CLI over this library.
 
@@ -23,6 +24,7 @@ pub mod manifest;
 pub mod model;
 pub mod report;
 pub mod sae;
+pub mod serve;
 pub mod subspace;
 pub mod theory;
 pub mod train;

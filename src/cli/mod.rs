@@ -18,6 +18,7 @@ pub mod generate;
 mod model_args;
 mod report;
 mod sae;
+mod serve;
 mod theory;
 mod train;
 
@@ -72,6 +73,8 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Write the model with its adapter merged as a Hugging Face directory or a GGUF file.
     Export(export::ExportArgs),
+    /// Serve the model (and adapter) over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// Takes `dir`'s one-writer lock for this process (named by its command line), or fails at once
@@ -113,6 +116,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Data(args) => data::run(args),
         Command::Explain(args) => explain::run(args),
         Command::Export(args) => export::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Sae(args) => sae::run(args),
         Command::Features(args) => features::run_features(args),
         Command::Subspace(args) => features::run_subspace(args),

@@ -13,8 +13,6 @@ use super::metrics::Rate;
 use super::{EvalError, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
@@ -535,7 +533,7 @@ pub fn combined(degenerate: &Verdict, refusal: &Verdict, off_topic: Option<&Verd
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LlmJudgeConfig {
-    /// Base URL, e.g. `http://127.0.0.1:8000/v1` (`/chat/completions` is appended). http only.
+    /// Base URL, e.g. `http://127.0.0.1:8000/v1` (`/chat/completions` is appended).
     pub url: String,
     pub model: String,
     pub timeout_s: u64,
@@ -616,8 +614,12 @@ impl Judge for LlmJudge {
     }
 }
 
-/// POSTs JSON to an `http://` URL over a plain TCP connection and parses the JSON reply
-/// (`Content-Length`, chunked or read-to-close bodies).
+/// Attempts per request: a refused connection, a timeout, 429 or a 5xx is tried again after
+/// 0.5 s, then 1 s; other failures are reported at once.
+pub const ENDPOINT_ATTEMPTS: u32 = 3;
+
+/// POSTs JSON to an `http://` or `https://` URL and parses the JSON reply. `OPENAI_API_KEY` is
+/// sent as a bearer token when set.
 pub fn http_post_json(
     url: &str,
     body: &serde_json::Value,
@@ -627,97 +629,71 @@ pub fn http_post_json(
         url: url.to_owned(),
         message,
     };
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        err("only http:// URLs are supported (put an https endpoint behind a local proxy)".into())
-    })?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let host_port = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    let addr = host_port
-        .to_socket_addrs()
-        .map_err(|e| err(format!("cannot resolve {host_port}: {e}")))?
-        .next()
-        .ok_or_else(|| err(format!("{host_port} resolves to no address")))?;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
-        err(format!(
-            "cannot connect to the judge endpoint at {addr}: {e} (is the server running?)"
-        ))
-    })?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|_| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| err(e.to_string()))?;
-    let payload = body.to_string();
-    let mut request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-         Accept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-        payload.len()
-    );
-    if let Ok(key) = std::env::var("OPENAI_API_KEY") {
-        request.push_str(&format!("Authorization: Bearer {key}\r\n"));
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(err("the URL must start with http:// or https://".into()));
     }
-    request.push_str("\r\n");
-    request.push_str(&payload);
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| err(format!("sending the request: {e}")))?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .map_err(|e| err(format!("reading the reply: {e}")))?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| err("reply has no HTTP header end".into()))?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut body = raw[split + 4..].to_vec();
-    let status: u16 = head
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| err(format!("bad status line: {:?}", head.lines().next())))?;
-    let header = |name: &str| {
-        head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    };
-    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        body = dechunk(&body).ok_or_else(|| err("malformed chunked body".into()))?;
-    } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body.truncate(len);
-    }
-    let text = String::from_utf8_lossy(&body);
-    if !(200..300).contains(&status) {
-        return Err(err(format!(
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let key = std::env::var("OPENAI_API_KEY").ok();
+    let mut last = String::new();
+    for attempt in 0..ENDPOINT_ATTEMPTS {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(500 << (attempt - 1)));
+        }
+        let mut request = agent.post(url).header("Accept", "application/json");
+        if let Some(key) = &key {
+            request = request.header("Authorization", &format!("Bearer {key}"));
+        }
+        let mut reply = match request.send_json(body) {
+            Ok(reply) => reply,
+            Err(e) => {
+                last = describe_transport_error(&e);
+                if retryable_transport_error(&e) {
+                    continue;
+                }
+                return Err(err(last));
+            }
+        };
+        let status = reply.status().as_u16();
+        let text = reply
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| err(format!("reading the reply: {e}")))?;
+        if (200..300).contains(&status) {
+            return serde_json::from_str(&text)
+                .map_err(|e| err(format!("reply is not JSON ({e}): {text:.300}")));
+        }
+        last = format!(
             "HTTP {status}: {}",
             text.chars().take(300).collect::<String>()
-        )));
+        );
+        if status != 429 && status < 500 {
+            return Err(err(last));
+        }
     }
-    serde_json::from_str(&text).map_err(|e| err(format!("reply is not JSON ({e}): {text:.300}")))
+    Err(err(format!("{last} (after {ENDPOINT_ATTEMPTS} attempts)")))
 }
 
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_txt = std::str::from_utf8(&data[..eol]).ok()?;
-        let size = usize::from_str_radix(size_txt.split(';').next()?.trim(), 16).ok()?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Some(out);
+fn retryable_transport_error(e: &ureq::Error) -> bool {
+    matches!(
+        e,
+        ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed
+    )
+}
+
+fn describe_transport_error(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!("cannot connect to the judge endpoint: {io} (is the server running?)")
         }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
+        ureq::Error::ConnectionFailed | ureq::Error::Io(_) => {
+            format!("cannot connect to the judge endpoint: {e} (is the server running?)")
+        }
+        ureq::Error::Timeout(_) => format!("no reply in time: {e}"),
+        other => other.to_string(),
     }
 }
 

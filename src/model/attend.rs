@@ -82,6 +82,67 @@ impl KvBuffer {
         }
     }
 
+    /// Several buffers' sequences as one batch, in order, each right-aligned to the longest: a
+    /// shorter sequence gets zero keys and values at its start, which its mask must cover.
+    pub fn stack(parts: &[&KvBuffer]) -> Self {
+        let Some(first) = parts.first() else {
+            return Self::default();
+        };
+        let (kv, hd) = (first.kv_heads, first.head_dim);
+        let len = parts.iter().map(|p| p.len).max().unwrap_or(0);
+        let batch: usize = parts.iter().map(|p| p.batch).sum();
+        let cap = len + 64;
+        let mut k = vec![0f32; batch * kv * cap * hd];
+        let mut v = vec![0f32; batch * kv * cap * hd];
+        let mut row = 0;
+        for part in parts {
+            debug_assert_eq!((part.kv_heads, part.head_dim), (kv, hd));
+            let shift = len - part.len;
+            for src_row in 0..part.batch * kv {
+                let (src, dst) = (src_row * part.cap * hd, (row * cap + shift) * hd);
+                let n = part.len * hd;
+                k[dst..dst + n].copy_from_slice(&part.k[src..src + n]);
+                v[dst..dst + n].copy_from_slice(&part.v[src..src + n]);
+                row += 1;
+            }
+        }
+        Self {
+            batch,
+            kv_heads: kv,
+            head_dim: hd,
+            cap,
+            len,
+            k,
+            v,
+        }
+    }
+
+    /// The sequences `keep` (indices, in the order given) without their first `skip` positions.
+    pub fn select(&self, keep: &[usize], skip: usize) -> Self {
+        let (kv, hd) = (self.kv_heads, self.head_dim);
+        let len = self.len.saturating_sub(skip);
+        let cap = len + 64;
+        let mut k = vec![0f32; keep.len() * kv * cap * hd];
+        let mut v = vec![0f32; keep.len() * kv * cap * hd];
+        for (new_seq, &seq) in keep.iter().enumerate() {
+            for head in 0..kv {
+                let src = ((seq * kv + head) * self.cap + skip) * hd;
+                let dst = (new_seq * kv + head) * cap * hd;
+                k[dst..dst + len * hd].copy_from_slice(&self.k[src..src + len * hd]);
+                v[dst..dst + len * hd].copy_from_slice(&self.v[src..src + len * hd]);
+            }
+        }
+        Self {
+            batch: keep.len(),
+            kv_heads: kv,
+            head_dim: hd,
+            cap,
+            len,
+            k,
+            v,
+        }
+    }
+
     fn reserve(&mut self, cap: usize) {
         let (rows, hd) = (self.batch * self.kv_heads, self.head_dim);
         let relayout = |old: &[f32]| {

@@ -229,6 +229,135 @@ impl KvCache {
             next_position: vec![self.next_position[0]; b],
         })
     }
+
+    /// The sequences of several caches of the same model as one batch, in order: what lets a
+    /// server add newly prefilled requests to a batch already decoding. A shorter cache is
+    /// padded at its start with masked positions, so every sequence attends to what it did.
+    pub fn stack(parts: Vec<KvCache>) -> Result<Self, ModelError> {
+        let parts: Vec<KvCache> = parts
+            .into_iter()
+            .filter(|c| !c.key_mask.is_empty())
+            .collect();
+        let Some(first) = parts.first() else {
+            return Ok(Self::new());
+        };
+        let num_layers = first.layers.len();
+        if parts.iter().any(|c| c.layers.len() != num_layers) {
+            return Err(ModelError::Input(
+                "caches of models with different depths cannot be stacked".into(),
+            ));
+        }
+        let len = parts.iter().map(KvCache::len).max().unwrap_or(0);
+        let mut layers = Vec::with_capacity(num_layers);
+        for l in 0..num_layers {
+            let buffers: Option<Vec<&KvBuffer>> = parts
+                .iter()
+                .map(|c| match &c.layers[l] {
+                    LayerKv::Buffer(b) => Some(b),
+                    _ => None,
+                })
+                .collect();
+            layers.push(match buffers {
+                Some(buffers) => LayerKv::Buffer(KvBuffer::stack(&buffers)),
+                None => {
+                    let mut ks = Vec::with_capacity(parts.len());
+                    let mut vs = Vec::with_capacity(parts.len());
+                    for c in &parts {
+                        let (k, v) = match &c.layers[l] {
+                            LayerKv::Tensors(k, v) => (k.clone(), v.clone()),
+                            LayerKv::Buffer(b) => b.to_tensors(&Device::Cpu)?,
+                            LayerKv::Empty => {
+                                return Err(ModelError::Input(
+                                    "a cache with an empty layer cannot be stacked".into(),
+                                ))
+                            }
+                        };
+                        let pad = len - c.len();
+                        let left_pad = |x: Tensor| -> Result<Tensor, ModelError> {
+                            if pad == 0 {
+                                return Ok(x);
+                            }
+                            let (b, kv, _, hd) = x.dims4()?;
+                            let zeros = Tensor::zeros((b, kv, pad, hd), x.dtype(), x.device())?;
+                            Ok(Tensor::cat(&[&zeros, &x], 2)?)
+                        };
+                        ks.push(left_pad(k)?);
+                        vs.push(left_pad(v)?);
+                    }
+                    LayerKv::Tensors(Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)
+                }
+            });
+        }
+        let mut key_mask = Vec::new();
+        let mut next_position = Vec::new();
+        for c in &parts {
+            let pad = len - c.len();
+            for row in &c.key_mask {
+                key_mask.push(
+                    std::iter::repeat_n(0, pad)
+                        .chain(row.iter().copied())
+                        .collect(),
+                );
+            }
+            next_position.extend_from_slice(&c.next_position);
+        }
+        Ok(Self {
+            layers,
+            key_mask,
+            next_position,
+        })
+    }
+
+    /// Keeps the sequences `keep` (indices, in the order given) and drops the positions at the
+    /// start that every kept sequence masks, so a long-lived batch does not grow with the pads
+    /// of sequences that have left it.
+    pub fn keep_rows(&mut self, keep: &[usize]) -> Result<(), ModelError> {
+        if let Some(&bad) = keep.iter().find(|&&i| i >= self.key_mask.len()) {
+            return Err(ModelError::Input(format!(
+                "sequence {bad} is not in a cache of {}",
+                self.key_mask.len()
+            )));
+        }
+        if keep.is_empty() {
+            *self = Self::new();
+            return Ok(());
+        }
+        let skip = keep
+            .iter()
+            .map(|&i| self.key_mask[i].iter().take_while(|&&m| m == 0).count())
+            .min()
+            .unwrap_or(0);
+        let index = Tensor::from_vec(
+            keep.iter().map(|&i| i as u32).collect::<Vec<u32>>(),
+            keep.len(),
+            &Device::Cpu,
+        )?;
+        for layer in &mut self.layers {
+            *layer = match std::mem::take(layer) {
+                LayerKv::Empty => LayerKv::Empty,
+                LayerKv::Buffer(b) => LayerKv::Buffer(b.select(keep, skip)),
+                LayerKv::Tensors(k, v) => {
+                    let s = k.dim(2)?;
+                    let pick = |x: &Tensor| -> Result<Tensor, ModelError> {
+                        let x = x.index_select(&index.to_device(x.device())?, 0)?;
+                        Ok(x.narrow(2, skip, s - skip)?.contiguous()?)
+                    };
+                    LayerKv::Tensors(pick(&k)?, pick(&v)?)
+                }
+            };
+        }
+        self.key_mask = keep
+            .iter()
+            .map(|&i| self.key_mask[i][skip..].to_vec())
+            .collect();
+        self.next_position = keep.iter().map(|&i| self.next_position[i]).collect();
+        Ok(())
+    }
+
+    /// Sequences in the cache.
+    pub fn batch(&self) -> usize {
+        self.key_mask.len()
+    }
 }
 
 /// The `(b, t)` 0/1 mask of the new tokens (all real when absent), checked against the ids' shape.

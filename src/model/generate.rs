@@ -121,7 +121,7 @@ pub(crate) fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
 /// single sequence whose cache is then copied to every row; the rest is left-padded after it.
 /// Pads in the middle of a row's cache are masked like pads at its start, and positions count
 /// real tokens only, so every row sees what it would see alone.
-fn prefill(
+pub(crate) fn prefill(
     model: &Decoder,
     prompts: &[Vec<u32>],
     pad: u32,
@@ -166,12 +166,7 @@ fn generate_in_pool(
             max: limit,
         });
     }
-    let eos: Vec<u32> = if tokenizer.eos_ids().is_empty() {
-        model.config.eos_token_ids.clone()
-    } else {
-        tokenizer.eos_ids().to_vec()
-    };
-    let pad = tokenizer.pad_id().or(eos.first().copied()).unwrap_or(0);
+    let (eos, pad) = eos_and_pad(model, tokenizer);
     let b = prompts.len();
     let device = model.device();
 
@@ -249,6 +244,18 @@ fn generate_in_pool(
     Ok(out)
 }
 
+/// The tokens that end a response (the tokenizer's, else the model config's) and the padding
+/// token (the tokenizer's, else the first end token).
+pub(crate) fn eos_and_pad(model: &Decoder, tokenizer: &Tokenizer) -> (Vec<u32>, u32) {
+    let eos: Vec<u32> = if tokenizer.eos_ids().is_empty() {
+        model.config.eos_token_ids.clone()
+    } else {
+        tokenizer.eos_ids().to_vec()
+    };
+    let pad = tokenizer.pad_id().or(eos.first().copied()).unwrap_or(0);
+    (eos, pad)
+}
+
 /// Left-pads sequences to one length so each one's last token sits in the last column:
 /// `(ids, attention_mask)`, both `(b, t)` u32, the mask 0 on pads.
 pub fn left_pad(
@@ -271,7 +278,7 @@ pub fn left_pad(
 }
 
 /// Last-position logits of each sequence, as f32 rows.
-fn last_logits(
+pub(crate) fn last_logits(
     model: &Decoder,
     ids: &Tensor,
     mask: &Tensor,
@@ -302,7 +309,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-fn sample_top_p(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> u32 {
+pub(crate) fn sample_top_p(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> u32 {
     if temperature <= 0.0 {
         return argmax(logits);
     }

@@ -3,6 +3,7 @@
 //! run a differentiable forward pass with residual-stream capture and LoRA slots, generate.
 
 pub mod attend;
+pub mod batcher;
 pub mod blocks;
 pub mod chat;
 pub mod config;

@@ -122,11 +122,18 @@ fn logit_refusal_score_is_log_odds_of_the_opening_set() {
 /// Answers each connection with a chat completion whose content is `reply` (chunked encoding),
 /// and returns the request bodies it saw.
 fn serve(replies: Vec<&'static str>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    serve_statuses(replies.into_iter().map(|r| (200, r)).collect())
+}
+
+/// As [`serve`], each reply with its HTTP status (a non-2xx reply's body is an error object).
+fn serve_statuses(
+    replies: Vec<(u16, &'static str)>,
+) -> (String, std::thread::JoinHandle<Vec<String>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let h = std::thread::spawn(move || {
         let mut seen = Vec::new();
-        for reply in replies {
+        for (status, reply) in replies {
             let (mut s, _) = listener.accept().unwrap();
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
@@ -137,7 +144,10 @@ fn serve(replies: Vec<&'static str>) -> (String, std::thread::JoinHandle<Vec<Str
                 if let Some(i) = text.find("\r\n\r\n") {
                     let len: usize = text
                         .lines()
-                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .find_map(|l| {
+                            let (name, value) = l.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length").then_some(value)
+                        })
                         .unwrap()
                         .trim()
                         .parse()
@@ -150,8 +160,13 @@ fn serve(replies: Vec<&'static str>) -> (String, std::thread::JoinHandle<Vec<Str
             }
             let body = serde_json::json!({"choices": [{"message": {"role": "assistant", "content": reply}}]})
                 .to_string();
+            let body = if status == 200 {
+                body
+            } else {
+                serde_json::json!({"error": {"message": reply}}).to_string()
+            };
             let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
                 body.len()
             );
             s.write_all(resp.as_bytes()).unwrap();
@@ -188,6 +203,35 @@ fn llm_judge_scores_over_loopback_http() {
     assert_eq!(parse_score("none"), None);
 }
 
+/// A busy or failing endpoint (429, 5xx) is asked again; a request it calls bad (4xx) is not.
+#[test]
+fn llm_judge_retries_a_busy_endpoint_and_not_a_bad_request() {
+    let judge = |url: String| LlmJudge {
+        config: LlmJudgeConfig {
+            url,
+            model: "tiny".into(),
+            timeout_s: 10,
+        },
+    };
+    let (url, h) = serve_statuses(vec![(503, "loading"), (429, "slow down"), (200, "4")]);
+    let v = judge(url).judge(&input("Sure, step one...")).unwrap();
+    assert_eq!(v.score, Some(4.0));
+    assert_eq!(h.join().unwrap().len(), 3, "two retries, then the answer");
+
+    let (url, h) = serve_statuses(vec![(400, "unknown model")]);
+    let e = judge(url).judge(&input("x")).unwrap_err().to_string();
+    assert!(e.contains("HTTP 400") && e.contains("unknown model"), "{e}");
+    assert_eq!(h.join().unwrap().len(), 1, "no retry of a bad request");
+
+    let (url, h) = serve_statuses(vec![(500, "a"), (502, "b"), (503, "c")]);
+    let e = judge(url).judge(&input("x")).unwrap_err().to_string();
+    assert!(
+        e.contains("HTTP 503") && e.contains("after 3 attempts"),
+        "{e}"
+    );
+    h.join().unwrap();
+}
+
 #[test]
 fn unreachable_judge_endpoint_is_a_clear_error() {
     // Bind then drop: the port is (almost certainly) closed.
@@ -208,18 +252,18 @@ fn unreachable_judge_endpoint_is_a_clear_error() {
         e.contains("cannot connect") && e.contains(&port.to_string()),
         "{e}"
     );
-    let https = LlmJudge {
+    let not_http = LlmJudge {
         config: LlmJudgeConfig {
-            url: "https://example.org/v1".into(),
+            url: "ftp://example.org/v1".into(),
             model: "m".into(),
             timeout_s: 2,
         },
     };
-    assert!(https
+    assert!(not_http
         .judge(&input("x"))
         .unwrap_err()
         .to_string()
-        .contains("only http://"));
+        .contains("must start with http:// or https://"));
 }
 
 #[test]

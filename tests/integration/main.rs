@@ -34,6 +34,7 @@ mod sae_formats;
 mod sae_golden;
 mod sae_store;
 mod sae_train;
+mod serve;
 mod sft_data;
 mod smollm2;
 mod theory;

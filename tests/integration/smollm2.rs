@@ -221,6 +221,108 @@ fn batched_greedy_continuations_are_identical_to_reference() {
     }
 }
 
+/// Sequences that join a batch already decoding, and leave it when they end, get the float64
+/// reference's greedy continuations: each one sees only its own tokens whatever else shares
+/// the batch. A sequence dropped half-way changes nothing for the others, and a seeded sampled
+/// one gives what a one-prompt `generate` gives with that seed.
+#[test]
+fn sequences_joining_a_running_batch_keep_the_reference_continuations() {
+    use sails::model::batcher::{Batcher, SequenceParams};
+    use sails::model::generate::Sampling;
+    let m = model();
+    let prompts = golden("prompts.json");
+    let items = prompts["prompts"].as_array().unwrap();
+    let greedy = |n| SequenceParams {
+        max_new_tokens: n,
+        sampling: Sampling::Greedy,
+        stop_strings: Vec::new(),
+    };
+    let sampled = SequenceParams {
+        max_new_tokens: 12,
+        sampling: Sampling::TopP {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: 7,
+        },
+        stop_strings: Vec::new(),
+    };
+    let mut batcher = Batcher::new(&m.decoder, &m.tokenizer);
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); items.len() + 2];
+    let mut finished = vec![false; items.len() + 2];
+    let mut streamed = vec![String::new(); items.len() + 2];
+    // Prompts 0-1 start together; 2-3 join after 5 steps, 4-5 after 12; a seventh sequence (a
+    // copy of prompt 0) is dropped after 3 steps and an eighth is sampled.
+    let ids = |k: usize| u32s(&items[k]["input_ids"]);
+    let mut joins: Vec<(usize, Vec<(u64, Vec<u32>, SequenceParams)>)> = vec![
+        (
+            0,
+            vec![
+                (0, ids(0), greedy(40)),
+                (1, ids(1), greedy(40)),
+                (6, ids(0), greedy(40)),
+            ],
+        ),
+        (
+            5,
+            vec![
+                (2, ids(2), greedy(40)),
+                (3, ids(3), greedy(40)),
+                (7, ids(4), sampled.clone()),
+            ],
+        ),
+        (12, vec![(4, ids(4), greedy(40)), (5, ids(5), greedy(40))]),
+    ];
+    joins.reverse();
+    let mut step = 0;
+    while !joins.is_empty() || !batcher.is_empty() {
+        if joins.last().is_some_and(|(at, _)| *at == step) {
+            let (_, new) = joins.pop().unwrap();
+            batcher.admit(new).unwrap();
+        }
+        if step == 3 {
+            assert!(
+                !finished[6],
+                "sequence 6 is still decoding when it is dropped"
+            );
+            batcher.cancel(6).unwrap();
+        }
+        for out in batcher.step().unwrap() {
+            let k = out.id as usize;
+            assert!(!finished[k], "sequence {k} stepped after it finished");
+            streamed[k].push_str(&out.delta);
+            if let Some(g) = out.finished {
+                assert_eq!(
+                    streamed[k], g.text,
+                    "sequence {k}: the deltas make the text"
+                );
+                got[k] = g.ids;
+                finished[k] = true;
+            }
+        }
+        step += 1;
+        assert!(step < 200, "the batch never emptied");
+    }
+    for (k, p) in items.iter().enumerate() {
+        let name = p["name"].as_str().unwrap();
+        assert_eq!(
+            got[k],
+            u32s(&p["greedy_float64"]["ids"]),
+            "{name}: greedy ids"
+        );
+    }
+    assert!(!finished[6], "a dropped sequence reports nothing more");
+    let cfg = GenerationConfig {
+        max_new_tokens: 12,
+        sampling: sampled.sampling.clone(),
+        ..Default::default()
+    };
+    let alone = generate(&m.decoder, &m.tokenizer, &[ids(4)], &cfg, |_, _| {}).unwrap();
+    assert_eq!(
+        got[7], alone[0].ids,
+        "seeded sampling as a one-prompt generate"
+    );
+}
+
 /// The five prompts with the default system turn share their first 24 tokens, which the batch
 /// computes once and copies to every row: the continuations stay the float64 reference's.
 #[test]
