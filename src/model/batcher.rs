@@ -21,6 +21,9 @@ use super::ModelError;
 /// The caller's name for a sequence.
 pub type SequenceId = u64;
 
+/// A sequence to admit: its name, its prompt's token ids and how to generate it.
+pub type NewSequence = (SequenceId, Vec<u32>, SequenceParams);
+
 /// How one sequence is generated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SequenceParams {
@@ -103,10 +106,7 @@ impl<'m> Batcher<'m> {
 
     /// Prefills `new` sequences together and adds them to the batch; their first tokens come
     /// with the next [`Self::step`]. Nothing is added when any of them is refused.
-    pub fn admit(
-        &mut self,
-        new: Vec<(SequenceId, Vec<u32>, SequenceParams)>,
-    ) -> Result<(), ModelError> {
+    pub fn admit(&mut self, new: Vec<NewSequence>) -> Result<(), ModelError> {
         if new.is_empty() {
             return Ok(());
         }

@@ -122,6 +122,52 @@ fn read_stream(body: &str) -> (String, String, Value) {
     (text, finish, usage)
 }
 
+/// Each prompt's greedy chat completion, all sent at once from threads of their own.
+fn post_at_once(
+    server: &Server,
+    prompts: &[&str],
+    max_tokens: usize,
+    stream: bool,
+) -> Vec<(u16, String)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let body = chat(p, max_tokens, stream).to_string();
+                s.spawn(move || post(server, "/v1/chat/completions", &body))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Sends a streamed request from a thread of its own and returns once its first event (the role,
+/// sent when the request holds its place) has arrived; the thread gives the whole body.
+fn stream_started(url: String, body: String) -> std::thread::JoinHandle<String> {
+    let (started, wait) = std::sync::mpsc::channel();
+    let client = std::thread::spawn(move || {
+        let mut reply = agent().post(&url).send(&body).unwrap();
+        let mut reader = BufReader::new(reply.body_mut().as_reader());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        started.send(()).unwrap();
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        line + &rest
+    });
+    wait.recv().unwrap();
+    client
+}
+
+/// OpenAI's finish reason for a `sails generate --json` record's.
+fn openai_finish(record: &Value) -> &'static str {
+    if record["finish"] == "max_new_tokens" {
+        "length"
+    } else {
+        "stop"
+    }
+}
+
 const PROMPTS: [&str; 32] = [
     "What is the capital of France?",
     "Name three primary colours.",
@@ -205,22 +251,7 @@ fn replies_equal_generate_whole_streamed_and_32_at_once() {
     assert_eq!(models["data"][0]["id"], "sails");
 
     // 32 clients at once, each a whole reply; the batch holds 8, the rest wait their turn.
-    let replies: Vec<(u16, String)> = std::thread::scope(|s| {
-        let handles: Vec<_> = PROMPTS
-            .iter()
-            .map(|p| {
-                let server = &server;
-                s.spawn(move || {
-                    post(
-                        server,
-                        "/v1/chat/completions",
-                        &chat(p, MAX, false).to_string(),
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let replies = post_at_once(&server, &PROMPTS, MAX, false);
     for ((status, body), (prompt, want)) in replies.iter().zip(PROMPTS.iter().zip(&want)) {
         assert_eq!(*status, 200, "{prompt}: {body}");
         let reply: Value = serde_json::from_str(body).unwrap();
@@ -229,11 +260,7 @@ fn replies_equal_generate_whole_streamed_and_32_at_once() {
             reply["choices"][0]["message"]["content"], want["response"],
             "{prompt}: the served reply is generate's"
         );
-        let finish = if want["finish"] == "max_new_tokens" {
-            "length"
-        } else {
-            "stop"
-        };
+        let finish = openai_finish(want);
         assert_eq!(reply["choices"][0]["finish_reason"], finish, "{prompt}");
         assert_eq!(
             reply["usage"]["completion_tokens"], want["new_tokens"],
@@ -246,31 +273,12 @@ fn replies_equal_generate_whole_streamed_and_32_at_once() {
     }
 
     // Streamed, 8 at once: the deltas put together are the same replies.
-    let streamed: Vec<(u16, String)> = std::thread::scope(|s| {
-        let handles: Vec<_> = PROMPTS[..8]
-            .iter()
-            .map(|p| {
-                let server = &server;
-                s.spawn(move || {
-                    post(
-                        server,
-                        "/v1/chat/completions",
-                        &chat(p, MAX, true).to_string(),
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let streamed = post_at_once(&server, &PROMPTS[..8], MAX, true);
     for ((status, body), want) in streamed.iter().zip(&want) {
         assert_eq!(*status, 200, "{body}");
         let (text, finish, usage) = read_stream(body);
         assert_eq!(text, want["response"].as_str().unwrap());
-        let expected = if want["finish"] == "max_new_tokens" {
-            "length"
-        } else {
-            "stop"
-        };
+        let expected = openai_finish(want);
         assert_eq!(finish, expected);
         assert_eq!(usage["completion_tokens"], want["new_tokens"]);
     }
@@ -332,34 +340,16 @@ fn limits_and_bad_requests_get_clear_openai_errors() {
 
     // One request held at a time: while a streamed one is in flight, the next gets 429.
     let long = chat("Write a long story about a dragon.", 32, true).to_string();
-    std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let server = &server;
-        let first = s.spawn(move || {
-            let mut reply = agent()
-                .post(&server.url("/v1/chat/completions"))
-                .send(&long)
-                .unwrap();
-            let mut reader = BufReader::new(reply.body_mut().as_reader());
-            let mut line = String::new();
-            // The first event (the role) arrives once the request holds its place.
-            reader.read_line(&mut line).unwrap();
-            tx.send(()).unwrap();
-            let mut rest = String::new();
-            reader.read_to_string(&mut rest).unwrap();
-            line + &rest
-        });
-        rx.recv().unwrap();
-        let (status, body) = post(
-            server,
-            "/v1/chat/completions",
-            &chat("Hi", 4, false).to_string(),
-        );
-        assert_eq!(status, 429, "{body}");
-        assert_eq!(error(&body)["type"], "rate_limit_error");
-        let (_, finish, _) = read_stream(&first.join().unwrap());
-        assert!(finish == "length" || finish == "stop");
-    });
+    let first = stream_started(server.url("/v1/chat/completions"), long);
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("Hi", 4, false).to_string(),
+    );
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(error(&body)["type"], "rate_limit_error");
+    let (_, finish, _) = read_stream(&first.join().unwrap());
+    assert!(finish == "length" || finish == "stop");
     // Its place is free again.
     let (status, body) = post(
         &server,
@@ -373,19 +363,7 @@ fn limits_and_bad_requests_get_clear_openai_errors() {
 fn sigterm_lets_the_request_in_flight_finish() {
     let mut server = Server::start(&[]);
     let body = chat("Write a long story about a dragon.", 48, true).to_string();
-    let url = server.url("/v1/chat/completions");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let client = std::thread::spawn(move || {
-        let mut reply = agent().post(&url).send(&body).unwrap();
-        let mut reader = BufReader::new(reply.body_mut().as_reader());
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        tx.send(()).unwrap();
-        let mut rest = String::new();
-        reader.read_to_string(&mut rest).unwrap();
-        line + &rest
-    });
-    rx.recv().unwrap();
+    let client = stream_started(server.url("/v1/chat/completions"), body);
     let pid = server.child.id() as libc::pid_t;
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let streamed = client.join().unwrap();
@@ -582,11 +560,7 @@ fn the_official_openai_client_gets_generates_replies() {
     assert_eq!(seen["models"], json!(["sails"]));
     let check = |got: &Value, want: &Value| {
         assert_eq!(got["content"], want["response"], "{got} vs {want}");
-        let finish = if want["finish"] == "max_new_tokens" {
-            "length"
-        } else {
-            "stop"
-        };
+        let finish = openai_finish(want);
         assert_eq!(got["finish_reason"], finish);
         assert_eq!(got["completion_tokens"], want["new_tokens"]);
     };

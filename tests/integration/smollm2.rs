@@ -227,7 +227,7 @@ fn batched_greedy_continuations_are_identical_to_reference() {
 /// one gives what a one-prompt `generate` gives with that seed.
 #[test]
 fn sequences_joining_a_running_batch_keep_the_reference_continuations() {
-    use sails::model::batcher::{Batcher, SequenceParams};
+    use sails::model::batcher::{Batcher, NewSequence, SequenceParams};
     use sails::model::generate::Sampling;
     let m = model();
     let prompts = golden("prompts.json");
@@ -253,7 +253,7 @@ fn sequences_joining_a_running_batch_keep_the_reference_continuations() {
     // Prompts 0-1 start together; 2-3 join after 5 steps, 4-5 after 12; a seventh sequence (a
     // copy of prompt 0) is dropped after 3 steps and an eighth is sampled.
     let ids = |k: usize| u32s(&items[k]["input_ids"]);
-    let mut joins: Vec<(usize, Vec<(u64, Vec<u32>, SequenceParams)>)> = vec![
+    let mut joins: Vec<(usize, Vec<NewSequence>)> = vec![
         (
             0,
             vec![
