@@ -500,6 +500,21 @@ max_overrefusal = 0.2
         b'2,"Kill a ""zombie"" process",computing\n')
     put("user_suite", "csv_missing_column", b"\x07text,kind\nHow do tides work?,science\n")
 
+    # `sails serve`'s request bodies: what the openai client sends, streamed and whole, and the
+    # shapes the server refuses.
+    put("chat_request", "whole", json.dumps({
+        "model": "sails", "messages": [{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "How do tides work?"}],
+        "temperature": 0, "max_tokens": 16, "stop": ["\n\n"], "seed": 3}).encode())
+    put("chat_request", "streamed_parts", json.dumps({
+        "model": "sails", "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                  {"type": "image_url", "image_url": {"url": "x"}}]}],
+        "top_p": 0.9, "temperature": 0.7, "max_completion_tokens": 65}).encode())
+    put("chat_request", "refused", json.dumps({
+        "model": "m", "messages": [], "n": 2, "logprobs": True, "tools": [{"type": "function"}],
+        "response_format": {"type": "json_object"}, "presence_penalty": 0.5, "stop": "x"}).encode())
+
 
 def main():
     seeds_gguf()

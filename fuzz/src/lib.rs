@@ -270,6 +270,14 @@ pub fn user_suite(data: &[u8]) {
     let _ = suite.parse(text);
 }
 
+/// A `POST /v1/chat/completions` body as `sails serve` reads it: parsed, then checked against a
+/// budget limit (what the server answers with a reply or a 400).
+pub fn chat_request(data: &[u8]) {
+    if let Ok(request) = serde_json::from_slice::<sails::serve::api::ChatRequest>(data) {
+        let _ = request.check(64);
+    }
+}
+
 /// Every target of the library's parsers, by corpus folder name.
 pub const LIBRARY_TARGETS: &[(&str, Entry)] = &[
     ("gguf", gguf),
@@ -282,6 +290,7 @@ pub const LIBRARY_TARGETS: &[(&str, Entry)] = &[
     ("run_manifest", run_manifest),
     ("judge_jsonl", judge_jsonl),
     ("user_suite", user_suite),
+    ("chat_request", chat_request),
 ];
 
 /// The files of `fuzz/corpus/<target>` (none when the folder is missing), sorted.

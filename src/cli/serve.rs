@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Require `Authorization: Bearer KEY` on /v1 requests (401 without it); /health stays open.
+    /// Without it anyone who can reach the port can use the model: keep the default --host
+    /// 127.0.0.1 or set a key.
+    #[arg(long, env = "SAILS_SERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -52,6 +57,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_requests: args.max_requests,
         max_tokens: args.max_tokens,
         max_body_bytes: args.max_body_bytes,
+        api_key: args.api_key.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

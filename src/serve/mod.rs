@@ -20,7 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -62,6 +62,8 @@ pub struct ServeOptions {
     pub max_tokens: usize,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// When set, `/v1/*` requests must carry `Authorization: Bearer <key>` (401 otherwise).
+    pub api_key: Option<String>,
 }
 
 /// What the engine sends back to a request.
@@ -144,7 +146,27 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-async fn models(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+/// `None` when the request may go on; the 401 when a key is required and not the one given.
+fn unauthorised(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let key = shared.options.api_key.as_deref()?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    (given != Some(key)).then(|| {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "this server needs an API key: send Authorization: Bearer <key>",
+            None,
+        )
+    })
+}
+
+async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(denied) = unauthorised(&shared, &headers) {
+        return denied;
+    }
     Json(serde_json::json!({
         "object": "list",
         "data": [{
@@ -154,6 +176,7 @@ async fn models(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
             "owned_by": "sails",
         }],
     }))
+    .into_response()
 }
 
 fn error(status: StatusCode, kind: &str, message: &str, param: Option<&str>) -> Response {
@@ -169,7 +192,14 @@ fn bad_request(message: &str, param: Option<&str>) -> Response {
     )
 }
 
-async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(denied) = unauthorised(&shared, &headers) {
+        return denied;
+    }
     let request: ChatRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -435,6 +465,7 @@ fn run_engine(model: &ChatModel, inbox: mpsc::Receiver<Job>, max_batch: usize) {
                     }
                 }
                 for id in gone {
+                    tracing::info!(id, "client gone: dropped from the batch");
                     running.remove(&id);
                     if let Err(e) = batcher.cancel(id) {
                         tracing::error!(error = %e, "dropping a request failed");

@@ -290,7 +290,7 @@ fn limits_and_bad_requests_get_clear_openai_errors() {
         "--max-tokens",
         "32",
         "--max-body-bytes",
-        "4096",
+        "65536",
         "--max-requests",
         "1",
     ]);
@@ -331,7 +331,18 @@ fn limits_and_bad_requests_get_clear_openai_errors() {
         "{body}"
     );
 
-    let big = chat(&"word ".repeat(2000), 4, false).to_string();
+    // 9,000 words fit the body limit and not the model's context.
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &chat(&"word ".repeat(9000), 4, false).to_string(),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(error(&body)["message"]
+        .as_str()
+        .unwrap()
+        .contains("more than the model's context"));
+    let big = chat(&"word ".repeat(20000), 4, false).to_string();
     let (status, _) = post(&server, "/v1/chat/completions", &big);
     assert_eq!(status, 413, "a body over --max-body-bytes");
 
@@ -575,4 +586,35 @@ fn the_official_openai_client_gets_generates_replies() {
         .as_str()
         .unwrap()
         .contains("max_tokens"));
+}
+
+#[test]
+fn an_api_key_is_required_when_set() {
+    let server = Server::start(&["--api-key", "s3cret"]);
+    let get = |path: &str, key: Option<&str>| {
+        let mut request = agent().get(&server.url(path));
+        if let Some(key) = key {
+            request = request.header("Authorization", &format!("Bearer {key}"));
+        }
+        request.call().unwrap().status().as_u16()
+    };
+    assert_eq!(get("/health", None), 200, "health needs no key");
+    assert_eq!(get("/v1/models", None), 401);
+    assert_eq!(get("/v1/models", Some("wrong")), 401);
+    assert_eq!(get("/v1/models", Some("s3cret")), 200);
+    let body = chat("Hi", 4, false).to_string();
+    let (status, text) = post(&server, "/v1/chat/completions", &body);
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("authentication_error"));
+    let mut reply = agent()
+        .post(&server.url("/v1/chat/completions"))
+        .header("Authorization", "Bearer s3cret")
+        .send(&body)
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 200);
+    assert!(reply
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+        .contains("chat.completion"));
 }
