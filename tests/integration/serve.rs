@@ -12,15 +12,18 @@ use serde_json::{json, Value};
 struct Server {
     child: Child,
     base: String,
+    /// The server's log (stderr), in a file so that a long run never blocks on a full pipe.
+    log: tempfile::NamedTempFile,
 }
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        let log = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_sails"))
             .args(["serve", "--port", "0"])
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -37,17 +40,17 @@ impl Server {
             Ok(base) => base,
             Err(_) => {
                 let _ = child.kill();
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("sails serve did not start: {err}");
+                panic!(
+                    "sails serve did not start: {}",
+                    std::fs::read_to_string(log.path()).unwrap()
+                );
             }
         };
-        Server { child, base }
+        Server { child, base, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
     }
 
     fn url(&self, path: &str) -> String {
@@ -617,4 +620,38 @@ fn an_api_key_is_required_when_set() {
         .read_to_string()
         .unwrap()
         .contains("chat.completion"));
+}
+
+/// A client that hangs up, streamed or not, leaves the batch; the server goes on serving.
+#[test]
+fn a_client_that_leaves_is_dropped_from_the_batch() {
+    let server = Server::start(&[]);
+    let short = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_millis(1500)))
+        .build();
+    let short: ureq::Agent = short.into();
+    for stream in [true, false] {
+        let body = chat("Write a long story about a dragon.", 400, stream).to_string();
+        let gone = short
+            .post(&server.url("/v1/chat/completions"))
+            .send(&body)
+            .and_then(|mut r| r.body_mut().read_to_string());
+        assert!(gone.is_err(), "400 tokens take longer than 1.5 s");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while server
+        .log()
+        .matches("client gone: dropped from the batch")
+        .count()
+        < 2
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("Hi", 4, false).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
 }
