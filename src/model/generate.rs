@@ -190,9 +190,11 @@ fn generate_in_pool(
         })
         .collect();
     let mut done = vec![false; b];
+    // The cache's rows: which prompt each one decodes (finished ones leave, below).
+    let mut rows: Vec<usize> = (0..b).collect();
     for _ in 0..cfg.max_new_tokens {
-        let mut next = Vec::with_capacity(b);
-        for (row, row_logits) in logits.iter().enumerate() {
+        let mut next = Vec::with_capacity(rows.len());
+        for (&row, row_logits) in rows.iter().zip(&logits) {
             if done[row] {
                 next.push(pad);
                 continue;
@@ -224,9 +226,19 @@ fn generate_in_pool(
         if done.iter().all(|&d| d) {
             break;
         }
-        let step_mask: Vec<u32> = done.iter().map(|&d| u32::from(!d)).collect();
-        let ids = Tensor::from_vec(next, (b, 1), device)?;
-        let mask = Tensor::from_vec(step_mask, (b, 1), device)?;
+        // Finished sequences leave the batch once they are a quarter of it: every later step
+        // is then that much cheaper, for one copy of the cache. The others' numbers do not
+        // change (a sequence's attention skips masked positions, its products are its own).
+        let finished = rows.iter().filter(|&&r| done[r]).count();
+        if finished > 0 && 4 * finished >= rows.len() {
+            let keep: Vec<usize> = (0..rows.len()).filter(|&i| !done[rows[i]]).collect();
+            cache.keep_rows(&keep)?;
+            next = keep.iter().map(|&i| next[i]).collect();
+            rows = keep.iter().map(|&i| rows[i]).collect();
+        }
+        let step_mask: Vec<u32> = rows.iter().map(|&r| u32::from(!done[r])).collect();
+        let ids = Tensor::from_vec(next, (rows.len(), 1), device)?;
+        let mask = Tensor::from_vec(step_mask, (rows.len(), 1), device)?;
         logits = last_logits(model, &ids, &mask, &mut cache)?;
     }
     for g in &mut out {
