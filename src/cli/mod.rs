@@ -73,7 +73,6 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Write the model with its adapter merged as a Hugging Face directory or a GGUF file.
     Export(export::ExportArgs),
-    /// Serve the model (and adapter) over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
 }
 
