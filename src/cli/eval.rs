@@ -1194,8 +1194,11 @@ pub fn run_bench(args: BenchEvalArgs) -> anyhow::Result<ExitCode> {
         let mut batch_s = Vec::new();
         for chunk in encoded.chunks(args.batch_size) {
             let t0 = std::time::Instant::now();
-            let recs =
+            let (recs, judge_failed) =
                 sails::eval::generate_batch(&model, &judges, chunk, &gen_cfg, &openings, "")?;
+            if let Some(e) = judge_failed {
+                return Err(e.into());
+            }
             batch_s.push(t0.elapsed().as_secs_f64());
             new_tokens += recs.iter().map(|r| r.new_tokens).sum::<usize>();
             bar.inc(chunk.len() as u64);

@@ -517,14 +517,12 @@ pub fn run(
         let what = format!("{} responses", variant.name());
         let mut recs = Vec::with_capacity(encoded.len());
         for chunk in encoded.chunks(cfg.batch_size) {
-            recs.extend(generate_batch(
-                model,
-                inputs.judges,
-                chunk,
-                &gen_cfg,
-                &openings,
-                "",
-            )?);
+            let (judged, judge_failed) =
+                generate_batch(model, inputs.judges, chunk, &gen_cfg, &openings, "")?;
+            if let Some(e) = judge_failed {
+                return Err(e);
+            }
+            recs.extend(judged);
             on_progress(&what, recs.len(), encoded.len());
         }
         recs.sort_by_key(|r| key_of.get(&r.id).map(|k| (k.set, k.index, k.frame)));

@@ -685,9 +685,30 @@ pub fn judge_all(
     judges: &Judges,
     input: &JudgeInput<'_>,
 ) -> Result<(BTreeMap<String, Verdict>, Label)> {
+    match judge_all_keeping(judges, input)? {
+        (_, _, Some(failed)) => Err(failed),
+        (verdicts, label, None) => Ok((verdicts, label)),
+    }
+}
+
+/// [`judge_all`], where a judge beside the label's (the LLM judge behind an endpoint) that fails
+/// is left out of the verdicts and its error returned beside them, so that the response can be
+/// saved and judged again later ([`rejudge`] fills in the verdicts a record lacks).
+pub fn judge_all_keeping(
+    judges: &Judges,
+    input: &JudgeInput<'_>,
+) -> Result<(BTreeMap<String, Verdict>, Label, Option<EvalError>)> {
     let mut verdicts = BTreeMap::new();
+    let mut failed = None;
     for j in judges.all() {
-        verdicts.insert(j.name(), j.judge(input)?);
+        match j.judge(input) {
+            Ok(v) => {
+                verdicts.insert(j.name(), v);
+            }
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
     }
     let deg = judges.degeneracy.judge(input)?;
     let (refusal, either) = match &judges.learned {
@@ -702,7 +723,7 @@ pub fn judge_all(
         None => (judges.phrase.judge(input)?, None),
     };
     let label = combined(&deg, &refusal, either.as_ref());
-    Ok((verdicts, label))
+    Ok((verdicts, label, failed))
 }
 
 fn selected<T>(items: &[T], limit: Option<usize>) -> &[T] {
@@ -797,7 +818,9 @@ pub fn encode_by_length<'a>(
 }
 
 /// Generates and judges one batch: greedy responses to the encoded prompts, the refusal
-/// log-odds read from the same prefill, every judge's verdict.
+/// log-odds read from the same prefill, every judge's verdict. Where a judge beside the label's
+/// fails (an LLM endpoint), the records come back without its verdict, with its first error:
+/// the caller saves the responses before it reports the error.
 pub fn generate_batch(
     model: &ChatModel,
     judges: &Judges,
@@ -805,7 +828,7 @@ pub fn generate_batch(
     gen_cfg: &GenerationConfig,
     openings: &[u32],
     prefill: &str,
-) -> Result<Vec<GenerationRecord>> {
+) -> Result<(Vec<GenerationRecord>, Option<EvalError>)> {
     let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, _, ids)| ids.clone()).collect();
     let mut logodds = vec![f64::NAN; ids.len()];
     let gens = generate_with_prompt_logits(
@@ -833,6 +856,7 @@ pub fn generate_batch(
         .collect();
     let learned = judges.learned_inputs(&pairs)?;
     let mut recs = Vec::with_capacity(chunk.len());
+    let mut failed = None;
     for ((((suite, r, _), g), lo), learned) in chunk.iter().zip(gens).zip(logodds).zip(learned) {
         let (pmi, probe) = (
             learned.and_then(|l| l.prompt_pmi),
@@ -845,7 +869,10 @@ pub fn generate_batch(
             prompt_pmi: pmi,
             refusal_probe: probe,
         };
-        let (verdicts, label) = judge_all(judges, &input)?;
+        let (verdicts, label, judge_failed) = judge_all_keeping(judges, &input)?;
+        if let Some(e) = judge_failed {
+            failed.get_or_insert(e);
+        }
         recs.push(GenerationRecord {
             id: r.id.clone(),
             suite: *suite,
@@ -863,7 +890,7 @@ pub fn generate_batch(
             label,
         });
     }
-    Ok(recs)
+    Ok((recs, failed))
 }
 
 /// Runs the evaluation into `out` (created if needed), resuming what is there.
@@ -976,13 +1003,22 @@ pub fn run(
         let prefill = cfg.prefill.as_deref().unwrap_or("");
         let encoded = encode_by_length(answering, items, prefill)?;
         for chunk in encoded.chunks(cfg.batch_size) {
-            let mut recs = generate_batch(answering, judges, chunk, &gen_cfg, &openings, prefill)?;
+            let (mut recs, judge_failed) =
+                generate_batch(answering, judges, chunk, &gen_cfg, &openings, prefill)?;
             for r in &mut recs {
                 r.gate = readings.get(&r.id).copied();
             }
             new_tokens += recs.iter().map(|r| r.new_tokens).sum::<usize>();
             generated += recs.len();
             append_jsonl(&mut file, &gen_path, &recs)?;
+            if let Some(e) = judge_failed {
+                // The responses are saved: a rerun judges them again instead of regenerating.
+                tracing::error!(
+                    "a judge failed; this batch's responses are saved in {} and a rerun judges them again",
+                    gen_path.display()
+                );
+                return Err(e);
+            }
             done.extend(recs);
             let secs = start.elapsed().as_secs_f64();
             tracing::info!(

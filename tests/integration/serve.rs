@@ -500,6 +500,20 @@ fn the_llm_judge_reads_a_real_server() {
                 stderr.contains("llm@sails") && stderr.contains(&format!("{reply:?}")),
                 "the error names the judge and quotes its reply {reply:?}: {stderr}"
             );
+            // The response is saved, judged by every other judge, for a rerun to judge again.
+            let text = std::fs::read_to_string(run.join("generations.jsonl")).unwrap();
+            let saved: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(saved.len(), 1, "{text}");
+            assert_eq!(saved[0]["response"], answer["response"]);
+            assert!(saved[0]["verdicts"].get("llm@sails").is_none());
+            assert!(
+                saved[0]["verdicts"].get("phrase@harmbench-29+6").is_some(),
+                "{}",
+                saved[0]
+            );
         }
         Some(score) => {
             // Should a later model answer with a digit, the run finishes with that score.
