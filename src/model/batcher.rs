@@ -9,12 +9,10 @@
 //! its own tokens, as it would alone: greedy replies are those of `generate`.
 
 use candle_core::Tensor;
-use rand::{rngs::StdRng, SeedableRng};
+use rand::rngs::StdRng;
 
 use super::decoder::{Decoder, KvCache};
-use super::generate::{
-    argmax, eos_and_pad, last_logits, prefill, sample_top_p, FinishReason, Generation, Sampling,
-};
+use super::generate::{eos_and_pad, last_logits, prefill, FinishReason, Generation, Sampling};
 use super::tokenizer::Tokenizer;
 use super::ModelError;
 
@@ -118,10 +116,7 @@ impl<'m> Batcher<'m> {
         let logits = prefill(self.model, &prompts, self.pad, true, &mut cache)?;
         self.cache = KvCache::stack(vec![std::mem::take(&mut self.cache), cache])?;
         for ((id, prompt, params), logits) in new.into_iter().zip(logits) {
-            let rng = match params.sampling {
-                Sampling::TopP { seed, .. } => Some(StdRng::seed_from_u64(seed)),
-                Sampling::Greedy => None,
-            };
+            let rng = params.sampling.rng();
             self.rows.push(Running {
                 id,
                 params,
@@ -163,15 +158,7 @@ impl<'m> Batcher<'m> {
         let mut outputs = Vec::with_capacity(self.rows.len());
         let mut keep = Vec::with_capacity(self.rows.len());
         for (i, row) in self.rows.iter_mut().enumerate() {
-            let token = match (&row.params.sampling, row.rng.as_mut()) {
-                (
-                    Sampling::TopP {
-                        temperature, top_p, ..
-                    },
-                    Some(rng),
-                ) => sample_top_p(&row.logits, *temperature, *top_p, rng),
-                _ => argmax(&row.logits),
-            };
+            let token = row.params.sampling.pick(&row.logits, row.rng.as_mut());
             row.ids.push(token);
             let text = self.tokenizer.decode(&row.ids, true)?;
             let stop_at = first_stop(&text, &row.params.stop_strings);

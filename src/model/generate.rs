@@ -23,6 +23,29 @@ pub enum Sampling {
     },
 }
 
+impl Sampling {
+    /// The generator a sampled sequence draws from (none for greedy decoding).
+    pub(crate) fn rng(&self) -> Option<StdRng> {
+        match self {
+            Sampling::TopP { seed, .. } => Some(StdRng::seed_from_u64(*seed)),
+            Sampling::Greedy => None,
+        }
+    }
+
+    /// The next token from one position's logits.
+    pub(crate) fn pick(&self, logits: &[f32], rng: Option<&mut StdRng>) -> u32 {
+        match (self, rng) {
+            (
+                Sampling::TopP {
+                    temperature, top_p, ..
+                },
+                Some(rng),
+            ) => sample_top_p(logits, *temperature, *top_p, rng),
+            _ => argmax(logits),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationConfig {
     pub max_new_tokens: usize,
@@ -176,10 +199,7 @@ fn generate_in_pool(
         on_prompt_logits(row, row_logits);
     }
 
-    let mut rng = match cfg.sampling {
-        Sampling::TopP { seed, .. } => Some(StdRng::seed_from_u64(seed)),
-        Sampling::Greedy => None,
-    };
+    let mut rng = cfg.sampling.rng();
     let mut out: Vec<Generation> = prompts
         .iter()
         .map(|p| Generation {
@@ -199,15 +219,7 @@ fn generate_in_pool(
                 next.push(pad);
                 continue;
             }
-            let token = match (&cfg.sampling, rng.as_mut()) {
-                (
-                    Sampling::TopP {
-                        temperature, top_p, ..
-                    },
-                    Some(rng),
-                ) => sample_top_p(row_logits, *temperature, *top_p, rng),
-                _ => argmax(row_logits),
-            };
+            let token = cfg.sampling.pick(row_logits, rng.as_mut());
             next.push(token);
             on_token(row, token);
             let g = &mut out[row];
@@ -321,7 +333,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-pub(crate) fn sample_top_p(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> u32 {
+fn sample_top_p(logits: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> u32 {
     if temperature <= 0.0 {
         return argmax(logits);
     }
