@@ -8,11 +8,13 @@
 //!        ─► features ─► subspace ─► lora ─► train ─► eval ─► report
 //! ```
 //!
+//! `attack` searches for jailbreaks of a model and its adapter (GCG).
 //! `serve` puts a model and its adapter behind an OpenAI-compatible HTTP API.
 //! `theory` is the controlled recovery-error experiment behind the method's claim.
 //! The `sails` binary is a thin CLI over this library.
 
 pub mod assets;
+pub mod attack;
 pub mod data;
 pub mod error;
 pub mod eval;

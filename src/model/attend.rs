@@ -58,6 +58,11 @@ impl KvBuffer {
         self.len += t;
     }
 
+    /// Forgets every position from `len` on (the keys stay in place and are overwritten later).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// This buffer's one sequence copied to `batch` sequences, with room for a generation budget.
     pub fn repeat_batch(&self, batch: usize) -> Self {
         let (kv, hd) = (self.kv_heads, self.head_dim);

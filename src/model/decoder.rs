@@ -230,6 +230,44 @@ impl KvCache {
         })
     }
 
+    /// The first `len` positions of a cache of one sequence without pads: the shared beginning
+    /// of sequences that differ after it (an attack's candidates, which change one token each).
+    pub fn prefix(&self, len: usize) -> Result<Self, ModelError> {
+        if self.key_mask.len() != 1 || self.key_mask[0].contains(&0) {
+            return Err(ModelError::Input(
+                "only a cache of one sequence without pads has a prefix".into(),
+            ));
+        }
+        if len > self.len() {
+            return Err(ModelError::Input(format!(
+                "a prefix of {len} positions is longer than the cache's {}",
+                self.len()
+            )));
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                Ok(match layer {
+                    LayerKv::Empty => LayerKv::Empty,
+                    LayerKv::Buffer(buffer) => {
+                        let mut buffer = buffer.clone();
+                        buffer.truncate(len);
+                        LayerKv::Buffer(buffer)
+                    }
+                    LayerKv::Tensors(k, v) => {
+                        LayerKv::Tensors(k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(Self {
+            layers,
+            key_mask: vec![vec![1; len]],
+            next_position: vec![len as u32],
+        })
+    }
+
     /// The sequences of several caches of the same model as one batch, in order: what lets a
     /// server add newly prefilled requests to a batch already decoding. A shorter cache is
     /// padded at its start with masked positions, so every sequence attends to what it did.
@@ -514,6 +552,18 @@ impl Decoder {
         self.dtype
     }
 
+    /// The factor embedding rows are multiplied by on the way in: Gemma-2's √d_model, rounded to
+    /// the activation dtype as HF does; `None` for the other architectures.
+    pub fn embedding_scale(&self) -> Result<Option<Tensor>, ModelError> {
+        if self.config.gemma.is_none() {
+            return Ok(None);
+        }
+        let scale = (self.config.hidden_size as f32).sqrt();
+        Ok(Some(
+            Tensor::new(scale, &self.device)?.to_dtype(self.dtype)?,
+        ))
+    }
+
     /// The forward pass. With a cache, the new tokens attend to everything cached and are appended.
     pub fn forward(
         &self,
@@ -557,10 +607,7 @@ impl Decoder {
             .embed_tokens
             .index_select(&req.input_ids.flatten_all()?, 0)?
             .reshape((b, t, ()))?;
-        if cfg.gemma.is_some() {
-            // HF rounds the normaliser to the activation dtype.
-            let scale =
-                Tensor::new((cfg.hidden_size as f32).sqrt(), &self.device)?.to_dtype(self.dtype)?;
+        if let Some(scale) = self.embedding_scale()? {
             h = h.broadcast_mul(&scale)?;
         }
         for index in 0..=last_block {

@@ -29,7 +29,7 @@ pub struct LossOutput {
 }
 
 /// `log softmax` over the last dimension; the max is detached (it cancels in the gradient).
-fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
