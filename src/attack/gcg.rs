@@ -20,7 +20,7 @@
 use super::{AttackError, Result};
 use crate::model::chat::Message;
 use crate::model::decoder::{Decoder, Forward, KvCache, Logits, ResidEdit};
-use crate::model::generate::{generate, GenerationConfig};
+use crate::model::generate::{generate, left_pad, GenerationConfig};
 use crate::model::layers::compute_dtype;
 use crate::model::load::ChatModel;
 use crate::model::tokenizer::Tokenizer;
@@ -30,7 +30,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 /// Where the suffix goes in the rendered template; never part of a real request.
@@ -240,8 +240,10 @@ pub struct CandidateLoss {
 }
 
 /// The target loss of each candidate suffix (same length as `current`), given `state` = the
-/// cache of `problem.before ‖ current`. Candidates are grouped by the first position where they
-/// differ from `current`; each group runs from there on its shared prefix.
+/// cache of `problem.before ‖ current`. A candidate runs only from the first position where it
+/// differs from `current`, on the cache of everything before it; candidates sorted by that
+/// position fill batches of `batch_size`, each row's cache and new tokens padded on the left
+/// (a row's cached and new lengths always add up to the same total).
 pub fn candidate_losses(
     decoder: &Decoder,
     state: &KvCache,
@@ -252,7 +254,7 @@ pub fn candidate_losses(
 ) -> Result<Vec<CandidateLoss>> {
     let before = problem.before.len();
     let n_target = problem.target.len();
-    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    let mut order = Vec::with_capacity(candidates.len());
     for (i, candidate) in candidates.iter().enumerate() {
         if candidate.len() != current.len() {
             return Err(AttackError::Input(format!(
@@ -264,8 +266,10 @@ pub fn candidate_losses(
         let first = (0..current.len())
             .find(|&p| candidate[p] != current[p])
             .unwrap_or(current.len());
-        groups.entry(first).or_default().push(i);
+        order.push((first, i));
     }
+    order.sort_unstable();
+    let mut prefixes: BTreeMap<usize, KvCache> = BTreeMap::new();
     let mut out = vec![
         CandidateLoss {
             loss: f64::NAN,
@@ -273,33 +277,43 @@ pub fn candidate_losses(
         };
         candidates.len()
     ];
-    for (first, members) in groups {
-        let shared = state.prefix(before + first)?;
-        for chunk in members.chunks(batch_size) {
-            let rows: Vec<u32> = chunk
-                .iter()
-                .flat_map(|&i| problem.continuation(&candidates[i][first..]))
-                .collect();
-            let t = rows.len() / chunk.len();
-            let input = Tensor::from_vec(rows, (chunk.len(), t), decoder.device())?;
-            let mut cache = shared.repeat_batch(chunk.len())?;
-            let logits = decoder
-                .forward(
-                    Forward {
-                        logits: Logits::Tail(n_target),
-                        ..Forward::logits(&input, None)
-                    },
-                    Some(&mut cache),
-                )?
-                .logits
-                .ok_or_else(|| AttackError::Input("the forward pass returned no logits".into()))?
-                .to_dtype(DType::F32)?;
-            let vocab = logits.dim(2)?;
-            let values = logits.flatten_all()?.to_vec1::<f32>()?;
-            for (row, &i) in chunk.iter().enumerate() {
-                let row_logits = &values[row * n_target * vocab..(row + 1) * n_target * vocab];
-                out[i] = target_loss(row_logits, vocab, &problem.target);
-            }
+    for chunk in order.chunks(batch_size) {
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < chunk.len() {
+            let first = chunk[start].0;
+            let end = start + chunk[start..].iter().take_while(|c| c.0 == first).count();
+            let prefix = match prefixes.entry(first) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(state.prefix(before + first)?)
+                }
+            };
+            parts.push(prefix.repeat_batch(end - start)?);
+            start = end;
+        }
+        let mut cache = KvCache::stack(parts)?;
+        let rows: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|&(first, i)| problem.continuation(&candidates[i][first..]))
+            .collect();
+        let (input, mask) = left_pad(&rows, problem.target[0], decoder.device())?;
+        let logits = decoder
+            .forward(
+                Forward {
+                    logits: Logits::Tail(n_target),
+                    ..Forward::logits(&input, Some(&mask))
+                },
+                Some(&mut cache),
+            )?
+            .logits
+            .ok_or_else(|| AttackError::Input("the forward pass returned no logits".into()))?
+            .to_dtype(DType::F32)?;
+        let vocab = logits.dim(2)?;
+        let values = logits.flatten_all()?.to_vec1::<f32>()?;
+        for (row, &(_, i)) in chunk.iter().enumerate() {
+            let row_logits = &values[row * n_target * vocab..(row + 1) * n_target * vocab];
+            out[i] = target_loss(row_logits, vocab, &problem.target);
         }
     }
     Ok(out)
@@ -406,7 +420,7 @@ pub struct GcgState {
     pub best_exact: bool,
     /// The loss of each step's chosen candidate.
     pub losses: Vec<f64>,
-    /// Candidates evaluated, over all steps.
+    /// Distinct candidates evaluated, over all steps.
     pub candidates: usize,
     /// Seconds spent in steps, over all sittings.
     pub seconds: f64,
@@ -494,6 +508,10 @@ pub fn attack(
         let mut rng = step_rng(cfg.seed, &behaviour.id, state.step);
         let (_, grad) = token_gradients(decoder, &before, &state.current, &problem)?;
         let mut candidates = sample_candidates(&grad, &state.current, &allowed, cfg, &mut rng);
+        // A candidate drawn twice has one loss: score it once (the first stays first, so the
+        // choice below is the one scoring every copy would make).
+        let mut seen = HashSet::new();
+        candidates.retain(|c| seen.insert(c.clone()));
         if cfg.filter_ids {
             candidates.retain(|c| round_trips(tokenizer, c));
         }

@@ -617,6 +617,42 @@ fn run_score(
 ) -> anyhow::Result<ExitCode> {
     let text =
         std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    let (scored, refusal) = judge_lines(input, &text, llm, learned)?;
+    let mut lines = String::new();
+    for s in &scored {
+        lines.push_str(&serde_json::to_string(&s.output)?);
+        lines.push('\n');
+    }
+    if let Some(out) = out {
+        sails::model::write_atomic(out, lines.as_bytes())
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    if json {
+        print!("{lines}");
+    } else {
+        let count = |label: Label| scored.iter().filter(|s| s.label == label).count();
+        println!(
+            "{} responses judged ({refusal}): {} refused, {} complied, {} degenerate",
+            scored.len(),
+            count(Label::Refused),
+            count(Label::Complied),
+            count(Label::Degenerate)
+        );
+        if let Some(out) = out {
+            println!("judged lines: {}", out.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Judges the JSONL `text` (read from `path`, named in errors) as `sails judge score` does: the
+/// scored lines and the name of what decided their labels.
+pub(super) fn judge_lines(
+    path: &std::path::Path,
+    text: &str,
+    llm: &LlmJudgeArgs,
+    learned: bool,
+) -> anyhow::Result<(Vec<sails::eval::score::ScoredLine>, String)> {
     let phrase = PhraseJudge::harmbench().context("setting up the phrase judge")?;
     let degeneracy = DegeneracyJudge::default();
     let llm = llm.config().map(|config| LlmJudge { config });
@@ -633,8 +669,8 @@ fn run_score(
     #[allow(clippy::result_large_err)] // the library's error type, as every eval function returns
     let inputs = |pairs: &[(&str, &str)]| sails::eval::JudgeModel::load()?.inputs(pairs);
     let scored = score_jsonl(
-        input,
-        &text,
+        path,
+        text,
         &degeneracy,
         &phrase,
         learned
@@ -642,36 +678,11 @@ fn run_score(
             .map(|(vote, off_topic)| (vote, off_topic, &inputs as _)),
         &others,
     )?;
-    let mut lines = String::new();
-    for s in &scored {
-        lines.push_str(&serde_json::to_string(&s.output)?);
-        lines.push('\n');
-    }
-    if let Some(out) = out {
-        sails::model::write_atomic(out, lines.as_bytes())
-            .with_context(|| format!("writing {}", out.display()))?;
-    }
-    if json {
-        print!("{lines}");
-    } else {
-        let count = |label: Label| scored.iter().filter(|s| s.label == label).count();
-        let refusal = match &learned {
-            Some((vote, off_topic)) => format!("{} or {}", vote.name(), off_topic.name()),
-            None => phrase.name(),
-        };
-        println!(
-            "{} responses judged ({} then {refusal}): {} refused, {} complied, {} degenerate",
-            scored.len(),
-            degeneracy.name(),
-            count(Label::Refused),
-            count(Label::Complied),
-            count(Label::Degenerate)
-        );
-        if let Some(out) = out {
-            println!("judged lines: {}", out.display());
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+    let refusal = match &learned {
+        Some((vote, off_topic)) => format!("{} or {}", vote.name(), off_topic.name()),
+        None => phrase.name(),
+    };
+    Ok((scored, format!("{} then {refusal}", degeneracy.name())))
 }
 
 /// The `--report` output of `sails judge train`.

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 pub mod align;
 mod assets;
+mod attack;
 mod bench;
 mod compare;
 mod data;
@@ -74,6 +75,8 @@ pub enum Command {
     /// Write the model with its adapter merged as a Hugging Face directory or a GGUF file.
     Export(export::ExportArgs),
     Serve(serve::ServeArgs),
+    /// Attack a model and its adapter with optimised jailbreaks (GCG) and judge the replies.
+    Attack(attack::AttackArgs),
 }
 
 /// Takes `dir`'s one-writer lock for this process (named by its command line), or fails at once
@@ -116,6 +119,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Explain(args) => explain::run(args),
         Command::Export(args) => export::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Attack(args) => attack::run(args),
         Command::Sae(args) => sae::run(args),
         Command::Features(args) => features::run_features(args),
         Command::Subspace(args) => features::run_subspace(args),
