@@ -201,6 +201,14 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Each layer's cache made from the same layer of this one.
+    fn map_layers(
+        &self,
+        f: impl Fn(&LayerKv) -> Result<LayerKv, ModelError>,
+    ) -> Result<Vec<LayerKv>, ModelError> {
+        self.layers.iter().map(f).collect()
+    }
+
     /// A cache of one sequence copied to `b` sequences: a prompt prefix computed once serves a
     /// whole batch.
     pub fn repeat_batch(&self, b: usize) -> Result<Self, ModelError> {
@@ -210,19 +218,15 @@ impl KvCache {
                 self.key_mask.len()
             )));
         }
-        let layers = self
-            .layers
-            .iter()
-            .map(|layer| {
-                Ok(match layer {
-                    LayerKv::Empty => LayerKv::Empty,
-                    LayerKv::Buffer(buffer) => LayerKv::Buffer(buffer.repeat_batch(b)),
-                    LayerKv::Tensors(k, v) => {
-                        LayerKv::Tensors(k.repeat((b, 1, 1, 1))?, v.repeat((b, 1, 1, 1))?)
-                    }
-                })
+        let layers = self.map_layers(|layer| {
+            Ok(match layer {
+                LayerKv::Empty => LayerKv::Empty,
+                LayerKv::Buffer(buffer) => LayerKv::Buffer(buffer.repeat_batch(b)),
+                LayerKv::Tensors(k, v) => {
+                    LayerKv::Tensors(k.repeat((b, 1, 1, 1))?, v.repeat((b, 1, 1, 1))?)
+                }
             })
-            .collect::<Result<Vec<_>, ModelError>>()?;
+        })?;
         Ok(Self {
             layers,
             key_mask: vec![self.key_mask[0].clone(); b],
@@ -244,23 +248,19 @@ impl KvCache {
                 self.len()
             )));
         }
-        let layers = self
-            .layers
-            .iter()
-            .map(|layer| {
-                Ok(match layer {
-                    LayerKv::Empty => LayerKv::Empty,
-                    LayerKv::Buffer(buffer) => {
-                        let mut buffer = buffer.clone();
-                        buffer.truncate(len);
-                        LayerKv::Buffer(buffer)
-                    }
-                    LayerKv::Tensors(k, v) => {
-                        LayerKv::Tensors(k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)
-                    }
-                })
+        let layers = self.map_layers(|layer| {
+            Ok(match layer {
+                LayerKv::Empty => LayerKv::Empty,
+                LayerKv::Buffer(buffer) => {
+                    let mut buffer = buffer.clone();
+                    buffer.truncate(len);
+                    LayerKv::Buffer(buffer)
+                }
+                LayerKv::Tensors(k, v) => {
+                    LayerKv::Tensors(k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)
+                }
             })
-            .collect::<Result<Vec<_>, ModelError>>()?;
+        })?;
         Ok(Self {
             layers,
             key_mask: vec![vec![1; len]],
