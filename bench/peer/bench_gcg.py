@@ -23,16 +23,6 @@ import peer_common as pc
 import torch
 
 
-def load_model():
-    from transformers import AutoModelForCausalLM
-
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        pc.GGUF_DIR, gguf_file=pc.GGUF_FILE, attn_implementation="sdpa", torch_dtype=torch.float32
-    )
-    return model, time.perf_counter() - t0
-
-
 def timed_run(model, tok, message, target, steps, args):
     import nanogcg
     from nanogcg import GCGConfig
@@ -62,7 +52,7 @@ def main():
     args = ap.parse_args()
     threads = pc.setup_threads(args.threads)
     tok = pc.load_tokenizer()
-    model, load_s = load_model()
+    model, load_s = pc.load_model()
     model.eval()
     with open(pc.JBB_CSV) as f:
         message = next(csv.DictReader(f))["Goal"]

@@ -58,9 +58,14 @@ def load_tokenizer(padding_side="right"):
 def load_model():
     from transformers import AutoModelForCausalLM
 
+    import transformers
+
+    # transformers 5 names the precision `dtype`; 4.x (nanoGCG's pin) names it `torch_dtype`.
+    major = int(transformers.__version__.split(".")[0])
+    precision = {"dtype" if major >= 5 else "torch_dtype": torch.float32}
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        GGUF_DIR, gguf_file=GGUF_FILE, attn_implementation="sdpa", dtype=torch.float32
+        GGUF_DIR, gguf_file=GGUF_FILE, attn_implementation="sdpa", **precision
     )
     load_s = time.perf_counter() - t0
     return model, load_s

@@ -20,7 +20,7 @@
 use super::{AttackError, Result};
 use crate::model::chat::Message;
 use crate::model::decoder::{Decoder, Forward, KvCache, Logits, ResidEdit};
-use crate::model::generate::{generate, left_pad, GenerationConfig};
+use crate::model::generate::{argmax, generate, left_pad, log_sum_exp, GenerationConfig};
 use crate::model::layers::compute_dtype;
 use crate::model::load::ChatModel;
 use crate::model::tokenizer::Tokenizer;
@@ -168,15 +168,7 @@ pub fn prefill(decoder: &Decoder, ids: &[u32], cache: &mut KvCache) -> Result<()
     if ids.is_empty() {
         return Ok(());
     }
-    let input = Tensor::new(ids, decoder.device())?.unsqueeze(0)?;
-    // `Logits::Last`: every block must run to fill the cache.
-    decoder.forward(
-        Forward {
-            logits: Logits::Last,
-            ..Forward::logits(&input, None)
-        },
-        Some(cache),
-    )?;
+    crate::model::generate::prefill(decoder, &[ids.to_vec()], 0, false, cache)?;
     Ok(())
 }
 
@@ -325,14 +317,8 @@ fn target_loss(logits: &[f32], vocab: usize, target: &[u32]) -> CandidateLoss {
     let mut nll = 0.0;
     let mut exact = true;
     for (row, &want) in logits.chunks_exact(vocab).zip(target) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let log_sum = row
-            .iter()
-            .map(|&x| f64::from(x - max).exp())
-            .sum::<f64>()
-            .ln();
-        nll += log_sum - f64::from(row[want as usize] - max);
-        exact &= crate::model::generate::argmax(row) == want;
+        nll += log_sum_exp(row) - f64::from(row[want as usize]);
+        exact &= argmax(row) == want;
     }
     CandidateLoss {
         loss: nll / target.len() as f64,

@@ -296,7 +296,10 @@ fn run_gcg(args: GcgArgs) -> anyhow::Result<ExitCode> {
             bar.set_position(state.step as u64);
         }
         let result = gcg::attack(&model, behaviour, &cfg, resume, |state| {
-            write_atomic(&checkpoint, &serde_json::to_vec(state).map_err(json_err)?)?;
+            let bytes = serde_json::to_vec(state).map_err(|e| {
+                sails::attack::AttackError::Input(format!("serialising the search state: {e}"))
+            })?;
+            write_atomic(&checkpoint, &bytes)?;
             bar.set_position(state.step as u64);
             bar.set_message(format!("best loss {:.3}", state.best_loss));
             Ok(())
@@ -358,10 +361,6 @@ fn run_gcg(args: GcgArgs) -> anyhow::Result<ExitCode> {
         print_summary(&summary, &args.out);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn json_err(e: serde_json::Error) -> sails::attack::AttackError {
-    sails::attack::AttackError::Input(format!("serialising the search state: {e}"))
 }
 
 fn write_jsonl(path: &Path, results: &[GcgResult]) -> anyhow::Result<()> {

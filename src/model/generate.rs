@@ -322,6 +322,17 @@ pub(crate) fn last_logits(
     Ok(logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
 
+/// `ln Σ exp(logits)`, summed in f64 from the row's maximum (no overflow).
+pub fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = f64::from(logits.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+    logits
+        .iter()
+        .map(|&x| (f64::from(x) - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max
+}
+
 /// Index of the largest logit; the first one on ties, as PyTorch's argmax.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;

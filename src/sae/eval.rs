@@ -73,8 +73,7 @@ impl Default for EvalBatching {
 fn log_softmax_rows(logits: &[f32], v: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(logits.len());
     for row in logits.chunks(v) {
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        let lse = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+        let lse = crate::model::generate::log_sum_exp(row);
         out.extend(row.iter().map(|&x| x as f64 - lse));
     }
     out
