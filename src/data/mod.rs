@@ -27,6 +27,7 @@
 
 mod csv;
 pub mod frames;
+pub mod jailbreaks;
 mod leak;
 pub mod sft;
 mod sources;
@@ -81,6 +82,8 @@ pub enum DataError {
     },
     #[error("split config: {0}")]
     Config(String),
+    #[error("no jailbreak template {id:?}; the templates are: {known}")]
+    UnknownTemplate { id: String, known: String },
     #[error(
         "the {suite} suite is unavailable (each reason names its asset):\n{}",
         missing.iter().map(|m| m.reason.as_str()).collect::<Vec<_>>().join("\n")

@@ -22,6 +22,7 @@ mod fuzz_corpus;
 mod fuzz_regressions;
 mod gate;
 mod gguf;
+mod jailbreak_templates;
 mod lora;
 mod lora_init;
 mod missing_assets;
