@@ -3,10 +3,11 @@
 //!
 //! - [`gcg`]: Greedy Coordinate Gradient (Zou et al. 2023): a suffix of tokens appended to the
 //!   request, optimised so the reply starts with a target string ("Sure, here is").
-//!
-//! The prefilling attack (the reply forced to start with a compliant opening) needs no search
-//! and lives in the evaluation (`sails eval --prefill`).
+//! - [`framed`]: attacks that need no search: the request inside a jailbreak template, or the
+//!   reply forced to start with a compliant opening (prefilling); each an evaluation run paired
+//!   with the unattacked one.
 
+pub mod framed;
 pub mod gcg;
 
 use crate::model::ModelError;
@@ -28,6 +29,15 @@ pub enum AttackError {
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
     Input(String),
+    /// Boxed: an evaluation error is large and rare here.
+    #[error(transparent)]
+    Eval(Box<crate::eval::EvalError>),
+}
+
+impl From<crate::eval::EvalError> for AttackError {
+    fn from(e: crate::eval::EvalError) -> Self {
+        AttackError::Eval(Box::new(e))
+    }
 }
 
 pub type Result<T, E = AttackError> = std::result::Result<T, E>;

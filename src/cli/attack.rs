@@ -6,12 +6,16 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use sails::attack::framed::{run_framed, FramedAttack, FramedSummary};
 use sails::attack::gcg::{self, Behaviour, GcgConfig, GcgResult, GcgState};
+use sails::data::jailbreaks::{load_jailbreak_templates, select_templates};
 use sails::data::{Splits, Suite};
 use sails::eval::judge::Label;
 use sails::eval::metrics::Rate;
+use sails::eval::{EvalConfig, Judges};
 use sails::model::write_atomic;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::eval::{judge_lines, LlmJudgeArgs};
 use super::model_args::ModelArgs;
@@ -25,6 +29,8 @@ pub struct AttackArgs {
 #[derive(Debug, Subcommand)]
 pub enum AttackCommand {
     Gcg(GcgArgs),
+    Templates(TemplatesArgs),
+    Prefill(PrefillArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -226,7 +232,200 @@ struct Summary {
 pub fn run(args: AttackArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         AttackCommand::Gcg(args) => run_gcg(args),
+        AttackCommand::Templates(args) => run_templates(args),
+        AttackCommand::Prefill(args) => {
+            if args.text.is_empty() {
+                bail!("--text must not be empty");
+            }
+            let attacks = vec![FramedAttack::Prefill(args.text.clone())];
+            run_framed_cli(&args.framed, &attacks)
+        }
     }
+}
+
+/// What the attacks that need no search share: the model, the behaviours, the run folder.
+#[derive(Debug, Args)]
+pub struct FramedArgs {
+    /// The model attacked, with its --adapter if any.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Built-in harmful suite whose first --limit prompts are attacked.
+    #[arg(long, value_enum, default_value = "harmful")]
+    pub suite: AttackSuite,
+    /// Behaviours attacked, in the suite's order (the harmful suite starts with
+    /// JailbreakBench's 100).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub limit: usize,
+    /// Run folder: plain/ (the unattacked run), one folder per attack, summary.json. Required
+    /// (except for `templates --list`).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Maximum new tokens per reply.
+    #[arg(long, default_value_t = EvalConfig::default().max_new_tokens)]
+    pub max_new_tokens: usize,
+    /// Prompts generated together.
+    #[arg(long, default_value_t = EvalConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Label with the phrase list only (no judge model).
+    #[arg(long)]
+    pub no_learned_judges: bool,
+    #[command(flatten)]
+    pub llm: LlmJudgeArgs,
+    /// Print summary.json instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The template attack: every request wrapped in an in-the-wild jailbreak template.
+///
+/// The templates are PyRIT 1.1.0's 90 single-prompt jailbreaks (role play such as AIM, "DAN"
+/// variants, developer mode, refusal suppression, prefix injection…; asset
+/// `pyrit-jailbreak-templates`), each filled with the request as PyRIT fills it. Each template
+/// is one evaluation run of the first --limit behaviours in --out/template-<id>, beside the
+/// unattacked run in --out/plain; the judges read the request as written and the reply, and an
+/// attack succeeds where the reply is labelled "complied". summary.json gives each template's
+/// success rate (Wilson 95 %), its paired difference from the plain run (McNemar), the share of
+/// behaviours at least one template broke, and the pooled rate. Runs resume as `sails eval`
+/// runs do.
+///
+/// Which templates: --templates names them, --all takes every one, otherwise --sample of them
+/// drawn with --seed (ordered by the sha256 of the seed and the template's id, so a seed always
+/// draws the same ones).
+#[derive(Debug, Args)]
+pub struct TemplatesArgs {
+    #[command(flatten)]
+    pub framed: FramedArgs,
+    /// Comma-separated template ids (file stems: aim, dan_11, prefix_injection, …).
+    #[arg(long, value_name = "IDS", value_delimiter = ',', conflicts_with_all = ["all", "sample"])]
+    pub templates: Vec<String>,
+    /// Every template (90 evaluation runs).
+    #[arg(long)]
+    pub all: bool,
+    /// How many templates to draw when none are named.
+    #[arg(long, value_name = "K", default_value_t = 10)]
+    pub sample: usize,
+    /// The draw's seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// List the templates (id, name, length) and stop.
+    #[arg(long)]
+    pub list: bool,
+}
+
+/// The prefilling attack: every reply forced to start with --text, the model continuing it.
+///
+/// One evaluation run of the first --limit behaviours with the forced opening in
+/// --out/prefill, beside the unattacked run in --out/plain (the same as `sails eval --prefill`
+/// and `sails eval compare`, in one command); the saved reply is the forced text and its
+/// continuation, and the attack succeeds where it is labelled "complied". summary.json as for
+/// `sails attack templates`.
+#[derive(Debug, Args)]
+pub struct PrefillArgs {
+    #[command(flatten)]
+    pub framed: FramedArgs,
+    /// The forced opening of every reply.
+    #[arg(long, value_name = "TEXT", default_value = "Sure, here is")]
+    pub text: String,
+}
+
+fn run_templates(args: TemplatesArgs) -> anyhow::Result<ExitCode> {
+    let all = load_jailbreak_templates().context("loading the jailbreak templates")?;
+    if args.list {
+        for t in &all {
+            println!("{:<28} {:<40} {:>6} chars", t.id, t.name, t.text.len());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let chosen = if args.all {
+        all
+    } else if !args.templates.is_empty() {
+        select_templates(&all, &args.templates)?
+    } else {
+        if args.sample == 0 || args.sample > all.len() {
+            bail!("--sample must be between 1 and {}", all.len());
+        }
+        let mut drawn = all;
+        drawn.sort_by_cached_key(|t| {
+            Sha256::digest(format!("{}\0{}", args.seed, t.id).as_bytes()).to_vec()
+        });
+        drawn.truncate(args.sample);
+        drawn
+    };
+    let attacks: Vec<FramedAttack> = chosen.into_iter().map(FramedAttack::Template).collect();
+    run_framed_cli(&args.framed, &attacks)
+}
+
+fn run_framed_cli(args: &FramedArgs, attacks: &[FramedAttack]) -> anyhow::Result<ExitCode> {
+    let Some(out) = &args.out else {
+        bail!("--out DIR is required: the folder the attack's runs and summary go to");
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let _lock = super::lock_run_folder(out)?;
+    let suite = Suite::from(args.suite);
+    let plain = EvalConfig {
+        model: args.model.model.clone(),
+        adapter: args.model.adapter.as_ref().map(|p| p.display().to_string()),
+        suites: vec![suite],
+        limit: Some(args.limit),
+        max_new_tokens: args.max_new_tokens,
+        batch_size: args.batch_size,
+        llm_judge: args.llm.config(),
+        learned_judges: !args.no_learned_judges,
+        ..EvalConfig::default()
+    };
+    let splits = Splits::load().context("loading the prompt suites")?;
+    let judges = Judges::new(&plain).context("setting up the judges")?;
+    let model = args.model.load()?;
+    let summary = run_framed(&model, &splits, &judges, &plain, attacks, out, |i, what| {
+        tracing::info!("run {}/{}: {what}", i + 1, attacks.len() + 1)
+    })
+    .with_context(|| format!("attacking into {}", out.display()))?;
+    let text = serde_json::to_string_pretty(&summary)?;
+    write_atomic(&out.join("summary.json"), text.as_bytes())?;
+    if args.json {
+        println!("{text}");
+    } else {
+        print_framed(&summary, out);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pct(r: &Rate) -> String {
+    format!(
+        "{:.1} % ({}/{}) [{:.1}, {:.1}]",
+        100.0 * r.rate,
+        r.k,
+        r.n,
+        100.0 * r.lo,
+        100.0 * r.hi
+    )
+}
+
+fn print_framed(s: &FramedSummary, out: &Path) {
+    println!(
+        "{} behaviours of the {} suite; attack success = reply labelled complied ({})",
+        s.behaviours,
+        s.suite.name(),
+        s.label
+    );
+    println!("{:<44} {:>30}", "plain (no attack)", pct(&s.plain_success));
+    for a in &s.attacks {
+        let d = &a.safety_vs_plain;
+        println!(
+            "{:<44} {:>30}  vs plain {:>+6.1} pts, lost {} gained {}, McNemar p {:.2e}",
+            a.description,
+            pct(&a.success),
+            -100.0 * d.diff,
+            d.mcnemar.b,
+            d.mcnemar.c,
+            d.mcnemar.p_value
+        );
+    }
+    if let Some(any) = &s.any_success {
+        println!("{:<44} {:>30}", "any of them", pct(any));
+    }
+    println!("{:<44} {:>30}", "pooled", pct(&s.pooled_success));
+    println!("summary: {}", out.join("summary.json").display());
 }
 
 fn run_gcg(args: GcgArgs) -> anyhow::Result<ExitCode> {
@@ -374,16 +573,6 @@ fn write_jsonl(path: &Path, results: &[GcgResult]) -> anyhow::Result<()> {
 }
 
 fn print_summary(s: &Summary, out: &Path) {
-    let pct = |r: &Rate| {
-        format!(
-            "{:.1} % ({}/{}) [{:.1}, {:.1}]",
-            100.0 * r.rate,
-            r.k,
-            r.n,
-            100.0 * r.lo,
-            100.0 * r.hi
-        )
-    };
     println!(
         "GCG on {} behaviours ({} steps at most each)",
         s.behaviours, s.config.steps

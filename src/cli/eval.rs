@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use sails::data::jailbreaks::{load_jailbreak_templates, select_templates};
 use sails::data::user::{Columns, UserSuite};
 use sails::data::{Splits, Suite};
 use sails::eval::judge::{
@@ -87,7 +88,7 @@ pub struct LlmJudgeArgs {
 }
 
 impl LlmJudgeArgs {
-    fn config(&self) -> Option<LlmJudgeConfig> {
+    pub(super) fn config(&self) -> Option<LlmJudgeConfig> {
         self.judge_url.as_ref().map(|url| LlmJudgeConfig {
             url: url.clone(),
             model: self.judge_model.clone(),
@@ -177,6 +178,11 @@ pub struct EvalArgs {
     /// an unattacked run of the same model (`sails eval compare`).
     #[arg(long, value_name = "TEXT", conflicts_with = "gate_base_responses")]
     pub prefill: Option<String>,
+    /// The template attack: wrap every request in the jailbreak template ID (a file stem of
+    /// PyRIT's templates, e.g. `aim`, `dan_11`, `prefix_injection`; `sails attack templates
+    /// --list` lists them) before the chat template. The judges read the request as written.
+    #[arg(long, value_name = "ID", conflicts_with = "gate_base_responses")]
+    pub template: Option<String>,
     /// Print metrics.json on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -390,6 +396,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         suites,
         user_files,
         prefill: args.prefill.clone().filter(|p| !p.is_empty()),
+        template: args.template.as_deref().map(template_used).transpose()?,
         limit: args.limit,
         max_new_tokens: args.max_new_tokens.unwrap_or(defaults.max_new_tokens),
         batch_size: args.batch_size.unwrap_or(defaults.batch_size),
@@ -418,6 +425,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         print_summary(&metrics, &args.out);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The jailbreak template `id` names, as a run records it.
+pub(super) fn template_used(id: &str) -> anyhow::Result<sails::eval::TemplateUsed> {
+    let all = load_jailbreak_templates().context("loading the jailbreak templates")?;
+    let chosen = select_templates(&all, &[id.to_owned()])?;
+    Ok(sails::eval::TemplateUsed::of(&chosen[0]))
 }
 
 /// The suites `--suite` names, the built-in ones when it names none and no user file is given,
@@ -1182,7 +1196,7 @@ pub fn run_bench(args: BenchEvalArgs) -> anyhow::Result<ExitCode> {
         )
         .take(args.limit.unwrap_or(usize::MAX))
         .collect();
-    let encoded = sails::eval::encode_by_length(&model, &items, "")?;
+    let encoded = sails::eval::encode_by_length(&model, &items, Default::default())?;
     let prompt_tokens: usize = encoded.iter().map(|(_, _, ids)| ids.len()).sum();
     let openings = sails::eval::opening_ids(&model)?;
     let modes: &[bool] = if args.unshared {
@@ -1205,8 +1219,14 @@ pub fn run_bench(args: BenchEvalArgs) -> anyhow::Result<ExitCode> {
         let mut batch_s = Vec::new();
         for chunk in encoded.chunks(args.batch_size) {
             let t0 = std::time::Instant::now();
-            let (recs, judge_failed) =
-                sails::eval::generate_batch(&model, &judges, chunk, &gen_cfg, &openings, "")?;
+            let (recs, judge_failed) = sails::eval::generate_batch(
+                &model,
+                &judges,
+                chunk,
+                &gen_cfg,
+                &openings,
+                Default::default(),
+            )?;
             if let Some(e) = judge_failed {
                 return Err(e.into());
             }

@@ -512,13 +512,19 @@ pub fn run(
         // Responses, judged.
         let t0 = Instant::now();
         let items: Vec<(Suite, &PromptRecord)> = records.iter().map(|(s, r)| (*s, r)).collect();
-        let encoded = encode_by_length(model, &items, "")?;
+        let encoded = encode_by_length(model, &items, Default::default())?;
         let openings = opening_ids(model)?;
         let what = format!("{} responses", variant.name());
         let mut recs = Vec::with_capacity(encoded.len());
         for chunk in encoded.chunks(cfg.batch_size) {
-            let (judged, judge_failed) =
-                generate_batch(model, inputs.judges, chunk, &gen_cfg, &openings, "")?;
+            let (judged, judge_failed) = generate_batch(
+                model,
+                inputs.judges,
+                chunk,
+                &gen_cfg,
+                &openings,
+                Default::default(),
+            )?;
             if let Some(e) = judge_failed {
                 return Err(e);
             }

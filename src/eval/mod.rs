@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod probe;
 pub mod score;
 
+use crate::data::jailbreaks::{load_jailbreak_templates, select_templates, JailbreakTemplate};
 use crate::data::{Source, Splits, Suite};
 use crate::features::gate::Gate;
 use crate::features::PromptScorer;
@@ -128,6 +129,54 @@ pub struct EvalConfig {
     /// the text and its continuation. Part of what a resumed run must share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill: Option<String>,
+    /// The template attack: every request is wrapped in this jailbreak template
+    /// ([`crate::data::jailbreaks`]) before the chat template; the judges read the request
+    /// alone. Part of what a resumed run must share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateUsed>,
+}
+
+/// A jailbreak template as a run used it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateUsed {
+    /// The template's file stem (`aim`).
+    pub id: String,
+    /// sha256 of its text.
+    pub sha256: String,
+}
+
+impl TemplateUsed {
+    pub fn of(template: &JailbreakTemplate) -> Self {
+        Self {
+            id: template.id.clone(),
+            sha256: template.sha256(),
+        }
+    }
+
+    /// The template from the asset, refused if its text is not the one recorded.
+    pub fn load(&self) -> Result<JailbreakTemplate> {
+        let all = load_jailbreak_templates()?;
+        let template = select_templates(&all, std::slice::from_ref(&self.id))?.remove(0);
+        if template.sha256() != self.sha256 {
+            return Err(EvalError::Config(format!(
+                "the jailbreak template {:?} is not the text this run recorded (sha256 {}, now {})",
+                self.id,
+                self.sha256,
+                template.sha256()
+            )));
+        }
+        Ok(template)
+    }
+}
+
+/// How each request reaches the model: as written or wrapped in a jailbreak template, with the
+/// reply free or forced to start with a given text (the prefilling attack).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Framing<'a> {
+    pub template: Option<&'a JailbreakTemplate>,
+    /// Empty: no forced start.
+    pub prefill: &'a str,
 }
 
 /// A user suite file as evaluated.
@@ -166,6 +215,7 @@ impl Default for EvalConfig {
             gate: None,
             user_files: Vec::new(),
             prefill: None,
+            template: None,
         }
     }
 }
@@ -793,22 +843,26 @@ pub fn rejudge(judges: &Judges, records: &mut [GenerationRecord]) -> Result<usiz
     Ok(changed)
 }
 
-/// Each prompt in the model's chat template, ordered by length so batches need little padding
-/// (a stable sort: the order is deterministic).
+/// Each prompt in the model's chat template (framed as `framing` says), ordered by length so
+/// batches need little padding (a stable sort: the order is deterministic).
 pub fn encode_by_length<'a>(
     model: &ChatModel,
     items: &[(Suite, &'a crate::data::PromptRecord)],
-    prefill: &str,
+    framing: Framing,
 ) -> Result<Vec<(Suite, &'a crate::data::PromptRecord, Vec<u32>)>> {
-    let forced = if prefill.is_empty() {
+    let forced = if framing.prefill.is_empty() {
         Vec::new()
     } else {
-        model.tokenizer.encode(prefill, false)?
+        model.tokenizer.encode(framing.prefill, false)?
     };
     let mut encoded = items
         .iter()
         .map(|&(suite, r)| {
-            let mut ids = model.encode_chat(&[Message::user(&r.text)])?;
+            let request = match framing.template {
+                Some(t) => t.fill(&r.text),
+                None => r.text.clone(),
+            };
+            let mut ids = model.encode_chat(&[Message::user(&request)])?;
             ids.extend_from_slice(&forced);
             Ok((suite, r, ids))
         })
@@ -818,7 +872,9 @@ pub fn encode_by_length<'a>(
 }
 
 /// Generates and judges one batch: greedy responses to the encoded prompts, the refusal
-/// log-odds read from the same prefill, every judge's verdict. Where a judge beside the label's
+/// log-odds read from the same prefill, every judge's verdict (the judges read the request as
+/// written, without its jailbreak template; under the prefilling attack the response is the
+/// forced text and its continuation). Where a judge beside the label's
 /// fails (an LLM endpoint), the records come back without its verdict, with its first error:
 /// the caller saves the responses before it reports the error.
 pub fn generate_batch(
@@ -827,8 +883,9 @@ pub fn generate_batch(
     chunk: &[(Suite, &crate::data::PromptRecord, Vec<u32>)],
     gen_cfg: &GenerationConfig,
     openings: &[u32],
-    prefill: &str,
+    framing: Framing,
 ) -> Result<(Vec<GenerationRecord>, Option<EvalError>)> {
+    let prefill = framing.prefill;
     let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, _, ids)| ids.clone()).collect();
     let mut logodds = vec![f64::NAN; ids.len()];
     let gens = generate_with_prompt_logits(
@@ -951,6 +1008,11 @@ pub fn run(
         .open(&gen_path)
         .map_err(io_err(&gen_path))?;
     let openings = opening_ids(model)?;
+    let template = cfg.template.as_ref().map(TemplateUsed::load).transpose()?;
+    let framing = Framing {
+        template: template.as_ref(),
+        prefill: cfg.prefill.as_deref().unwrap_or(""),
+    };
     // Which model answers each pending prompt: the adapted one, or under a gate the base model
     // where the gate stays closed.
     let mut groups: Vec<(&ChatModel, Vec<(Suite, &crate::data::PromptRecord)>)> = Vec::new();
@@ -958,7 +1020,15 @@ pub fn run(
     match gated {
         None => groups.push((model, pending)),
         Some(g) => {
-            let texts: Vec<String> = pending.iter().map(|(_, r)| r.text.clone()).collect();
+            // The gate reads what the model is sent: the request in its jailbreak template.
+            let texts: Vec<String> = pending
+                .iter()
+                .map(|(_, r)| {
+                    framing
+                        .template
+                        .map_or_else(|| r.text.clone(), |t| t.fill(&r.text))
+                })
+                .collect();
             let read = g.read(&texts, cfg.batch_size)?;
             let (mut open, mut closed, mut reused) = (Vec::new(), Vec::new(), Vec::new());
             for (item, reading) in pending.into_iter().zip(read) {
@@ -1000,11 +1070,10 @@ pub fn run(
     let total: usize = groups.iter().map(|(_, items)| items.len()).sum();
     let mut generated = 0;
     for (answering, items) in &groups {
-        let prefill = cfg.prefill.as_deref().unwrap_or("");
-        let encoded = encode_by_length(answering, items, prefill)?;
+        let encoded = encode_by_length(answering, items, framing)?;
         for chunk in encoded.chunks(cfg.batch_size) {
             let (mut recs, judge_failed) =
-                generate_batch(answering, judges, chunk, &gen_cfg, &openings, prefill)?;
+                generate_batch(answering, judges, chunk, &gen_cfg, &openings, framing)?;
             for r in &mut recs {
                 r.gate = readings.get(&r.id).copied();
             }

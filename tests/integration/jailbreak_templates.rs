@@ -51,5 +51,8 @@ fn every_template_reads_and_fills_as_pyrit_does() {
             assert_eq!(sha(&filled), g.filled_sha256[i], "{}: {filled:?}", g.file);
         }
     }
-    assert_eq!(kept_full, 6, "the golden file keeps three templates' full texts");
+    assert_eq!(
+        kept_full, 6,
+        "the golden file keeps three templates' full texts"
+    );
 }

@@ -5,6 +5,7 @@ mod common;
 
 mod align;
 mod assets;
+mod attack_framed;
 mod attack_gcg;
 mod chat;
 mod crash_anywhere;
