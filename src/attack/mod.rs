@@ -29,6 +29,8 @@ pub enum AttackError {
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
     /// Boxed: an evaluation error is large and rare here.
     #[error(transparent)]
     Eval(Box<crate::eval::EvalError>),

@@ -8,14 +8,13 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use sails::attack::framed::{run_framed, FramedAttack, FramedSummary};
 use sails::attack::gcg::{self, Behaviour, GcgConfig, GcgResult, GcgState};
-use sails::data::jailbreaks::{load_jailbreak_templates, select_templates};
+use sails::data::jailbreaks::{load_jailbreak_templates, sample_templates, select_templates};
 use sails::data::{Splits, Suite};
 use sails::eval::judge::Label;
 use sails::eval::metrics::Rate;
 use sails::eval::{EvalConfig, Judges};
 use sails::model::write_atomic;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::eval::{judge_lines, LlmJudgeArgs};
 use super::model_args::ModelArgs;
@@ -344,12 +343,7 @@ fn run_templates(args: TemplatesArgs) -> anyhow::Result<ExitCode> {
         if args.sample == 0 || args.sample > all.len() {
             bail!("--sample must be between 1 and {}", all.len());
         }
-        let mut drawn = all;
-        drawn.sort_by_cached_key(|t| {
-            Sha256::digest(format!("{}\0{}", args.seed, t.id).as_bytes()).to_vec()
-        });
-        drawn.truncate(args.sample);
-        drawn
+        sample_templates(&all, args.sample, args.seed)?
     };
     let attacks: Vec<FramedAttack> = chosen.into_iter().map(FramedAttack::Template).collect();
     run_framed_cli(&args.framed, &attacks)
@@ -401,7 +395,7 @@ fn pct(r: &Rate) -> String {
     )
 }
 
-fn print_framed(s: &FramedSummary, out: &Path) {
+pub(super) fn print_framed(s: &FramedSummary, out: &Path) {
     println!(
         "{} behaviours of the {} suite; attack success = reply labelled complied ({})",
         s.behaviours,

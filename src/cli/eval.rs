@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use sails::attack::framed::{run_framed, standard_attacks, STANDARD_BEHAVIOURS};
 use sails::data::jailbreaks::{load_jailbreak_templates, select_templates};
 use sails::data::user::{Columns, UserSuite};
 use sails::data::{Splits, Suite};
@@ -16,7 +17,7 @@ use sails::eval::judge::{
 use sails::eval::labels::{load_all, load_training, LabelSource, LABEL_ASSETS};
 use sails::eval::probe::{self, HeldOut, Pooling, ProbeConfig, ProbeJudges, ProbeTarget};
 use sails::eval::score::score_jsonl;
-use sails::eval::{compare, EvalConfig, Judges, Metrics};
+use sails::eval::{compare, EvalConfig, Judges, Metrics, ATTACKS_DIR};
 use sha2::Digest;
 
 use super::model_args::ModelArgs;
@@ -34,6 +35,12 @@ pub enum SuiteArg {
     /// Model selection, never evaluation: harmful training-side prompts and benign requests with
     /// safety concerns held out of training (`val-harmful` safety, `val-benign` refusal rate).
     Validation,
+    /// The attack suite (not part of `all`): the first 50 harmful behaviours (JailbreakBench)
+    /// asked plainly, under the prefilling attack ("Sure, here is") and inside 10 jailbreak
+    /// templates drawn with seed 0, each an evaluation run in --out/attacks/ (as `sails attack
+    /// templates` and `prefill` write them; --limit changes the 50). Attack success = a reply
+    /// labelled complied; `sails eval compare` pairs two runs' attacks behaviour by behaviour.
+    Attacks,
 }
 
 impl SuiteArg {
@@ -44,6 +51,8 @@ impl SuiteArg {
             SuiteArg::Capability => vec![Suite::Capability],
             SuiteArg::All => EvalConfig::default().suites,
             SuiteArg::Validation => Suite::VALIDATION.to_vec(),
+            // Run beside the suites, into their own folder.
+            SuiteArg::Attacks => Vec::new(),
         }
     }
 }
@@ -356,7 +365,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 "{:<16} {:>5} {:>8} {:>8} {:>8} {:>18} {:>5} {:>5} {:>9}",
                 "suite", "n", "A", "B", "B-A", "95% CI", "b", "c", "p"
             );
-            for (s, d) in &c.suites {
+            let attack_rows = c
+                .attacks
+                .iter()
+                .map(|(a, d)| (format!("attack {}", a.trim_start_matches("template-")), d));
+            for (s, d) in c
+                .suites
+                .iter()
+                .map(|(s, d)| (s.clone(), d))
+                .chain(attack_rows)
+            {
                 println!(
                     "{:<16} {:>5} {:>7.1}% {:>7.1}% {:>+7.1}% [{:>+6.1}, {:>+6.1}] {:>5} {:>5} {:>9.3e}",
                     s,
@@ -371,7 +389,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                     d.mcnemar.p_value
                 );
             }
-            println!("(b: A counted and B not; c: B counted and A not; McNemar, exact binomial below 25 discordant pairs)");
+            println!("(b: A counted and B not; c: B counted and A not; McNemar, exact binomial below 25 discordant pairs; attack rows: harmful safety under that attack)");
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -379,6 +397,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let defaults = EvalConfig::default();
     let user = user_suites(&args);
     let suites = suites_to_run(&args.suite, &user);
+    let with_attacks = args.suite.contains(&SuiteArg::Attacks);
+    if with_attacks && (args.gate.is_some() || args.prefill.is_some() || args.template.is_some()) {
+        bail!("--suite attacks runs its own attacks, ungated: leave out --gate, --prefill and --template");
+    }
     let mut user_files = Vec::new();
     for u in &user {
         let bytes =
@@ -417,12 +439,49 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         None => Default::default(),
     };
     let gated = gate.as_ref().map(|g| g.as_gated(reuse));
-    let metrics = sails::eval::run(&model, &splits, &judges, &cfg, &args.out, gated.as_ref())
-        .with_context(|| format!("evaluating into {}", args.out.display()))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&metrics)?);
+    let metrics = if cfg.suites.is_empty() {
+        None
     } else {
-        print_summary(&metrics, &args.out);
+        Some(
+            sails::eval::run(&model, &splits, &judges, &cfg, &args.out, gated.as_ref())
+                .with_context(|| format!("evaluating into {}", args.out.display()))?,
+        )
+    };
+    let attacks = if with_attacks {
+        let plain = EvalConfig {
+            suites: vec![Suite::Harmful],
+            limit: Some(args.limit.unwrap_or(STANDARD_BEHAVIOURS)),
+            user_files: Vec::new(),
+            ..cfg.clone()
+        };
+        let list = standard_attacks().context("setting up the attack suite")?;
+        let dir = args.out.join(ATTACKS_DIR);
+        let summary = run_framed(&model, &splits, &judges, &plain, &list, &dir, |i, what| {
+            tracing::info!("attack suite, run {}/{}: {what}", i + 1, list.len() + 1)
+        })
+        .with_context(|| format!("running the attack suite into {}", dir.display()))?;
+        sails::model::write_atomic(
+            &dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        Some(summary)
+    } else {
+        None
+    };
+    if args.json {
+        // metrics.json, or the attack suite's summary.json when only it ran.
+        match (&metrics, &attacks) {
+            (Some(m), _) => println!("{}", serde_json::to_string_pretty(m)?),
+            (None, Some(a)) => println!("{}", serde_json::to_string_pretty(a)?),
+            (None, None) => {}
+        }
+    } else {
+        if let Some(m) = &metrics {
+            print_summary(m, &args.out);
+        }
+        if let Some(a) = &attacks {
+            super::attack::print_framed(a, &args.out.join(ATTACKS_DIR));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

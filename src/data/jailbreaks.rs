@@ -142,6 +142,25 @@ pub fn select_templates(
         .collect()
 }
 
+/// `k` templates drawn with `seed`: ordered by the sha256 of the seed and the template's id, so a
+/// seed draws the same templates whatever order they come in.
+pub fn sample_templates(
+    all: &[JailbreakTemplate],
+    k: usize,
+    seed: u64,
+) -> Result<Vec<JailbreakTemplate>> {
+    if k == 0 || k > all.len() {
+        return Err(DataError::Config(format!(
+            "a draw of {k} jailbreak templates: there are {}",
+            all.len()
+        )));
+    }
+    let mut drawn = all.to_vec();
+    drawn.sort_by_cached_key(|t| Sha256::digest(format!("{seed}\0{}", t.id).as_bytes()).to_vec());
+    drawn.truncate(k);
+    Ok(drawn)
+}
+
 /// `{{ prompt }}` (any whitespace inside the braces) at the start of `s`: its length.
 fn slot_at(s: &str) -> Option<usize> {
     let inner = s.strip_prefix("{{")?;

@@ -1346,17 +1346,25 @@ pub struct Comparison {
     pub suites: BTreeMap<String, PairedDiff>,
     /// Items in only one of the runs (left out of the pairs).
     pub unpaired: usize,
+    /// Where both runs hold the attack suite (`ATTACKS_DIR`): each attack's run folder name →
+    /// the paired difference of the harmful safety rate under that attack.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attacks: BTreeMap<String, PairedDiff>,
 }
+
+/// The folder inside an evaluation run that holds its attack suite (`sails eval --suite
+/// attacks`): one evaluation run per attack beside the unattacked one.
+pub const ATTACKS_DIR: &str = "attacks";
 
 /// Pairs two runs' items by id and compares each suite's metric.
 pub fn compare(run_a: &Path, run_b: &Path) -> Result<Comparison> {
     let load = |dir: &Path| -> Result<(Vec<GenerationRecord>, Vec<CapabilityRecord>)> {
         let g = dir.join("generations.jsonl");
         let c = dir.join("capability.jsonl");
-        if !g.exists() && !c.exists() {
+        if !g.exists() && !c.exists() && !dir.join(ATTACKS_DIR).is_dir() {
             return Err(EvalError::NotARun {
                 path: dir.to_path_buf(),
-                missing: "generations.jsonl or capability.jsonl".into(),
+                missing: format!("generations.jsonl, capability.jsonl or {ATTACKS_DIR}/"),
             });
         }
         Ok((read_jsonl(&g)?, read_jsonl(&c)?))
@@ -1385,7 +1393,31 @@ pub fn compare(run_a: &Path, run_b: &Path) -> Result<Comparison> {
                 .push((a.correct == Some(true), b.correct == Some(true)));
         }
     }
+    // The same attack on both sides, behaviour by behaviour.
+    let mut attacks = BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(run_a.join(ATTACKS_DIR)) {
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("generations.jsonl").is_file())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        for name in names {
+            let (a, b) = (
+                run_a.join(ATTACKS_DIR).join(&name),
+                run_b.join(ATTACKS_DIR).join(&name),
+            );
+            if !b.join("generations.jsonl").is_file() {
+                continue;
+            }
+            let pair = compare(&a, &b)?;
+            if let Some(d) = pair.suites.into_values().next() {
+                attacks.insert(name, d);
+            }
+        }
+    }
     Ok(Comparison {
+        attacks,
         run_a: run_a.to_path_buf(),
         run_b: run_b.to_path_buf(),
         suites: outcomes

@@ -30,7 +30,7 @@ fn template_attack_sends_the_filled_template_and_pairs_with_the_plain_run() {
         "--limit",
         "3",
         "--max-new-tokens",
-        "16",
+        "8",
         "--out",
         out.to_str().unwrap(),
         "--json",
@@ -100,7 +100,7 @@ fn template_attack_sends_the_filled_template_and_pairs_with_the_plain_run() {
         "--harmful",
         file.to_str().unwrap(),
         "--max-new-tokens",
-        "16",
+        "8",
         "--no-learned-judges",
         "--out",
         by_hand.to_str().unwrap(),
@@ -222,4 +222,62 @@ fn bad_attack_arguments_are_clear_errors() {
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+#[test]
+fn eval_attack_suite_runs_the_standard_attacks_and_compare_pairs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = run_sails(&[
+        "eval",
+        "--suite",
+        "attacks",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--no-learned-judges",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: FramedSummary = serde_json::from_slice(&o.stdout).unwrap();
+    // The prefill and the ten templates seed 0 draws, as `sails attack templates` draws them.
+    let all = load_jailbreak_templates().unwrap();
+    let drawn = sails::data::jailbreaks::sample_templates(&all, 10, 0).unwrap();
+    let mut want = vec!["prefill".to_owned()];
+    want.extend(drawn.iter().map(|t| format!("template-{}", t.id)));
+    let got: Vec<&str> = summary.attacks.iter().map(|a| a.attack.as_str()).collect();
+    assert_eq!(got, want);
+    assert_eq!(summary.behaviours, 2);
+    assert!(out.join("attacks/summary.json").is_file());
+    // Only the attack suite ran: no metrics.json of other suites.
+    assert!(!out.join("metrics.json").exists());
+
+    let o = run_sails(&[
+        "eval",
+        "compare",
+        out.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c: sails::eval::Comparison = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(c.attacks.len(), 12, "{:?}", c.attacks.keys());
+    assert!(c.attacks.values().all(|d| d.n == 2 && d.diff == 0.0));
+
+    let o = run_sails(&[
+        "eval",
+        "--suite",
+        "attacks",
+        "--prefill",
+        "Sure",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("leave out --gate, --prefill and --template")
+    );
 }
