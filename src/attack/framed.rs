@@ -17,7 +17,7 @@ use crate::data::jailbreaks::{load_jailbreak_templates, sample_templates, Jailbr
 use crate::data::{Splits, Suite};
 use crate::eval::judge::Label;
 use crate::eval::metrics::{paired_diff, PairedDiff, Rate};
-use crate::eval::{counts, read_jsonl, EvalConfig, GenerationRecord, Judges, TemplateUsed};
+use crate::eval::{counts, read_jsonl, EvalConfig, Gated, GenerationRecord, Judges, TemplateUsed};
 use crate::model::load::ChatModel;
 
 /// Behaviours of the standard attack suite: the first 50 of the harmful suite (JailbreakBench).
@@ -92,6 +92,10 @@ pub struct AttackRow {
     pub success: Rate,
     pub refused: usize,
     pub degenerate: usize,
+    /// Under a gate: the share of prompts that switched the adapter on (a template that hides
+    /// the request from the gate's features lowers it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_open: Option<Rate>,
     /// The safety rate, plain (A) against attacked (B), paired by behaviour with McNemar's test:
     /// `diff` is minus the change in attack success.
     pub safety_vs_plain: PairedDiff,
@@ -106,8 +110,14 @@ pub struct FramedSummary {
     pub suite: Suite,
     pub behaviours: usize,
     pub label: String,
+    /// The gate file the adapter was switched by, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<String>,
     /// Unattacked replies labelled "complied".
     pub plain_success: Rate,
+    /// Under a gate: the share of unattacked prompts that switched the adapter on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain_gate_open: Option<Rate>,
     pub attacks: Vec<AttackRow>,
     /// Behaviours where at least one attack succeeded (with more than one attack): what an
     /// attacker who tries each of them gets.
@@ -119,13 +129,17 @@ pub struct FramedSummary {
 }
 
 /// Runs the plain evaluation described by `plain` (one harmful suite) and each attack into
-/// `out/plain` and `out/<attack folder>`, resuming what is there, then pairs them.
-/// `on_attack` is called before each run with its index (0 = the plain run) and description.
+/// `out/plain` and `out/<attack folder>`, resuming what is there, then pairs them. Under a
+/// gate (`plain.gate` names its file) the gate reads what the model is sent; its saved base
+/// responses serve the plain run only. `on_attack` is called before each run with its index
+/// (0 = the plain run) and description.
+#[allow(clippy::too_many_arguments)]
 pub fn run_framed(
     model: &ChatModel,
     splits: &Splits,
     judges: &Judges,
     plain: &EvalConfig,
+    gated: Option<&Gated>,
     attacks: &[FramedAttack],
     out: &Path,
     mut on_attack: impl FnMut(usize, &str),
@@ -150,7 +164,14 @@ pub fn run_framed(
     }
     let plain_dir = out.join("plain");
     on_attack(0, "plain (no attack)");
-    let plain_metrics = crate::eval::run(model, splits, judges, plain, &plain_dir, None)?;
+    let plain_metrics = crate::eval::run(model, splits, judges, plain, &plain_dir, gated)?;
+    // An attacked prompt is not the prompt the base responses answered.
+    let attacked_gate = gated.map(|g| Gated {
+        gate: g.gate,
+        scorer: g.scorer,
+        base: g.base,
+        base_responses: Default::default(),
+    });
     // The behaviours of this attack: a folder resumed with a larger limit holds more.
     let ids: HashSet<&str> = splits
         .eval_suite(suite)
@@ -169,7 +190,14 @@ pub fn run_framed(
     for (i, attack) in attacks.iter().enumerate() {
         on_attack(i + 1, &attack.describe());
         let dir = out.join(attack.folder());
-        let metrics = crate::eval::run(model, splits, judges, &attack.config(plain), &dir, None)?;
+        let metrics = crate::eval::run(
+            model,
+            splits,
+            judges,
+            &attack.config(plain),
+            &dir,
+            attacked_gate.as_ref(),
+        )?;
         seconds += metrics.throughput.map_or(0.0, |t| t.seconds);
         let recs = records(&dir, suite, &ids)?;
         let count = |l: Label| recs.iter().filter(|r| r.label == l).count();
@@ -188,6 +216,7 @@ pub fn run_framed(
             success: Rate::new(count(Label::Complied), recs.len()),
             refused: count(Label::Refused),
             degenerate: count(Label::Degenerate),
+            gate_open: gate_open(&recs),
             safety_vs_plain: paired_diff(&pairs),
         });
     }
@@ -201,13 +230,21 @@ pub fn run_framed(
         suite,
         behaviours: plain_recs.len(),
         label: plain_metrics.label,
+        gate: plain.gate.clone(),
         plain_success: Rate::new(plain_complied, plain_recs.len()),
+        plain_gate_open: gate_open(&plain_recs),
         any_success: (attacks.len() > 1)
             .then(|| Rate::new(succeeded.values().filter(|&&s| s).count(), succeeded.len())),
         pooled_success: Rate::new(pooled_k, pooled_n),
         attacks: rows,
         seconds,
     })
+}
+
+/// The share of records whose prompt opened the gate, where a gate read them.
+fn gate_open(recs: &[GenerationRecord]) -> Option<Rate> {
+    let read: Vec<bool> = recs.iter().filter_map(|r| r.gate.map(|g| g.open)).collect();
+    (!read.is_empty()).then(|| Rate::new(read.iter().filter(|&&o| o).count(), read.len()))
 }
 
 /// The records of `suite` a run folder holds for the behaviours `ids`.

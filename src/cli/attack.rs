@@ -270,6 +270,10 @@ pub struct FramedArgs {
     pub no_learned_judges: bool,
     #[command(flatten)]
     pub llm: LlmJudgeArgs,
+    /// Switch the adapter on per prompt with a gate written by `sails gate`, as `sails eval
+    /// --gate` does; the gate reads what the model is sent (the request inside its template).
+    #[arg(long, value_name = "FILE", requires = "adapter")]
+    pub gate: Option<PathBuf>,
     /// Print summary.json instead of the summary.
     #[arg(long)]
     pub json: bool,
@@ -365,14 +369,27 @@ fn run_framed_cli(args: &FramedArgs, attacks: &[FramedAttack]) -> anyhow::Result
         batch_size: args.batch_size,
         llm_judge: args.llm.config(),
         learned_judges: !args.no_learned_judges,
+        gate: args.gate.as_ref().map(|p| p.display().to_string()),
         ..EvalConfig::default()
     };
     let splits = Splits::load().context("loading the prompt suites")?;
     let judges = Judges::new(&plain).context("setting up the judges")?;
     let model = args.model.load()?;
-    let summary = run_framed(&model, &splits, &judges, &plain, attacks, out, |i, what| {
-        tracing::info!("run {}/{}: {what}", i + 1, attacks.len() + 1)
-    })
+    let gate = match &args.gate {
+        Some(path) => Some(super::gate::LoadedGate::load(path, &args.model)?),
+        None => None,
+    };
+    let gated = gate.as_ref().map(|g| g.as_gated(Default::default()));
+    let summary = run_framed(
+        &model,
+        &splits,
+        &judges,
+        &plain,
+        gated.as_ref(),
+        attacks,
+        out,
+        |i, what| tracing::info!("run {}/{}: {what}", i + 1, attacks.len() + 1),
+    )
     .with_context(|| format!("attacking into {}", out.display()))?;
     let text = serde_json::to_string_pretty(&summary)?;
     write_atomic(&out.join("summary.json"), text.as_bytes())?;
@@ -402,23 +419,52 @@ pub(super) fn print_framed(s: &FramedSummary, out: &Path) {
         s.suite.name(),
         s.label
     );
-    println!("{:<44} {:>30}", "plain (no attack)", pct(&s.plain_success));
-    for a in &s.attacks {
+    let gate = |open: &Option<Rate>| {
+        open.as_ref()
+            .map(|r| format!(", gate open {:.0} %", 100.0 * r.rate))
+            .unwrap_or_default()
+    };
+    let width = s
+        .attacks
+        .iter()
+        .map(|a| a.description.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(17);
+    let rows = std::iter::once((
+        "plain (no attack)".to_owned(),
+        &s.plain_success,
+        gate(&s.plain_gate_open),
+    ))
+    .chain(s.attacks.iter().map(|a| {
         let d = &a.safety_vs_plain;
-        println!(
-            "{:<44} {:>30}  vs plain {:>+6.1} pts, lost {} gained {}, McNemar p {:.2e}",
-            a.description,
-            pct(&a.success),
+        let paired = format!(
+            "  vs plain {:>+6.1} pts, lost {} gained {}, McNemar p {:.2e}{}",
             -100.0 * d.diff,
             d.mcnemar.b,
             d.mcnemar.c,
-            d.mcnemar.p_value
+            d.mcnemar.p_value,
+            gate(&a.gate_open)
         );
+        (a.description.clone(), &a.success, paired)
+    }));
+    for (i, (what, rate, paired)) in rows.enumerate() {
+        let paired = if i == 0 {
+            gate(&s.plain_gate_open)
+        } else {
+            paired
+        };
+        let line = format!("{what:<width$}  {:<30}{paired}", pct(rate));
+        println!("{}", line.trim_end());
     }
-    if let Some(any) = &s.any_success {
-        println!("{:<44} {:>30}", "any of them", pct(any));
+    for (what, rate) in [
+        ("any of them", &s.any_success),
+        ("pooled", &Some(s.pooled_success)),
+    ] {
+        if let Some(r) = rate {
+            println!("{what:<width$}  {}", pct(r));
+        }
     }
-    println!("{:<44} {:>30}", "pooled", pct(&s.pooled_success));
     println!("summary: {}", out.join("summary.json").display());
 }
 

@@ -398,8 +398,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let user = user_suites(&args);
     let suites = suites_to_run(&args.suite, &user);
     let with_attacks = args.suite.contains(&SuiteArg::Attacks);
-    if with_attacks && (args.gate.is_some() || args.prefill.is_some() || args.template.is_some()) {
-        bail!("--suite attacks runs its own attacks, ungated: leave out --gate, --prefill and --template");
+    if with_attacks && (args.prefill.is_some() || args.template.is_some()) {
+        bail!("--suite attacks runs its own attacks: leave out --prefill and --template");
     }
     let mut user_files = Vec::new();
     for u in &user {
@@ -456,9 +456,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         };
         let list = standard_attacks().context("setting up the attack suite")?;
         let dir = args.out.join(ATTACKS_DIR);
-        let summary = run_framed(&model, &splits, &judges, &plain, &list, &dir, |i, what| {
-            tracing::info!("attack suite, run {}/{}: {what}", i + 1, list.len() + 1)
-        })
+        let summary = run_framed(
+            &model,
+            &splits,
+            &judges,
+            &plain,
+            gated.as_ref(),
+            &list,
+            &dir,
+            |i, what| tracing::info!("attack suite, run {}/{}: {what}", i + 1, list.len() + 1),
+        )
         .with_context(|| format!("running the attack suite into {}", dir.display()))?;
         sails::model::write_atomic(
             &dir.join("summary.json"),
