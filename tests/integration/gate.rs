@@ -260,6 +260,66 @@ fn a_gate_recombines_validation_labels_and_routes_each_prompt_to_one_model() {
         );
     }
 
+    // Under a template attack the gate reads the request inside its template, and each prompt
+    // again gets the response of the model the gate chose for what it was sent.
+    eval(&t.join("tpl-base"), "harmful", &["--template", "aim"]);
+    eval(
+        &t.join("tpl-adapter"),
+        "harmful",
+        &["--template", "aim", "--adapter", adapter_arg],
+    );
+    let attack = t.join("attack");
+    ok(
+        sails(&[
+            "attack",
+            "templates",
+            "--templates",
+            "aim",
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--no-learned-judges",
+            "--adapter",
+            adapter_arg,
+            "--gate",
+            median_path.to_str().unwrap(),
+            "--out",
+            attack.to_str().unwrap(),
+        ]),
+        "attack templates --gate",
+    );
+    let (tpl_base, tpl_adapted) = (
+        records(&t.join("tpl-base")),
+        records(&t.join("tpl-adapter")),
+    );
+    let attacked = records(&attack.join("template-aim"));
+    assert_eq!(attacked.len(), 4);
+    let plain = records(&attack.join("plain"));
+    for (id, r) in &attacked {
+        let reading = r.gate.unwrap();
+        assert_eq!(reading.open, reading.score >= median.threshold);
+        assert_eq!(
+            plain[id].gate, gated[id].gate,
+            "{id}: the plain run reads the request"
+        );
+        assert_ne!(
+            reading.score,
+            gated[id].gate.unwrap().score,
+            "{id}: the template is read"
+        );
+        let expected = if reading.open {
+            &tpl_adapted[id]
+        } else {
+            &tpl_base[id]
+        };
+        assert_eq!(r.response, expected.response, "{id} open={}", reading.open);
+    }
+    let summary: sails::attack::framed::FramedSummary =
+        serde_json::from_slice(&std::fs::read(attack.join("summary.json")).unwrap()).unwrap();
+    let opened = attacked.values().filter(|r| r.gate.unwrap().open).count();
+    assert_eq!(summary.attacks[0].gate_open.unwrap().k, opened);
+
     // A gate whose selection changed is refused.
     let sel = features.join("features.json");
     let text = std::fs::read_to_string(&sel).unwrap();
