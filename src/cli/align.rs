@@ -105,6 +105,11 @@ pub struct EvalPlan {
     /// The CSV column holding each prompt's category (default: `category` when present).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category_column: Option<String>,
+    /// Run the attack suite (`sails eval --suite attacks`) in the base and the aligned
+    /// evaluation too: the prefill and 10 jailbreak templates on 50 harmful behaviours (--limit
+    /// of them where a limit is set), about 8 minutes per model on 2 CPU cores.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attacks: bool,
 }
 
 impl Default for EvalPlan {
@@ -118,6 +123,7 @@ impl Default for EvalPlan {
             benign_file: None,
             prompt_column: None,
             category_column: None,
+            attacks: false,
         }
     }
 }
@@ -639,6 +645,9 @@ pub(super) fn eval_args(
     ];
     if let Some(n) = e.limit {
         a.extend([s("--limit"), s(n)]);
+    }
+    if e.attacks && suite == "all" {
+        a.extend([s("--suite"), s("attacks")]);
     }
     // Validation is for model selection only: the user's suites go with the evaluation suites.
     if suite != "validation" {
@@ -1601,6 +1610,30 @@ mod tests {
             text,
             r#"{"limit":null,"max_new_tokens":64,"batch_size":16}"#
         );
+    }
+
+    #[test]
+    fn the_attack_suite_in_a_config_joins_the_evaluations_not_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "[eval]\nattacks = true\n").unwrap();
+        let a = A::try_parse_from(["x", "--config", file.to_str().unwrap()])
+            .unwrap()
+            .a;
+        let e = a.resolve().unwrap().eval;
+        assert!(e.attacks);
+        let all = eval_args("default", Path::new("o"), &e, "all", None);
+        let suites: Vec<&str> = all
+            .windows(2)
+            .filter(|w| w[0] == "--suite")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(suites, ["all", "attacks"]);
+        let val = eval_args("default", Path::new("o"), &e, "validation", None);
+        assert!(!val.iter().any(|f| f == "attacks"), "{val:?}");
+        // A changed plan is a changed stage: the evaluations run again with the attacks.
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(text.contains("\"attacks\":true"), "{text}");
     }
 
     #[test]

@@ -440,7 +440,7 @@ pub(super) fn print_framed(s: &FramedSummary, out: &Path) {
         let d = &a.safety_vs_plain;
         let paired = format!(
             "  vs plain {:>+6.1} pts, lost {} gained {}, McNemar p {:.2e}{}",
-            -100.0 * d.diff,
+            0.0 - 100.0 * d.diff, // (no "-0.0")
             d.mcnemar.b,
             d.mcnemar.c,
             d.mcnemar.p_value,

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
+use sails::attack::framed::FramedSummary;
 use sails::eval::judge::Label;
-use sails::eval::{GenerationRecord, Metrics};
+use sails::eval::metrics::Rate;
+use sails::eval::{GenerationRecord, Metrics, ATTACKS_DIR};
 use sails::features::Selection;
 use sails::manifest::RunManifest;
 use sails::report::{self, Estimate, ReportInputs};
@@ -50,6 +52,54 @@ fn read_json<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> anyhow::Result
     Ok(Some(
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
     ))
+}
+
+/// The attack suites of `eval-base` and `eval-aligned` side by side, paired where both ran.
+fn attack_lines(root: &Path) -> anyhow::Result<Vec<report::AttackLine>> {
+    let summary = |stage: &str| -> anyhow::Result<Option<FramedSummary>> {
+        read_json(&root.join(stage).join(ATTACKS_DIR).join("summary.json"))
+    };
+    let (base, aligned) = (summary("eval-base")?, summary("eval-aligned")?);
+    let paired = match (&base, &aligned) {
+        (Some(_), Some(_)) => {
+            sails::eval::compare(&root.join("eval-base"), &root.join("eval-aligned"))?.attacks
+        }
+        _ => BTreeMap::new(),
+    };
+    // Attack folder → (description, base success, aligned success), the plain run first.
+    let mut lines: Vec<(String, String, Option<Rate>, Option<Rate>)> = Vec::new();
+    for (side, s) in [(0, &base), (1, &aligned)] {
+        let Some(s) = s else { continue };
+        let rows = std::iter::once(("plain".to_owned(), "no attack".to_owned(), s.plain_success))
+            .chain(
+                s.attacks
+                    .iter()
+                    .map(|a| (a.attack.clone(), a.description.clone(), a.success)),
+            );
+        for (folder, description, rate) in rows {
+            let i = match lines.iter().position(|l| l.0 == folder) {
+                Some(i) => i,
+                None => {
+                    lines.push((folder, description, None, None));
+                    lines.len() - 1
+                }
+            };
+            if side == 0 {
+                lines[i].2 = Some(rate);
+            } else {
+                lines[i].3 = Some(rate);
+            }
+        }
+    }
+    Ok(lines
+        .into_iter()
+        .map(|(folder, attack, base, aligned)| report::AttackLine {
+            paired: paired.get(&folder).cloned(),
+            attack,
+            base,
+            aligned,
+        })
+        .collect())
 }
 
 fn loss_curve(label: &str, path: &Path) -> anyhow::Result<Option<report::LossCurve>> {
@@ -311,8 +361,10 @@ pub fn write_run_report(root: &Path, model: &str, preset: &str) -> anyhow::Resul
             .map(|n| n as f64 / c.model_params.max(1) as f64),
         _ => None,
     };
+    let attacks = attack_lines(root)?;
     let evaluation =
         (base.is_some() || aligned.is_some() || comparison.is_some()).then(|| report::Evaluation {
+            attacks,
             base: base.as_ref(),
             aligned: aligned.as_ref(),
             aligned_trained_share: trained_share,

@@ -3,7 +3,7 @@
 //! deterministic formulas); some strings carry markup on purpose, to show it is escaped.
 
 use super::{
-    ActivationShift, Attribution, Context, Estimate, Evaluation, Example, Explanations,
+    ActivationShift, AttackLine, Attribution, Context, Estimate, Evaluation, Example, Explanations,
     FeatureCard, Frontier, FrontierMethod, FrontierPoint, FrontierTest, LossCurve, MethodRow,
     ReportInputs, RunInfo, Spread, StageTiming,
 };
@@ -109,10 +109,30 @@ impl Demo {
                 aligned_trained_share: Some(0.0019),
                 methods: methods(),
                 frontier: Some(frontier()),
+                attacks: attacks(),
             }),
             examples: Some(examples()),
         }
     }
+}
+
+/// Three lines of the attack table (the counts measured with the quick preset's adapter on 50
+/// JailbreakBench behaviours, EVALUATION.md), one of them paired.
+fn attacks() -> Vec<AttackLine> {
+    let line = |attack: &str, base: usize, aligned: usize| AttackLine {
+        attack: attack.into(),
+        base: Some(Rate::new(base, 50)),
+        aligned: Some(Rate::new(aligned, 50)),
+        paired: None,
+    };
+    let mut lines = vec![
+        line("no attack", 46, 0),
+        line("template code_nesting (code nesting)", 21, 0),
+        line("template dude_2 (Dude 2.0)", 1, 0),
+    ];
+    let pairs: Vec<(bool, bool)> = (0..50).map(|i| (i >= 46, true)).collect();
+    lines[0].paired = Some(crate::eval::metrics::paired_diff(&pairs));
+    lines
 }
 
 fn layer_selection(layer: usize) -> LayerSelection {

@@ -842,6 +842,39 @@ fn evaluation_section(eval: &Evaluation<'_>) -> String {
             "Whiskers: Wilson 95 % intervals.",
         ));
     }
+    s.push_str("<h3>Under attack</h3>\n");
+    if eval.attacks.is_empty() {
+        s.push_str(&not_run(
+            "the attack suite was not run (`[eval] attacks = true`, or `sails eval --suite attacks`)",
+        ));
+    } else {
+        s.push_str("<table>\n<thead><tr><th>Attack</th><th class=\"num\">Base: success</th><th class=\"num\">Aligned: success</th><th class=\"num\">Change</th><th class=\"num\">McNemar p</th></tr></thead>\n<tbody>\n");
+        for line in &eval.attacks {
+            let cell = |r: &Option<Rate>| {
+                format!(
+                    "<td class=\"num\">{}</td>",
+                    r.as_ref().map_or("not run".into(), rate_text)
+                )
+            };
+            let _ = writeln!(
+                s,
+                "<tr><td>{}</td>{}{}{}<td class=\"num\">{}</td></tr>",
+                escape(&line.attack),
+                cell(&line.base),
+                cell(&line.aligned),
+                change_cell(
+                    line.base.map(|r| r.rate),
+                    line.aligned.map(|r| r.rate),
+                    false,
+                    true
+                ),
+                line.paired
+                    .as_ref()
+                    .map_or("–".into(), |d| format!("{:.2e}", d.mcnemar.p_value))
+            );
+        }
+        s.push_str("</tbody>\n</table>\n<p class=\"note\">Attack success: share of the harmful behaviours whose reply is labelled complied, with Wilson 95 % intervals; McNemar's test pairs the base and the aligned reply to each behaviour under the same attack.</p>\n");
+    }
     s.push_str("<h3>Methods compared</h3>\n");
     if eval.methods.is_empty() {
         s.push_str(&not_run("no method comparison was given"));

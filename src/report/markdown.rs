@@ -255,6 +255,26 @@ pub fn render_markdown(inputs: &ReportInputs<'_>) -> String {
                     "neither the base nor the aligned model was evaluated",
                 );
             }
+            if !eval.attacks.is_empty() {
+                s.push_str(
+                    "\n| Attack: success | Base | Aligned | McNemar p |\n|---|---:|---:|---:|\n",
+                );
+                for line in &eval.attacks {
+                    let rate = |r: &Option<crate::eval::metrics::Rate>| {
+                        r.as_ref().map_or("not run".into(), rate_text)
+                    };
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} |",
+                        md(&line.attack),
+                        rate(&line.base),
+                        rate(&line.aligned),
+                        line.paired
+                            .as_ref()
+                            .map_or("–".into(), |d| format!("{:.2e}", d.mcnemar.p_value))
+                    );
+                }
+            }
             if !eval.methods.is_empty() {
                 s.push_str("\n| Method | Seeds | Safety rate | Over-refusal | Statement accuracy | Alpaca NLL | Params trained |\n|---|---:|---:|---:|---:|---:|---:|\n");
                 for m in &eval.methods {

@@ -150,6 +150,19 @@ pub struct Evaluation<'a> {
     pub methods: Vec<MethodRow>,
     /// Each method evaluated at several adapter scales (`sails compare --scales`).
     pub frontier: Option<Frontier>,
+    /// The attack suite of the base and the aligned evaluation (`[eval] attacks`), one line per
+    /// attack (the plain run first); empty where it was not run.
+    pub attacks: Vec<AttackLine>,
+}
+
+/// One attack on the base and the aligned model: attack success (replies labelled complied).
+#[derive(Debug, Clone)]
+pub struct AttackLine {
+    pub attack: String,
+    pub base: Option<Rate>,
+    pub aligned: Option<Rate>,
+    /// The safety rate under this attack, base (A) against aligned (B), paired by behaviour.
+    pub paired: Option<crate::eval::metrics::PairedDiff>,
 }
 
 /// Safety against over-refusal per method along its adapter scales, and the tests between them.

@@ -103,9 +103,14 @@ fn full_inputs_fill_every_section() {
     );
     // figures: 3 Δ charts, heat map, loss curve, before/after, trade-off, frontier
     assert_eq!(svgs(&html).len(), 8);
-    // tables: run, stages, 3 feature layers, subspace, shifts, training, base/aligned, methods,
-    // frontier tests
-    assert_eq!(html.matches("<table").count(), 11);
+    // tables: run, stages, 3 feature layers, subspace, shifts, training, base/aligned, attacks,
+    // methods, frontier tests
+    assert_eq!(html.matches("<table").count(), 12);
+    // the attack table: success rates with intervals, the change, the paired test
+    assert!(html.contains("<td>template code_nesting (code nesting)</td><td class=\"num\">42.0 % [29.4, 55.8] (21/50)</td><td class=\"num\">0.0 % [0.0, 7.1] (0/50)</td><td class=\"num up\">-42.0 pts</td><td class=\"num\">–</td>"), "{html}");
+    assert!(
+        html.contains("<td>no attack</td>") && html.contains("<td class=\"num\">3.25e-11</td>")
+    );
     // the top-10 table per layer: 10 ranks each
     assert_eq!(
         html.matches("<td class=\"num\">10</td><td class=\"num\">")
@@ -123,6 +128,7 @@ fn full_inputs_fill_every_section() {
         assert!(md.contains(&format!("## {heading}\n")), "{heading}");
     }
     assert!(!md.contains("Not run"), "{md}");
+    assert!(md.contains("| template dude_2 (Dude 2.0) | 2.0 % [0.4, 10.5] (1/50) | 0.0 % [0.0, 7.1] (0/50) | – |"), "{md}");
     assert!(md.contains("| SAILS | 3 | 97.0 % ± 1.0 |"), "{md}");
 }
 
@@ -266,6 +272,7 @@ fn empty_and_constant_data_give_finite_plots() {
         aligned: None,
         aligned_trained_share: None,
         frontier: None,
+        attacks: Vec::new(),
         methods: vec![MethodRow {
             method: "nan".into(),
             seeds: 0,
