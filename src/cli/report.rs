@@ -363,17 +363,19 @@ pub fn write_run_report(root: &Path, model: &str, preset: &str) -> anyhow::Resul
     };
     let attacks = attack_lines(root)?;
     let evaluation =
-        (base.is_some() || aligned.is_some() || comparison.is_some()).then(|| report::Evaluation {
-            attacks,
-            base: base.as_ref(),
-            aligned: aligned.as_ref(),
-            aligned_trained_share: trained_share,
-            methods: comparison.as_ref().map(method_rows).unwrap_or_default(),
-            frontier: comparison
-                .as_ref()
-                .and_then(|c| c.frontier.as_ref())
-                .map(frontier),
-        });
+        (base.is_some() || aligned.is_some() || comparison.is_some() || !attacks.is_empty()).then(
+            || report::Evaluation {
+                attacks,
+                base: base.as_ref(),
+                aligned: aligned.as_ref(),
+                aligned_trained_share: trained_share,
+                methods: comparison.as_ref().map(method_rows).unwrap_or_default(),
+                frontier: comparison
+                    .as_ref()
+                    .and_then(|c| c.frontier.as_ref())
+                    .map(frontier),
+            },
+        );
     let base_gen = generations(&root.join("eval-base/generations.jsonl"))?;
     let aligned_gen = generations(&root.join("eval-aligned/generations.jsonl"))?;
     let examples = (!base_gen.is_empty() && !aligned_gen.is_empty())
