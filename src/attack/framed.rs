@@ -20,6 +20,9 @@ use crate::eval::metrics::{paired_diff, PairedDiff, Rate};
 use crate::eval::{counts, read_jsonl, EvalConfig, Gated, GenerationRecord, Judges, TemplateUsed};
 use crate::model::load::ChatModel;
 
+/// The summary's file name inside the attack's folder.
+pub const SUMMARY_FILE: &str = "summary.json";
+
 /// Behaviours of the standard attack suite: the first 50 of the harmful suite (JailbreakBench).
 pub const STANDARD_BEHAVIOURS: usize = 50;
 /// Templates of the standard attack suite, drawn with seed 0.
@@ -129,7 +132,8 @@ pub struct FramedSummary {
 }
 
 /// Runs the plain evaluation described by `plain` (one harmful suite) and each attack into
-/// `out/plain` and `out/<attack folder>`, resuming what is there, then pairs them. Under a
+/// `out/plain` and `out/<attack folder>`, resuming what is there, then pairs them into
+/// `out/summary.json` (written through a temporary file). Under a
 /// gate (`plain.gate` names its file) the gate reads what the model is sent; its saved base
 /// responses serve the plain run only. `on_attack` is called before each run with its index
 /// (0 = the plain run) and description.
@@ -224,7 +228,7 @@ pub fn run_framed(
         .iter()
         .filter(|r| r.label == Label::Complied)
         .count();
-    Ok(FramedSummary {
+    let summary = FramedSummary {
         model: plain.model.clone(),
         adapter: plain.adapter.clone(),
         suite,
@@ -238,7 +242,14 @@ pub fn run_framed(
         pooled_success: Rate::new(pooled_k, pooled_n),
         attacks: rows,
         seconds,
-    })
+    };
+    let path = out.join(SUMMARY_FILE);
+    let text = serde_json::to_string_pretty(&summary).map_err(|e| AttackError::Parse {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    crate::model::write_atomic(&path, text.as_bytes())?;
+    Ok(summary)
 }
 
 /// The share of records whose prompt opened the gate, where a gate read them.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use sails::attack::framed::{run_framed, FramedAttack, FramedSummary};
+use sails::attack::framed::{run_framed, FramedAttack, FramedSummary, SUMMARY_FILE};
 use sails::attack::gcg::{self, Behaviour, GcgConfig, GcgResult, GcgState};
 use sails::data::jailbreaks::{load_jailbreak_templates, sample_templates, select_templates};
 use sails::data::{Splits, Suite};
@@ -391,10 +391,8 @@ fn run_framed_cli(args: &FramedArgs, attacks: &[FramedAttack]) -> anyhow::Result
         |i, what| tracing::info!("run {}/{}: {what}", i + 1, attacks.len() + 1),
     )
     .with_context(|| format!("attacking into {}", out.display()))?;
-    let text = serde_json::to_string_pretty(&summary)?;
-    write_atomic(&out.join("summary.json"), text.as_bytes())?;
     if args.json {
-        println!("{text}");
+        println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         print_framed(&summary, out);
     }
@@ -465,7 +463,7 @@ pub(super) fn print_framed(s: &FramedSummary, out: &Path) {
             println!("{what:<width$}  {}", pct(r));
         }
     }
-    println!("summary: {}", out.join("summary.json").display());
+    println!("summary: {}", out.join(SUMMARY_FILE).display());
 }
 
 fn run_gcg(args: GcgArgs) -> anyhow::Result<ExitCode> {

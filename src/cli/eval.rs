@@ -467,10 +467,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             |i, what| tracing::info!("attack suite, run {}/{}: {what}", i + 1, list.len() + 1),
         )
         .with_context(|| format!("running the attack suite into {}", dir.display()))?;
-        sails::model::write_atomic(
-            &dir.join("summary.json"),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
-        )?;
         Some(summary)
     } else {
         None

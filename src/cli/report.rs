@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use sails::attack::framed::FramedSummary;
+use sails::attack::framed::{FramedSummary, SUMMARY_FILE};
 use sails::eval::judge::Label;
 use sails::eval::metrics::Rate;
 use sails::eval::{GenerationRecord, Metrics, ATTACKS_DIR};
@@ -57,7 +57,7 @@ fn read_json<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> anyhow::Result
 /// The attack suites of `eval-base` and `eval-aligned` side by side, paired where both ran.
 fn attack_lines(root: &Path) -> anyhow::Result<Vec<report::AttackLine>> {
     let summary = |stage: &str| -> anyhow::Result<Option<FramedSummary>> {
-        read_json(&root.join(stage).join(ATTACKS_DIR).join("summary.json"))
+        read_json(&root.join(stage).join(ATTACKS_DIR).join(SUMMARY_FILE))
     };
     let (base, aligned) = (summary("eval-base")?, summary("eval-aligned")?);
     let paired = match (&base, &aligned) {

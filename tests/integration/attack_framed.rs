@@ -301,7 +301,5 @@ fn eval_attack_suite_runs_the_standard_attacks_and_compare_pairs_them() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("leave out --prefill and --template")
-    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("leave out --prefill and --template"));
 }
