@@ -432,7 +432,8 @@ pub(super) fn print_framed(s: &FramedSummary, out: &Path) {
     let rows = std::iter::once((
         "plain (no attack)".to_owned(),
         &s.plain_success,
-        gate(&s.plain_gate_open),
+        gate(&s.plain_gate_open).replacen(", ", "  (", 1)
+            + if s.plain_gate_open.is_some() { ")" } else { "" },
     ))
     .chain(s.attacks.iter().map(|a| {
         let d = &a.safety_vs_plain;
@@ -446,12 +447,7 @@ pub(super) fn print_framed(s: &FramedSummary, out: &Path) {
         );
         (a.description.clone(), &a.success, paired)
     }));
-    for (i, (what, rate, paired)) in rows.enumerate() {
-        let paired = if i == 0 {
-            gate(&s.plain_gate_open)
-        } else {
-            paired
-        };
+    for (what, rate, paired) in rows {
         let line = format!("{what:<width$}  {:<30}{paired}", pct(rate));
         println!("{}", line.trim_end());
     }
