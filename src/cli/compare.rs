@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use sails::attack::framed::{FramedSummary, SUMMARY_FILE};
 use sails::data::Suite;
 use sails::eval::metrics::{frontier_diff, safety_minus_overrefusal, FrontierDiff, Rate};
-use sails::eval::{counts, read_jsonl, GenerationRecord, Metrics};
+use sails::eval::{counts, read_jsonl, GenerationRecord, Metrics, ATTACKS_DIR};
 use sails::manifest::{RunManifest, StagePlan};
 use serde::{Deserialize, Serialize};
 
@@ -158,7 +159,9 @@ pub struct MethodRow {
     pub trainable_params: usize,
     /// Share of the model's parameters trained.
     pub params_share: f64,
-    /// Suite → safety rate (harmful) or refusal rate (overrefusal, xstest-unsafe).
+    /// Suite → safety rate (harmful) or refusal rate (overrefusal, xstest-unsafe); with the
+    /// attack suite (`[eval] attacks`), `attack-success-any` (behaviours at least one attack
+    /// broke) and `attack-success-pooled` (every behaviour × attack), where lower is better.
     pub suites: BTreeMap<String, Figure>,
     pub facts_accuracy: Option<Figure>,
     pub alpaca_nll: Option<Spread>,
@@ -531,12 +534,21 @@ fn method_row(
     model_params: usize,
 ) -> anyhow::Result<MethodRow> {
     let mut metrics: Vec<Metrics> = Vec::new();
+    let mut attacks: Vec<FramedSummary> = Vec::new();
     let mut losses = Vec::new();
     let mut seconds = Vec::new();
     let mut trainable_params = 0;
     for &seed in seeds {
         let tag = method_dir(method, seed);
         metrics.push(read_json(&root.join(&tag).join("eval/metrics.json"))?);
+        let summary = root
+            .join(&tag)
+            .join("eval")
+            .join(ATTACKS_DIR)
+            .join(SUMMARY_FILE);
+        if summary.is_file() {
+            attacks.push(read_json(&summary)?);
+        }
         if let Some(l) = last_eval_loss(&root.join(&tag).join("train/loss_curve.jsonl"))? {
             losses.push(l);
         }
@@ -557,6 +569,7 @@ fn method_row(
             suites.insert(name.clone(), figure(&rates));
         }
     }
+    suites.extend(attack_figures(&attacks, seeds.len()));
     let caps: Vec<_> = metrics
         .iter()
         .filter_map(|m| m.capability.as_ref())
@@ -576,6 +589,25 @@ fn method_row(
         final_heldout_loss: (!losses.is_empty()).then(|| Spread::of(&losses)),
         train_seconds: Spread::of(&seconds),
     })
+}
+
+/// A method's figures under the attack suite, when every one of its `seeds` ran it: the share
+/// of behaviours at least one attack broke, and the share of behaviour × attack pairs.
+fn attack_figures(attacks: &[FramedSummary], seeds: usize) -> Vec<(String, Figure)> {
+    if attacks.is_empty() || attacks.len() != seeds {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let any: Vec<&Rate> = attacks
+        .iter()
+        .filter_map(|a| a.any_success.as_ref())
+        .collect();
+    if any.len() == attacks.len() {
+        out.push(("attack-success-any".to_owned(), figure(&any)));
+    }
+    let pooled: Vec<&Rate> = attacks.iter().map(|a| &a.pooled_success).collect();
+    out.push(("attack-success-pooled".to_owned(), figure(&pooled)));
+    out
 }
 
 /// Each method at each scale, and the first method tested against each other one.
@@ -874,6 +906,33 @@ mod tests {
         assert_eq!((h.clone(), o.clone()), (vec![0.5, 1.0], vec![-0.5]));
         // Δ(safety − over-refusal) = mean(0.5, 1) − (−0.5) = 1.25
         assert_eq!(safety_minus_overrefusal(&h, &o), 1.25);
+    }
+
+    #[test]
+    fn attack_figures_pool_the_seeds_and_need_every_seed() {
+        let summary = |any: (usize, usize), pooled: (usize, usize)| FramedSummary {
+            model: "default".into(),
+            adapter: None,
+            suite: Suite::Harmful,
+            behaviours: any.1,
+            label: "vote".into(),
+            gate: None,
+            plain_success: Rate::new(0, any.1),
+            plain_gate_open: None,
+            attacks: Vec::new(),
+            any_success: Some(Rate::new(any.0, any.1)),
+            pooled_success: Rate::new(pooled.0, pooled.1),
+            seconds: 1.0,
+        };
+        let runs = [summary((10, 50), (20, 500)), summary((20, 50), (30, 500))];
+        let figs = attack_figures(&runs, 2);
+        assert_eq!(figs[0].0, "attack-success-any");
+        assert_eq!((figs[0].1.pooled.k, figs[0].1.pooled.n), (30, 100));
+        assert!((figs[0].1.seeds.mean - 0.3).abs() < 1e-12);
+        assert_eq!(figs[1].0, "attack-success-pooled");
+        assert_eq!((figs[1].1.pooled.k, figs[1].1.pooled.n), (50, 1000));
+        // A seed without the suite: no figure rather than a partial one.
+        assert!(attack_figures(&runs[..1], 2).is_empty());
     }
 
     #[test]

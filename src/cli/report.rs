@@ -309,6 +309,7 @@ fn method_rows(c: &Comparison) -> Vec<report::MethodRow> {
             seeds: r.seeds.len(),
             safety: r.suites.get("harmful").map(estimate),
             over_refusal: r.suites.get("overrefusal").map(estimate),
+            attack_success: r.suites.get("attack-success-any").map(estimate),
             facts_accuracy: r.facts_accuracy.as_ref().map(estimate),
             alpaca_nll: r
                 .alpaca_nll

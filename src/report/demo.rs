@@ -364,6 +364,7 @@ fn methods() -> Vec<MethodRow> {
         seeds: safety.len(),
         safety: Estimate::mean_sd(safety),
         over_refusal: Estimate::mean_sd(over),
+        attack_success: None,
         facts_accuracy: Some(Estimate {
             value: 0.57,
             spread: Spread::Sd(0.01),

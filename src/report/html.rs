@@ -879,16 +879,17 @@ fn evaluation_section(eval: &Evaluation<'_>) -> String {
     if eval.methods.is_empty() {
         s.push_str(&not_run("no method comparison was given"));
     } else {
-        s.push_str("<table class=\"wide\">\n<thead><tr><th>Method</th><th class=\"num\">Seeds</th><th class=\"num\">Safety rate</th><th class=\"num\">Over-refusal</th><th class=\"num\">Statement accuracy</th><th class=\"num\">Alpaca NLL</th><th class=\"num\">Params trained</th><th class=\"num\">Wall time</th></tr></thead>\n<tbody>\n");
+        s.push_str("<table class=\"wide\">\n<thead><tr><th>Method</th><th class=\"num\">Seeds</th><th class=\"num\">Safety rate</th><th class=\"num\">Over-refusal</th><th class=\"num\">Broken by an attack</th><th class=\"num\">Statement accuracy</th><th class=\"num\">Alpaca NLL</th><th class=\"num\">Params trained</th><th class=\"num\">Wall time</th></tr></thead>\n<tbody>\n");
         for m in &eval.methods {
             let p = |e: &Option<super::Estimate>| e.as_ref().map_or("–".into(), estimate_pct);
             let _ = writeln!(
                 s,
-                "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
                 escape(&m.method),
                 m.seeds,
                 p(&m.safety),
                 p(&m.over_refusal),
+                p(&m.attack_success),
                 p(&m.facts_accuracy),
                 m.alpaca_nll.as_ref().map_or("–".into(), estimate_num),
                 m.trained_share.map_or("–".into(), |v| format!("{:.3} %", 100.0 * v)),

@@ -276,17 +276,18 @@ pub fn render_markdown(inputs: &ReportInputs<'_>) -> String {
                 }
             }
             if !eval.methods.is_empty() {
-                s.push_str("\n| Method | Seeds | Safety rate | Over-refusal | Statement accuracy | Alpaca NLL | Params trained |\n|---|---:|---:|---:|---:|---:|---:|\n");
+                s.push_str("\n| Method | Seeds | Safety rate | Over-refusal | Broken by an attack | Statement accuracy | Alpaca NLL | Params trained |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
                 for m in &eval.methods {
                     let p =
                         |e: &Option<super::Estimate>| e.as_ref().map_or("–".into(), estimate_pct);
                     let _ = writeln!(
                         s,
-                        "| {} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} |",
                         md(&m.method),
                         m.seeds,
                         p(&m.safety),
                         p(&m.over_refusal),
+                        p(&m.attack_success),
                         p(&m.facts_accuracy),
                         m.alpaca_nll.as_ref().map_or("–".into(), estimate_num),
                         m.trained_share

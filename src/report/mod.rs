@@ -208,6 +208,9 @@ pub struct MethodRow {
     pub safety: Option<Estimate>,
     /// Over-refusal rate on XSTest's safe prompts (0..1).
     pub over_refusal: Option<Estimate>,
+    /// Share of the attack suite's behaviours at least one of its attacks broke (0..1), where
+    /// the suite ran.
+    pub attack_success: Option<Estimate>,
     /// True/false statement accuracy (0..1).
     pub facts_accuracy: Option<Estimate>,
     /// Alpaca NLL per response token (nats).

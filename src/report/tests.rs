@@ -281,6 +281,7 @@ fn empty_and_constant_data_give_finite_plots() {
                 spread: Spread::Sd(f64::NAN),
             }),
             over_refusal: None,
+            attack_success: None,
             facts_accuracy: None,
             alpaca_nll: None,
             trained_share: None,
