@@ -174,6 +174,14 @@ fn a_missing_python_is_a_clear_error() {
     assert_no_partials(home.path());
 }
 
+/// Whether the manifest's asset comes from the pyrit==1.1.0 wheel.
+fn pyrit(name: &str) -> bool {
+    Manifest::builtin().asset(name).is_ok_and(|a| {
+        a.package()
+            .is_some_and(|p| p.requirement() == "pyrit==1.1.0")
+    })
+}
+
 /// Whether the manifest's asset lives in this repository (no package to fetch it from).
 fn vendored(name: &str) -> bool {
     Manifest::builtin()
@@ -602,7 +610,7 @@ fn cli_fetch_tries_every_asset_and_fails_at_the_end() {
         assert_eq!(name, want);
         match name.as_str() {
             n if vendored(n) => assert_eq!(status, "fetched", "{n}"),
-            "advbench" | "pyrit-refusal" | "pyrit-objective" | "pyrit-many-shot" => assert!(
+            n if pyrit(n) => assert!(
                 status.starts_with(&format!(
                     "failed: asset `{name}` needs pyrit==1.1.0 (wheel)"
                 )) && status.contains("(it offers: 0.9.0, 1.0.0)")
@@ -620,7 +628,7 @@ fn cli_fetch_tries_every_asset_and_fails_at_the_end() {
     assert!(
         summary
             .1
-            .starts_with("assets: 4 fetched, 16 failed (cache: "),
+            .starts_with("assets: 4 fetched, 17 failed (cache: "),
         "{summary:?}"
     );
     // Each registry asset was tried on its own (a failed archive leaves its siblings to try).
@@ -743,7 +751,7 @@ fn cli_check_remote_asks_once_per_archive_and_reports_each_answer() {
     let lines = status_lines(&out);
     let want = |name: &str| -> String {
         match name {
-            "advbench" | "pyrit-refusal" | "pyrit-objective" | "pyrit-many-shot" => {
+            n if pyrit(n) => {
                 "not served (registry offers: 1.0.0)".into()
             }
             "benign-edgy" | "refusal-pairs" | "rho-facts" => format!(
@@ -764,7 +772,7 @@ fn cli_check_remote_asks_once_per_archive_and_reports_each_answer() {
     }
     assert_eq!(
         lines[names.len()].1,
-        "assets: 12 served, 4 not served, 3 changed, 1 unreachable"
+        "assets: 12 served, 5 not served, 3 changed, 1 unreachable"
     );
     // Eight distinct archives, one dry run each; HarmBench's pinned interpreter needs --target.
     let seen = calls(dir.path());

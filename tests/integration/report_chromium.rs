@@ -151,7 +151,7 @@ fn full_report_renders_in_headless_chromium() {
     assert_eq!(dom.matches("<svg").count(), 8, "figures in the DOM");
     assert_eq!(dom.matches("</svg>").count(), 8);
     assert_eq!(dom.matches("viewBox=").count(), 8);
-    assert_eq!(dom.matches("<table").count(), 11, "tables in the DOM");
+    assert_eq!(dom.matches("<table").count(), 12, "tables in the DOM");
     for (id, heading) in SECTIONS {
         assert!(dom.contains(&format!("<section id=\"{id}\">")), "{id}");
         assert!(dom.contains(&format!("<h2>{heading}</h2>")), "{heading}");
