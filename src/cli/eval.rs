@@ -361,22 +361,24 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 run_a.display(),
                 c.unpaired
             );
-            println!(
-                "{:<16} {:>5} {:>8} {:>8} {:>8} {:>18} {:>5} {:>5} {:>9}",
-                "suite", "n", "A", "B", "B-A", "95% CI", "b", "c", "p"
-            );
             let attack_rows = c
                 .attacks
                 .iter()
                 .map(|(a, d)| (format!("attack {}", a.trim_start_matches("template-")), d));
-            for (s, d) in c
+            let rows: Vec<(String, _)> = c
                 .suites
                 .iter()
                 .map(|(s, d)| (s.clone(), d))
                 .chain(attack_rows)
-            {
+                .collect();
+            let w = rows.iter().map(|(s, _)| s.len()).max().unwrap_or(0).max(16);
+            println!(
+                "{:<w$} {:>5} {:>8} {:>8} {:>8} {:>18} {:>5} {:>5} {:>9}",
+                "suite", "n", "A", "B", "B-A", "95% CI", "b", "c", "p"
+            );
+            for (s, d) in rows {
                 println!(
-                    "{:<16} {:>5} {:>7.1}% {:>7.1}% {:>+7.1}% [{:>+6.1}, {:>+6.1}] {:>5} {:>5} {:>9.3e}",
+                    "{:<w$} {:>5} {:>7.1}% {:>7.1}% {:>+7.1}% [{:>+6.1}, {:>+6.1}] {:>5} {:>5} {:>9.3e}",
                     s,
                     d.n,
                     100.0 * d.rate_a,
