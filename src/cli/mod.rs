@@ -75,7 +75,7 @@ pub enum Command {
     /// Write the model with its adapter merged as a Hugging Face directory or a GGUF file.
     Export(export::ExportArgs),
     Serve(serve::ServeArgs),
-    /// Attack a model and its adapter with optimised jailbreaks (GCG) and judge the replies.
+    /// Attack a model and its adapter (GCG suffixes, jailbreak templates, prefilling) and judge the replies.
     Attack(attack::AttackArgs),
 }
 
