@@ -66,38 +66,37 @@ fn attack_lines(root: &Path) -> anyhow::Result<Vec<report::AttackLine>> {
         }
         _ => BTreeMap::new(),
     };
-    // Attack folder → (description, base success, aligned success), the plain run first.
-    let mut lines: Vec<(String, String, Option<Rate>, Option<Rate>)> = Vec::new();
-    for (side, s) in [(0, &base), (1, &aligned)] {
-        let Some(s) = s else { continue };
-        let rows = std::iter::once(("plain".to_owned(), "no attack".to_owned(), s.plain_success))
-            .chain(
-                s.attacks
-                    .iter()
-                    .map(|a| (a.attack.clone(), a.description.clone(), a.success)),
-            );
-        for (folder, description, rate) in rows {
-            let i = match lines.iter().position(|l| l.0 == folder) {
-                Some(i) => i,
-                None => {
-                    lines.push((folder, description, None, None));
-                    lines.len() - 1
-                }
-            };
-            if side == 0 {
-                lines[i].2 = Some(rate);
-            } else {
-                lines[i].3 = Some(rate);
+    // Each attack once, in the order the runs list them (the plain run first).
+    let success = |s: &Option<FramedSummary>, folder: &str| -> Option<Rate> {
+        let s = s.as_ref()?;
+        if folder == "plain" {
+            return Some(s.plain_success);
+        }
+        s.attacks
+            .iter()
+            .find(|a| a.attack == folder)
+            .map(|a| a.success)
+    };
+    let mut order: Vec<(String, String)> = Vec::new();
+    for s in [&base, &aligned].into_iter().flatten() {
+        let rows = std::iter::once(("plain".to_owned(), "no attack".to_owned())).chain(
+            s.attacks
+                .iter()
+                .map(|a| (a.attack.clone(), a.description.clone())),
+        );
+        for row in rows {
+            if !order.iter().any(|(folder, _)| *folder == row.0) {
+                order.push(row);
             }
         }
     }
-    Ok(lines
+    Ok(order
         .into_iter()
-        .map(|(folder, attack, base, aligned)| report::AttackLine {
+        .map(|(folder, attack)| report::AttackLine {
+            base: success(&base, &folder),
+            aligned: success(&aligned, &folder),
             paired: paired.get(&folder).cloned(),
             attack,
-            base,
-            aligned,
         })
         .collect())
 }

@@ -150,10 +150,10 @@ pub fn sample_templates(
     seed: u64,
 ) -> Result<Vec<JailbreakTemplate>> {
     if k == 0 || k > all.len() {
-        return Err(DataError::Config(format!(
-            "a draw of {k} jailbreak templates: there are {}",
-            all.len()
-        )));
+        return Err(DataError::TemplateDraw {
+            k,
+            available: all.len(),
+        });
     }
     let mut drawn = all.to_vec();
     drawn.sort_by_cached_key(|t| Sha256::digest(format!("{seed}\0{}", t.id).as_bytes()).to_vec());

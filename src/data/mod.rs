@@ -84,6 +84,8 @@ pub enum DataError {
     Config(String),
     #[error("no jailbreak template {id:?}; the templates are: {known}")]
     UnknownTemplate { id: String, known: String },
+    #[error("cannot draw {k} jailbreak templates: there are {available}")]
+    TemplateDraw { k: usize, available: usize },
     #[error(
         "the {suite} suite is unavailable (each reason names its asset):\n{}",
         missing.iter().map(|m| m.reason.as_str()).collect::<Vec<_>>().join("\n")

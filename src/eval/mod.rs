@@ -179,6 +179,14 @@ pub struct Framing<'a> {
     pub prefill: &'a str,
 }
 
+impl Framing<'_> {
+    /// The user turn the model is sent for `request`.
+    pub fn request(&self, request: &str) -> String {
+        self.template
+            .map_or_else(|| request.to_owned(), |t| t.fill(request))
+    }
+}
+
 /// A user suite file as evaluated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -858,11 +866,7 @@ pub fn encode_by_length<'a>(
     let mut encoded = items
         .iter()
         .map(|&(suite, r)| {
-            let request = match framing.template {
-                Some(t) => t.fill(&r.text),
-                None => r.text.clone(),
-            };
-            let mut ids = model.encode_chat(&[Message::user(&request)])?;
+            let mut ids = model.encode_chat(&[Message::user(framing.request(&r.text))])?;
             ids.extend_from_slice(&forced);
             Ok((suite, r, ids))
         })
@@ -1023,11 +1027,7 @@ pub fn run(
             // The gate reads what the model is sent: the request in its jailbreak template.
             let texts: Vec<String> = pending
                 .iter()
-                .map(|(_, r)| {
-                    framing
-                        .template
-                        .map_or_else(|| r.text.clone(), |t| t.fill(&r.text))
-                })
+                .map(|(_, r)| framing.request(&r.text))
                 .collect();
             let read = g.read(&texts, cfg.batch_size)?;
             let (mut open, mut closed, mut reused) = (Vec::new(), Vec::new(), Vec::new());
